@@ -1,0 +1,66 @@
+"""``ember doctor``: what this host can do, what is built, and where things are."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ember import __version__, paths
+from ember.errors import HostError
+from ember.guest.bundle import guest_status
+from ember.host.probe import choose_accel, free_disk_bytes, kvm_status, qemu_path, qemu_version
+from ember.host.setup import missing_packages
+
+
+def doctor_report(accel: str | None = None) -> dict[str, Any]:
+    """Everything ``ember doctor`` shows, as one JSON-able dict; ``ok`` says if ``run`` can work."""
+    kvm_ok, kvm_why = kvm_status()
+    try:
+        choice = choose_accel(accel)
+        accel_info: dict[str, Any] = {"name": choice.name, "reason": choice.reason}
+    except HostError as exc:
+        accel_info = {"name": None, "reason": str(exc)}
+    guest = guest_status(paths.cache_dir())
+    data = paths.data_dir()
+    missing = missing_packages()
+    report: dict[str, Any] = {
+        "ember": __version__,
+        "qemu": {"path": qemu_path(), "version": qemu_version()},
+        "accelerator": accel_info,
+        "kvm": {"usable": kvm_ok, "reason": kvm_why},
+        "kernel": guest["kernel"],
+        "agent": guest["agent"],
+        "initramfs": guest["initramfs"],
+        "data_dir": str(data),
+        "cache_dir": str(paths.cache_dir()),
+        "free_disk_bytes": free_disk_bytes(str(data)),
+        "missing_packages": missing,
+        "user": {"uid": os.getuid(), "root": os.getuid() == 0},
+    }
+    report["ok"] = bool(report["qemu"]["path"] and accel_info["name"] and not missing)
+    return report
+
+
+def format_report(r: dict[str, Any]) -> str:
+    def built(item: dict[str, Any]) -> str:
+        if item.get("built"):
+            return f"built      {item['path']}"
+        return f"not built  (run `ember setup`; will be {item['path']})"
+
+    q = r["qemu"]
+    lines = [
+        f"ember        {r['ember']}",
+        f"qemu         {q['version']} ({q['path']})" if q["path"] else
+        "qemu         not installed (run `ember setup`)",
+        f"accelerator  {r['accelerator']['name']}: {r['accelerator']['reason']}",
+        f"kernel       {built(r['kernel'])}",
+        f"agent        {built(r['agent'])}",
+        f"initramfs    {built(r['initramfs'])}",
+        f"data dir     {r['data_dir']}",
+        f"cache dir    {r['cache_dir']}",
+        f"free disk    {r['free_disk_bytes'] / 1e9:.1f} GB",
+    ]
+    if r["missing_packages"]:
+        lines.append(f"missing      {' '.join(r['missing_packages'])} (run `ember setup`)")
+    lines.append("status       " + ("ready" if r["ok"] else "not ready"))
+    return "\n".join(lines)

@@ -1,0 +1,204 @@
+"""A microVM's lifecycle: the state machine that ties VMM, guest and agent together.
+
+    CREATED ──start()──▶ BOOTING ──READY──▶ RUNNING ──shutdown()──▶ STOPPING ──▶ STOPPED
+                            │                  │                                  ▲
+                            └──── QEMU dies ───┴──────────▶ CRASHED      kill() ──┘
+
+Every public method is guarded by the states it is valid in and raises
+``StateError`` otherwise (the pattern of qemu.qmp's ``@require``).
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import secrets
+import subprocess
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+from ember.agent.client import AgentClient, Process
+from ember.agent.protocol import ExecRequest, ReadyInfo
+from ember.errors import AgentDisconnected, AgentError, EmberError, MachineCrashed, VMMError
+from ember.guest.bundle import GuestBundle
+from ember.host.probe import AccelChoice
+from ember.util import log
+from ember.vmm.process import VMProcess
+from ember.vmm.spec import AGENT_PORT_NAME, DriveSpec, MachineSpec
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: Guest kernel command line. ``reboot=t``: a reboot triple-faults, which QEMU's
+#: ``-no-reboot`` turns into exit (our power-off). ``panic=-1``: reboot at once on
+#: a panic, so a broken guest ends instead of hanging. ``quiet``: the 8250 UART is
+#: slow under TCG and every console line costs boot time (the log stays readable
+#: after boot through ``console.log`` at the default loglevel for errors).
+BASE_CMDLINE = "console=ttyS0 reboot=t panic=-1 quiet"
+
+
+class MachineState(enum.Enum):
+    CREATED = "created"
+    BOOTING = "booting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    CRASHED = "crashed"
+
+
+class StateError(EmberError):
+    """An action was asked of a machine in a state that does not allow it."""
+
+
+def require(*states: MachineState) -> Callable[
+        [Callable[Concatenate[Machine, P], R]], Callable[Concatenate[Machine, P], R]]:
+    def decorate(fn: Callable[Concatenate[Machine, P], R]) -> Callable[Concatenate[Machine, P], R]:
+        @functools.wraps(fn)
+        def guarded(self: Machine, *args: P.args, **kwargs: P.kwargs) -> R:
+            if self.state not in states:
+                allowed = " or ".join(s.value for s in states)
+                raise StateError(f"machine {self.name} is {self.state.value}, "
+                                 f"{fn.__name__} needs it {allowed}")
+            return fn(self, *args, **kwargs)
+        return guarded
+    return decorate
+
+
+def new_machine_id() -> str:
+    return secrets.token_hex(6)
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """The hardware of a machine, as a user states it."""
+
+    cpus: int = 1
+    memory_mib: int = 256
+    hostname: str = "ember"
+
+
+class Machine:
+    """One microVM: its QEMU process and its agent connection."""
+
+    def __init__(self, spec: MachineSpec) -> None:
+        self.spec = spec
+        self.state = MachineState.CREATED
+        self.vm: VMProcess | None = None
+        self.agent: AgentClient | None = None
+        self.ready: ReadyInfo | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @classmethod
+    def create(cls, *, machines_dir: Path, guest: GuestBundle, rootfs: Path,
+               accel: AccelChoice, config: MachineConfig = MachineConfig(),
+               name: str | None = None) -> Machine:
+        """A machine booting ``rootfs`` (read-only, with a writable overlay in guest memory)."""
+        name = name or new_machine_id()
+        cmdline = (f"{BASE_CMDLINE} ember.root=/dev/vda ember.rootfstype=erofs "
+                   f"ember.hostname={config.hostname} ember.port={AGENT_PORT_NAME}")
+        spec = MachineSpec(
+            name=name, state_dir=machines_dir / name, kernel=guest.kernel,
+            initramfs=guest.initramfs, cmdline=cmdline, cpus=config.cpus,
+            memory_mib=config.memory_mib, accel=accel.name,
+            drives=(DriveSpec(rootfs, readonly=True),),
+        )
+        return cls(spec)
+
+    @require(MachineState.CREATED)
+    def start(self, boot_timeout: float = 60.0) -> ReadyInfo:
+        """Start QEMU and wait for the agent's READY.
+
+        Raises:
+            MachineCrashed: QEMU exited during boot (message has the console's tail).
+            VMMError: the guest did not answer within ``boot_timeout``.
+        """
+        self.state = MachineState.BOOTING
+        self.vm = VMProcess.start(self.spec)
+        try:
+            sock = self.vm.connect(MachineSpec.AGENT_SOCKET, timeout=10.0)
+            self.agent = AgentClient(sock)
+            self.ready = self.agent.hello(timeout=boot_timeout)
+        except AgentDisconnected as exc:
+            self.state = MachineState.CRASHED
+            raise self._crash_error() from exc
+        except MachineCrashed:
+            self.state = MachineState.CRASHED
+            raise
+        except AgentError as exc:
+            self.state = MachineState.CRASHED
+            tail = self.vm.console_tail()
+            self.vm.kill()
+            raise MachineCrashed(f"machine {self.name}: the guest agent did not answer "
+                                 f"within {boot_timeout:.0f} s ({exc})", tail) from exc
+        self.state = MachineState.RUNNING
+        log.debug("machine %s ready: %s", self.name, self.ready)
+        return self.ready
+
+    def _crash_error(self) -> MachineCrashed:
+        assert self.vm is not None
+        try:
+            self.vm.wait(2.0)
+        except subprocess.TimeoutExpired:
+            tail = self.vm.console_tail()
+            self.vm.kill()
+            return MachineCrashed(f"machine {self.name}: the agent channel closed "
+                                  "but QEMU is still running (killed it)", tail)
+        return self.vm.crashed()
+
+    @require(MachineState.RUNNING)
+    def exec(self, req: ExecRequest, *, on_stdout: Callable[[bytes], None] | None = None,
+             on_stderr: Callable[[bytes], None] | None = None) -> Process:
+        """Start a process in the guest; its output goes to the callbacks."""
+        assert self.agent is not None
+        return self.agent.exec(req, on_stdout=on_stdout, on_stderr=on_stderr)
+
+    def wait_process(self, proc: Process, timeout: float | None = None) -> Any:
+        """Wait for ``proc``'s exit status, turning a lost channel into ``MachineCrashed``."""
+        try:
+            return proc.wait(timeout)
+        except AgentDisconnected as exc:
+            self.state = MachineState.CRASHED
+            raise self._crash_error() from exc
+
+    @require(MachineState.RUNNING, MachineState.BOOTING)
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Power the guest off through the agent; stop QEMU over QMP if that fails."""
+        assert self.vm is not None
+        self.state = MachineState.STOPPING
+        try:
+            if self.agent is not None:
+                self.agent.shutdown()
+            self.vm.wait(timeout)
+        except (AgentError, subprocess.TimeoutExpired) as exc:
+            log.debug("graceful shutdown of %s failed (%s): stopping QEMU", self.name, exc)
+            self.vm.stop()
+        self.state = MachineState.STOPPED
+
+    def kill(self) -> None:
+        """Stop QEMU at once (SIGKILL). Valid in any state."""
+        if self.vm is not None and self.vm.poll() is None:
+            self.vm.kill()
+        if self.state is not MachineState.CRASHED:
+            self.state = MachineState.STOPPED
+
+    def close(self, remove_state: bool = True) -> None:
+        """Close the agent, make sure QEMU is gone, and (by default) delete the state dir."""
+        if self.agent is not None:
+            self.agent.close()
+        if self.vm is not None:
+            self.vm.close(remove_state=remove_state)
+        if self.state not in (MachineState.STOPPED, MachineState.CRASHED):
+            self.state = MachineState.STOPPED
+
+
+def check_alive(machine: Machine) -> None:
+    if machine.vm is None:
+        raise VMMError(f"machine {machine.name} was never started")
+    machine.vm.check_alive()

@@ -1,0 +1,36 @@
+"""Where Ember keeps things: one place for every directory.
+
+* data dir (``EMBER_HOME``, else ``$XDG_DATA_HOME/ember``): the image store and
+  machine state directories; a user's own data.
+* cache dir (``EMBER_CACHE``, else ``$XDG_CACHE_HOME/ember``): built guest
+  artifacts (kernel, agent, initramfs), content-addressed and rebuildable.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def data_dir() -> Path:
+    env = os.environ.get("EMBER_HOME")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(Path.home(), ".local", "share")
+    return Path(base) / "ember"
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("EMBER_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "ember"
+
+
+def images_dir() -> Path:
+    return data_dir() / "images"
+
+
+def machines_dir() -> Path:
+    return data_dir() / "machines"

@@ -1,0 +1,203 @@
+"""``ember run``: boot an image as a microVM, run one command, return its status.
+
+The guest's stdout and stderr are written to the host's fds 1 and 2 as they
+arrive (raw bytes, unmixed); the host's stdin is forwarded when it is not a
+terminal, or with ``-i``; ``-t`` runs the command on a guest pseudo-terminal
+with the host terminal in raw mode. The first Ctrl-C (SIGINT) is passed to
+the guest command; a second one, or SIGTERM, stops the machine at once.
+Whatever happens, QEMU is gone and the machine's state directory deleted on
+return.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from ember import paths
+from ember.agent.client import Process
+from ember.agent.protocol import ExecRequest, ExitStatus
+from ember.errors import AgentError, EmberError
+from ember.guest.bundle import ensure_guest
+from ember.host.probe import AccelChoice, choose_accel, require_qemu
+from ember.images import ImageStore, resolve_process
+from ember.machine import Machine, MachineConfig
+from ember.util import Progress, log
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    image: str
+    command: tuple[str, ...] | None = None
+    entrypoint: str | None = None
+    env: tuple[str, ...] = ()
+    workdir: str | None = None
+    user: str | None = None
+    cpus: int = 1
+    memory_mib: int = 256
+    accel: str | None = None
+    interactive: bool = False
+    tty: bool = False
+    hostname: str | None = None
+    boot_timeout: float = 60.0
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def prepare(req: RunRequest, progress: Progress) -> tuple[Machine, ExecRequest, AccelChoice]:
+    """Resolve the image, the guest bundle and the accelerator; create (not start) the machine."""
+    require_qemu()
+    accel = choose_accel(req.accel)
+    store = ImageStore(paths.images_dir())
+    if os.path.exists(req.image) and not _looks_like_ref(req.image, store):
+        image = store.import_path(Path(req.image), progress=progress)
+    else:
+        image = store.resolve(req.image)
+    process = resolve_process(
+        image.config, command=list(req.command) if req.command else None,
+        entrypoint=[req.entrypoint] if req.entrypoint is not None else None,
+        env=req.env, workdir=req.workdir, user=req.user,
+    )
+    rootfs = store.rootfs(image, progress=progress)
+    guest = ensure_guest(paths.cache_dir(), progress)
+    machine = Machine.create(
+        machines_dir=paths.machines_dir(), guest=guest, rootfs=rootfs, accel=accel,
+        config=MachineConfig(cpus=req.cpus, memory_mib=req.memory_mib,
+                             hostname=req.hostname or "ember"),
+    )
+    rows, cols = _terminal_size() if req.tty else (24, 80)
+    exec_req = ExecRequest(
+        argv=list(process.argv), env=list(process.env), cwd=process.cwd, user=process.user,
+        tty=req.tty, stdin=req.interactive or req.tty or not sys.stdin.isatty(),
+        rows=rows, cols=cols,
+    )
+    return machine, exec_req, accel
+
+
+def run(req: RunRequest, progress: Progress) -> int:
+    """Run ``req`` to completion; return the guest command's exit code (128+N for signal N)."""
+    machine, exec_req, accel = prepare(req, progress)
+    log.info("accelerator: %s (%s)", accel.name, accel.reason)
+    interrupted = threading.Event()
+    try:
+        with _signals(machine, interrupted) as set_proc:
+            machine.start(boot_timeout=req.boot_timeout)
+            with _terminal_raw(req.tty):
+                proc = machine.exec(exec_req, on_stdout=_writer(1), on_stderr=_writer(2))
+                set_proc(proc)
+                if exec_req.stdin:
+                    _forward_stdin(proc)
+                status: ExitStatus = machine.wait_process(proc)
+            machine.shutdown()
+        return status.exit_code
+    except KeyboardInterrupt:
+        raise EmberError("interrupted: machine stopped") from None
+    finally:
+        machine.kill()
+        machine.close(remove_state=True)
+
+
+def _looks_like_ref(value: str, store: ImageStore) -> bool:
+    """A path that is also a known image reference is taken as the reference."""
+    try:
+        store.resolve(value)
+        return True
+    except EmberError:
+        return False
+
+
+def _writer(fd: int) -> Callable[[bytes], None]:
+    def write(data: bytes) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+        except BrokenPipeError:
+            pass
+    return write
+
+
+def _forward_stdin(proc: Process) -> None:
+    """Copy the host's stdin to the process on a daemon thread; EOF closes its stdin."""
+    def pump() -> None:
+        try:
+            while True:
+                data = os.read(0, 65536)
+                if not data:
+                    break
+                proc.write_stdin(data)
+            proc.close_stdin()
+        except (OSError, AgentError) as exc:
+            log.debug("stdin forwarding ended: %s", exc)
+
+    threading.Thread(target=pump, name="stdin", daemon=True).start()
+
+
+@contextlib.contextmanager
+def _signals(machine: Machine, interrupted: threading.Event) -> Iterator[Callable[[Process], None]]:
+    """First SIGINT goes to the guest command; a second one (or SIGTERM) stops everything."""
+    current: list[Process] = []
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        if current and not interrupted.is_set():
+            interrupted.set()
+            with contextlib.suppress(AgentError):
+                current[0].signal(signal.SIGINT)
+            return
+        raise KeyboardInterrupt
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield current.append
+        return
+    old_int = signal.signal(signal.SIGINT, on_sigint)
+    old_term = signal.signal(signal.SIGTERM, on_sigterm)
+    old_winch = signal.getsignal(signal.SIGWINCH)
+
+    def on_winch(signum: int, frame: FrameType | None) -> None:
+        if current:
+            rows, cols = _terminal_size()
+            with contextlib.suppress(AgentError):
+                current[0].resize(rows, cols)
+
+    signal.signal(signal.SIGWINCH, on_winch)
+    try:
+        yield current.append
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGWINCH, old_winch)
+
+
+def _terminal_size() -> tuple[int, int]:
+    try:
+        size = os.get_terminal_size(0)
+        return size.lines, size.columns
+    except OSError:
+        return 24, 80
+
+
+@contextlib.contextmanager
+def _terminal_raw(enabled: bool) -> Iterator[None]:
+    if not enabled or not os.isatty(0):
+        yield
+        return
+    import termios
+    import tty
+
+    saved = termios.tcgetattr(0)
+    tty.setraw(0)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(0, termios.TCSADRAIN, saved)
+

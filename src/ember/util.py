@@ -1,0 +1,82 @@
+"""Small shared helpers: running host commands, atomic writes, progress."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from ember.errors import HostError, SubprocessFailed
+
+log = logging.getLogger("ember")
+
+#: A progress callback: receives one short human line per step.
+Progress = Callable[[str], None]
+
+
+def stderr_progress(message: str) -> None:
+    """Default progress sink: one line on stderr, prefixed with ``ember:``."""
+    print(f"ember: {message}", file=sys.stderr, flush=True)
+
+
+def no_progress(message: str) -> None:
+    """A progress sink that drops everything."""
+
+
+def run(
+    cmd: Sequence[str | os.PathLike[str]],
+    *,
+    cwd: str | os.PathLike[str] | None = None,
+    env: dict[str, str] | None = None,
+    stdout_path: Path | None = None,
+    timeout: float | None = None,
+) -> str:
+    """Run a host command, log it, return its stdout; raise on failure.
+
+    With ``stdout_path`` the command's stdout and stderr go to that file (for
+    long, chatty builds) and the returned string is empty.
+
+    Raises:
+        HostError: the program does not exist.
+        SubprocessFailed: it exited non-zero (carries its stderr, or the log's tail).
+    """
+    argv = [os.fspath(c) for c in cmd]
+    log.debug("run: %s", " ".join(argv))
+    try:
+        if stdout_path is not None:
+            with open(stdout_path, "wb") as out:
+                proc = subprocess.run(argv, cwd=cwd, env=env, stdout=out,
+                                      stderr=subprocess.STDOUT, timeout=timeout)
+            if proc.returncode != 0:
+                tail = stdout_path.read_text(errors="replace")[-4000:]
+                raise SubprocessFailed(argv, proc.returncode, tail)
+            return ""
+        proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, timeout=timeout)
+    except FileNotFoundError as exc:
+        raise HostError(f"{argv[0]} is not installed (run `ember setup`)") from exc
+    if proc.returncode != 0:
+        raise SubprocessFailed(argv, proc.returncode, proc.stderr.decode(errors="replace"))
+    return proc.stdout.decode(errors="replace")
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+

@@ -1,0 +1,6 @@
+"""The virtual machine monitor layer: the only package that knows QEMU's flags."""
+
+from ember.vmm.process import VMProcess
+from ember.vmm.spec import DriveSpec, MachineSpec
+
+__all__ = ["DriveSpec", "MachineSpec", "VMProcess"]

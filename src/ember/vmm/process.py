@@ -1,0 +1,176 @@
+"""Starting, supervising and stopping one QEMU process.
+
+QEMU runs in its own session (so a Ctrl-C in the user's terminal reaches
+Ember, which decides what to do, and not QEMU directly), with the machine's
+state directory as its working directory. Sockets in that directory are
+reached through ``/proc/self/fd/<dirfd>/NAME``: a short path whatever the
+depth of the state directory (``sun_path`` holds at most 107 bytes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from ember.errors import MachineCrashed, VMMError
+from ember.util import log
+from ember.vmm.qemu import build_command
+from ember.vmm.spec import MachineSpec
+
+
+class VMProcess:
+    """A QEMU process running one ``MachineSpec``."""
+
+    def __init__(self, spec: MachineSpec, popen: subprocess.Popen[bytes], dir_fd: int) -> None:
+        self.spec = spec
+        self._popen = popen
+        self._dir_fd = dir_fd
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    @classmethod
+    def start(cls, spec: MachineSpec, qemu: str = "qemu-system-x86_64") -> VMProcess:
+        """Create the state directory, write the spec, start QEMU.
+
+        Raises:
+            VMMError: the state directory exists already, or QEMU cannot be started.
+        """
+        try:
+            spec.state_dir.mkdir(parents=True, exist_ok=False, mode=0o700)
+        except FileExistsError as exc:
+            raise VMMError(f"machine state directory {spec.state_dir} exists already") from exc
+        spec.save()
+        dir_fd = os.open(spec.state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        cmd = build_command(spec, qemu)
+        log.debug("qemu: %s", " ".join(cmd))
+        try:
+            with open(spec.path(spec.QEMU_LOG), "wb") as qlog:
+                popen = subprocess.Popen(
+                    cmd, cwd=spec.state_dir, stdin=subprocess.DEVNULL, stdout=qlog,
+                    stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+                )
+        except OSError as exc:
+            os.close(dir_fd)
+            raise VMMError(f"cannot start {qemu}: {exc.strerror}") from exc
+        spec.path(spec.PID_FILE).write_text(f"{popen.pid}\n")
+        return cls(spec, popen, dir_fd)
+
+    def socket_path(self, name: str) -> str:
+        """A short path to a socket in the state directory, valid in this process."""
+        return f"/proc/self/fd/{self._dir_fd}/{name}"
+
+    def connect(self, name: str, timeout: float) -> socket.socket:
+        """Connect to a Unix socket QEMU listens on, waiting for QEMU to create it.
+
+        Raises:
+            MachineCrashed: QEMU exited first.
+            VMMError: the socket did not appear in time.
+        """
+        deadline = time.monotonic() + timeout
+        path = self.socket_path(name)
+        delay = 0.001
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                sock.connect(path)
+                return sock
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise VMMError(f"QEMU did not open {name} within {timeout:.0f} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+
+    def poll(self) -> int | None:
+        return self._popen.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for QEMU to exit; return its status. Raises ``subprocess.TimeoutExpired``."""
+        return self._popen.wait(timeout)
+
+    def check_alive(self) -> None:
+        """Raise ``MachineCrashed`` (with the console's last lines) if QEMU has exited."""
+        rc = self._popen.poll()
+        if rc is not None:
+            raise self.crashed(rc)
+
+    def crashed(self, rc: int | None = None) -> MachineCrashed:
+        rc = self._popen.poll() if rc is None else rc
+        qemu_err = _tail(self.spec.path(self.spec.QEMU_LOG), 3).strip()
+        how = f"signal {-rc}" if rc is not None and rc < 0 else f"status {rc}"
+        msg = f"machine {self.spec.name}: QEMU exited unexpectedly ({how})"
+        if qemu_err:
+            msg += f": {qemu_err.splitlines()[-1]}"
+        return MachineCrashed(msg, console_tail=self.console_tail())
+
+    def console_tail(self, lines: int = 15) -> str:
+        return _tail(self.spec.path(self.spec.CONSOLE_LOG), lines)
+
+    def qmp(self) -> Any:
+        """A connected QMP client (``qemu.qmp``'s synchronous wrapper). Imported lazily."""
+        from ember.vmm.qmp import QMPClient
+
+        return QMPClient.connect(self.socket_path(self.spec.QMP_SOCKET))
+
+    def stop(self, timeout: float = 5.0) -> int:
+        """Ask QEMU to quit over QMP; kill it if it does not exit within ``timeout``."""
+        if self.poll() is not None:
+            return self.wait()
+        try:
+            with self.qmp() as q:
+                q.execute("quit")
+        except Exception as exc:  # a wedged or dying QEMU: fall through to SIGKILL
+            log.debug("qmp quit failed: %s", exc)
+        try:
+            return self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return self.kill()
+
+    def kill(self) -> int:
+        """SIGKILL QEMU and reap it."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._popen.pid, signal.SIGKILL)
+        return self.wait()
+
+    def close(self, remove_state: bool = False) -> None:
+        """Release the directory handle; with ``remove_state`` delete the state directory.
+
+        QEMU must have exited (this kills it if not): nothing may keep using the
+        directory once it is gone.
+        """
+        if self.poll() is None:
+            self.kill()
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
+        if remove_state:
+            shutil.rmtree(self.spec.state_dir, ignore_errors=True)
+
+    def __enter__(self) -> VMProcess:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            data = f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])

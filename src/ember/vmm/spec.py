@@ -1,0 +1,96 @@
+"""What a machine is made of: a frozen, validated record, and its state directory.
+
+A ``MachineSpec`` is all the VMM needs to start a machine; it is written to
+``spec.json`` in the state directory so a later process (a restarted daemon)
+can re-adopt the machine. Paths inside the state directory are derived, never
+stored twice.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ember.errors import VMMError
+
+MIN_MEMORY_MIB = 64
+MAX_MEMORY_MIB = 256 * 1024
+MAX_CPUS = 64
+AGENT_PORT_NAME = "ember.agent"
+
+
+@dataclass(frozen=True)
+class DriveSpec:
+    """A virtio-blk disk. The first drive is ``/dev/vda`` in the guest, and so on."""
+
+    path: Path
+    readonly: bool = True
+    format: str = "raw"
+
+    def __post_init__(self) -> None:
+        if self.format not in ("raw", "qcow2"):
+            raise VMMError(f"unsupported disk format {self.format!r}")
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """A microVM: kernel, initramfs, command line, CPUs, memory, disks, where it lives."""
+
+    name: str
+    state_dir: Path
+    kernel: Path
+    initramfs: Path
+    cmdline: str
+    cpus: int = 1
+    memory_mib: int = 256
+    accel: str = "tcg"
+    drives: tuple[DriveSpec, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.cpus <= MAX_CPUS:
+            raise VMMError(f"cpus must be between 1 and {MAX_CPUS}, not {self.cpus}")
+        if not MIN_MEMORY_MIB <= self.memory_mib <= MAX_MEMORY_MIB:
+            raise VMMError(f"memory must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB, "
+                           f"not {self.memory_mib}")
+        if self.accel not in ("kvm", "tcg"):
+            raise VMMError(f"accelerator must be kvm or tcg, not {self.accel!r}")
+
+    # Paths in the state directory. QEMU runs with the state directory as its
+    # working directory and is given these names relative to it: a Unix socket
+    # path is limited to 107 bytes and state directories can be deeper than that.
+    QMP_SOCKET = "qmp.sock"
+    AGENT_SOCKET = "agent.sock"
+    CONSOLE_LOG = "console.log"
+    QEMU_LOG = "qemu.log"
+    MEMORY_FILE = "memory"
+    PID_FILE = "qemu.pid"
+    SPEC_FILE = "spec.json"
+
+    def path(self, name: str) -> Path:
+        return self.state_dir / name
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["state_dir"] = str(self.state_dir)
+        d["kernel"] = str(self.kernel)
+        d["initramfs"] = str(self.initramfs)
+        d["drives"] = [{**asdict(x), "path": str(x.path)} for x in self.drives]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> MachineSpec:
+        try:
+            return cls(
+                name=d["name"], state_dir=Path(d["state_dir"]), kernel=Path(d["kernel"]),
+                initramfs=Path(d["initramfs"]), cmdline=d["cmdline"], cpus=int(d["cpus"]),
+                memory_mib=int(d["memory_mib"]), accel=d["accel"],
+                drives=tuple(DriveSpec(Path(x["path"]), bool(x["readonly"]), x["format"])
+                             for x in d["drives"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise VMMError(f"invalid machine spec: {exc}") from exc
+
+    def save(self) -> None:
+        self.path(self.SPEC_FILE).write_text(json.dumps(self.to_json(), indent=2))

@@ -1,0 +1,109 @@
+"""Guest artifacts: the initramfs writer, the kernel-config check, accelerator choice."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ember.errors import HostError
+from ember.guest import kernel as kernel_mod
+from ember.guest.initramfs import CpioEntry, ensure_initramfs, guest_entries, write_cpio
+from ember.host import probe
+
+
+@pytest.mark.skipif(shutil.which("cpio") is None, reason="needs cpio")
+def test_cpio_archive_is_read_back_by_gnu_cpio(tmp_path: Path) -> None:
+    archive = write_cpio(guest_entries(b"#!/bin/sh\necho hi\n"))
+    listing = subprocess.run(["cpio", "-itv"], input=archive, capture_output=True, check=True)
+    lines = listing.stdout.decode().splitlines()
+    names = [ln.split()[-1] for ln in lines]
+    assert names == ["dev", "dev/console", "proc", "sys", "ember", "ember/lower",
+                     "ember/rw", "ember/root", "init"]
+    console = next(ln for ln in lines if ln.endswith("dev/console"))
+    assert console.startswith("crw-------") and "5,   1" in console
+    out = tmp_path / "x"
+    out.mkdir()
+    subprocess.run(["cpio", "-id", "--no-absolute-filenames", "init"], input=archive,
+                   cwd=out, check=True, capture_output=True)
+    assert (out / "init").read_bytes() == b"#!/bin/sh\necho hi\n"
+    assert stat.S_IMODE((out / "init").stat().st_mode) == 0o755
+
+
+def test_cpio_is_reproducible_and_aligned() -> None:
+    entries = [CpioEntry("a", stat.S_IFREG | 0o644, b"xyz")]
+    assert write_cpio(entries) == write_cpio(entries)
+    assert len(write_cpio(entries)) % 4 == 0
+
+
+def test_initramfs_is_cached_by_content(tmp_path: Path) -> None:
+    init = tmp_path / "init"
+    init.write_bytes(b"one")
+    first = ensure_initramfs(init, tmp_path / "cache")
+    mtime = first.stat().st_mtime_ns
+    assert ensure_initramfs(init, tmp_path / "cache") == first
+    assert first.stat().st_mtime_ns == mtime
+    init.write_bytes(b"two")
+    assert ensure_initramfs(init, tmp_path / "cache") != first
+
+
+def test_kernel_check_reports_options_kconfig_dropped() -> None:
+    fragment = "# c\nCONFIG_BLOCK=y\nCONFIG_VIRTIO_BLK=y\nCONFIG_MODULES=n\nCONFIG_NR_CPUS=16\n"
+    final = "CONFIG_BLOCK=y\n# CONFIG_VIRTIO_BLK is not set\nCONFIG_NR_CPUS=16\n"
+    assert kernel_mod.missing_options(fragment, final) == ["CONFIG_VIRTIO_BLK=y"]
+    assert kernel_mod.missing_options(fragment, final + "CONFIG_MODULES=y\n") == [
+        "CONFIG_VIRTIO_BLK=y", "CONFIG_MODULES=n"]
+
+
+def test_project_fragment_asks_for_what_a_microvm_guest_needs() -> None:
+    wanted = set(kernel_mod.requested_options(kernel_mod.FRAGMENT.read_text()))
+    for opt in ("CONFIG_PVH=y", "CONFIG_BLOCK=y", "CONFIG_VIRTIO_BLK=y",
+                "CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES=y", "CONFIG_VIRTIO_CONSOLE=y",
+                "CONFIG_EROFS_FS=y", "CONFIG_OVERLAY_FS=y", "CONFIG_DEVTMPFS=y",
+                "CONFIG_SERIAL_8250_CONSOLE=y", "CONFIG_UNIX98_PTYS=y"):
+        assert opt in wanted
+
+
+def test_kernel_key_changes_with_the_fragment(tmp_path: Path) -> None:
+    tarball = tmp_path / "src.tar.xz"
+    tarball.write_bytes(b"x")
+    frag = tmp_path / "f.config"
+    frag.write_text("CONFIG_A=y\n")
+    k1 = kernel_mod.kernel_key(tarball, frag)
+    assert kernel_mod.kernel_key(tarball, frag) == k1
+    frag.write_text("CONFIG_A=y\nCONFIG_B=y\n")
+    assert kernel_mod.kernel_key(tarball, frag) != k1
+
+
+def test_accel_auto_picks_tcg_on_pvm_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_exists = os.path.exists
+    monkeypatch.setattr(os, "access", lambda p, m: True)
+    monkeypatch.setattr(os.path, "exists",
+                        lambda p: True if p in ("/dev/kvm", "/sys/module/kvm_pvm") else real_exists(p))
+    choice = probe.choose_accel("auto")
+    assert choice.name == "tcg" and "PVM" in choice.reason
+    assert probe.choose_accel("tcg").name == "tcg"
+
+
+def test_accel_auto_picks_kvm_where_it_works(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "access", lambda p, m: True)
+    monkeypatch.setattr(os.path, "exists", lambda p: p == "/dev/kvm")
+    assert probe.choose_accel(None).name == "kvm"
+
+
+def test_accel_kvm_without_dev_kvm_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os.path, "exists", lambda p: False)
+    monkeypatch.setattr(os, "access", lambda p, m: False)
+    with pytest.raises(HostError, match="/dev/kvm"):
+        probe.choose_accel("kvm")
+    with pytest.raises(HostError, match="unknown accelerator"):
+        probe.choose_accel("hvf")
+
+
+def test_env_var_overrides_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBER_ACCEL", "tcg")
+    assert probe.choose_accel(None).name == "tcg"
