@@ -1,0 +1,469 @@
+"""Applying OCI layers onto a directory, safely.
+
+The host is trusted, the image is not. A layer is read twice:
+
+1. :func:`scan_layer` reads every header, rejects hostile entries that can be
+   recognised from the tar alone (absolute names, ``..``, device nodes, odd
+   hardlinks), collects the whiteouts and computes the uncompressed digest
+   (the layer's diff_id). Nothing is written.
+2. :func:`unpack_layer` scans, applies the whiteouts (``.wh.NAME`` deletes
+   NAME from lower layers, ``.wh..wh..opq`` empties a directory's lower
+   contents), then extracts every other entry, so an entry is never whited
+   out by its own layer.
+
+While extracting, each entry's parent is resolved inside the root one
+component at a time with ``lstat``; relative symlinks that stay in the root
+are followed, anything else that would leave the root raises
+:class:`~ember.errors.UnsafeLayer`. The final component is never followed: an
+existing entry there is replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import gzip
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import tarfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from ember.errors import ImageError, UnsafeLayer
+from ember.util import log
+
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_WHITEOUT = ".wh..wh..opq"
+
+_MAX_SYMLINK_HOPS = 40
+_CHUNK = 1 << 20
+
+LayerSource = Path | BinaryIO
+
+
+@dataclass(frozen=True)
+class LayerScan:
+    """What :func:`scan_layer` learned about a layer."""
+
+    diff_id: str  #: sha256 of the uncompressed tar, ``sha256:<hex>``
+    size: int  #: uncompressed size in bytes
+    entries: int  #: number of tar entries (whiteouts included)
+    whiteouts: tuple[tuple[str, ...], ...] = field(default=(), repr=False)
+    opaque_dirs: tuple[tuple[str, ...], ...] = field(default=(), repr=False)
+
+
+class _Readable(Protocol):
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+class _HashingReader:
+    """A read-only stream wrapper that hashes and counts everything read through it."""
+
+    def __init__(self, inner: _Readable) -> None:
+        self._inner = inner
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._inner.read(n)
+        self.hash.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(_CHUNK):
+            pass
+
+
+def _rewind(source: BinaryIO) -> None:
+    try:
+        source.seek(0)
+    except (AttributeError, OSError) as exc:
+        raise ImageError("layer stream must be seekable") from exc
+
+
+@contextlib.contextmanager
+def _decompressed(source: LayerSource, compression: str) -> Iterator[_HashingReader]:
+    """Open ``source`` and yield a hashing reader over its uncompressed tar bytes."""
+    with contextlib.ExitStack() as stack:
+        if isinstance(source, Path):
+            raw: BinaryIO = stack.enter_context(open(source, "rb"))
+        else:
+            raw = source
+            _rewind(raw)
+        if compression == "none":
+            yield _HashingReader(raw)
+        elif compression == "gzip":
+            gz = gzip.GzipFile(fileobj=raw, mode="rb")
+            stack.callback(gz.close)
+            yield _HashingReader(gz)
+        elif compression == "zstd":
+            yield from _zstd(raw)
+        else:
+            raise ImageError(f"unknown layer compression {compression!r}")
+
+
+def _zstd(raw: BinaryIO) -> Iterator[_HashingReader]:
+    try:
+        import zstandard  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        pass
+    else:
+        reader = zstandard.ZstdDecompressor().stream_reader(raw)
+        try:
+            yield _HashingReader(reader)
+        finally:
+            reader.close()
+        return
+    try:
+        proc = subprocess.Popen(
+            ["zstd", "-dc", "-q"], stdin=raw, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+    except FileNotFoundError as exc:
+        raise ImageError("cannot decompress zstd layer: zstd is not installed") from exc
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        reader = _HashingReader(proc.stdout)
+        yield reader
+        reader.drain()
+    finally:
+        proc.stdout.close()
+        err = proc.stderr.read().decode(errors="replace").strip()
+        proc.stderr.close()
+        code = proc.wait()
+    if code != 0:
+        raise ImageError(f"zstd: {err.splitlines()[-1] if err else f'exit status {code}'}")
+
+
+def split_name(name: str) -> tuple[str, ...]:
+    """Split a tar entry name into components; reject absolute names and ``..``.
+
+    ``./a//b/`` gives ``("a", "b")``; the root itself gives ``()``.
+
+    Raises:
+        UnsafeLayer: the name is absolute or has a ``..`` component.
+    """
+    if name.startswith("/"):
+        raise UnsafeLayer(f"layer entry {name!r} has an absolute path")
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    if ".." in parts:
+        raise UnsafeLayer(f"layer entry {name!r} has a '..' component")
+    return parts
+
+
+def _check_member(m: tarfile.TarInfo) -> None:
+    parts = split_name(m.name)
+    if m.ischr() or m.isblk():
+        raise UnsafeLayer(f"layer entry {m.name!r} is a device node")
+    if m.islnk():
+        if m.linkname.startswith("/") or ".." in m.linkname.split("/"):
+            raise UnsafeLayer(f"layer entry {m.name!r} is a hardlink to {m.linkname!r}")
+        if not split_name(m.linkname):
+            raise UnsafeLayer(f"layer entry {m.name!r} is a hardlink to the root")
+    elif not (m.isreg() or m.isdir() or m.issym() or m.isfifo()):
+        raise ImageError(f"layer entry {m.name!r} has unsupported type {m.type!r}")
+    if not parts and not m.isdir():
+        raise UnsafeLayer(f"layer entry {m.name!r} replaces the root with a non-directory")
+
+
+def _corrupt(name: str, exc: BaseException) -> ImageError:
+    detail = str(exc) or type(exc).__name__
+    return ImageError(f"layer {name} is corrupt: {detail}")
+
+
+_READ_ERRORS = (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def scan_layer(source: LayerSource, *, compression: str, name: str = "") -> LayerScan:
+    """Read a layer without writing anything: check entries, compute its diff_id.
+
+    Args:
+        source: a path, or a seekable binary file object (rewound first).
+        compression: ``"none"``, ``"gzip"`` or ``"zstd"``.
+        name: how to call the layer in errors (its digest); defaults to the path.
+
+    Raises:
+        UnsafeLayer: an entry is hostile in itself (see module doc).
+        ImageError: the tar or its compression is corrupt or truncated.
+    """
+    label = name or (str(source) if isinstance(source, Path) else "stream")
+    whiteouts: list[tuple[str, ...]] = []
+    opaque: list[tuple[str, ...]] = []
+    count = 0
+    try:
+        with _decompressed(source, compression) as reader:
+            with tarfile.open(fileobj=reader, mode="r|") as tf:  # type: ignore[call-overload]
+                for m in tf:
+                    count += 1
+                    _check_member(m)
+                    parts = split_name(m.name)
+                    if parts and parts[-1].startswith(WHITEOUT_PREFIX):
+                        base = parts[-1][len(WHITEOUT_PREFIX):]
+                        if parts[-1] == OPAQUE_WHITEOUT:
+                            opaque.append(parts[:-1])
+                        elif base.startswith(WHITEOUT_PREFIX):
+                            continue  # other aufs metadata (.wh..wh.plnk...): ignore
+                        elif base in ("", ".", ".."):
+                            raise UnsafeLayer(f"layer entry {m.name!r} is an invalid whiteout")
+                        else:
+                            whiteouts.append((*parts[:-1], base))
+            reader.drain()
+    except ImageError:
+        raise
+    except _READ_ERRORS as exc:
+        raise _corrupt(label, exc) from exc
+    except OSError as exc:
+        if isinstance(source, Path) and exc.filename == str(source):
+            raise
+        raise _corrupt(label, exc) from exc
+    return LayerScan(
+        diff_id="sha256:" + reader.hash.hexdigest(),
+        size=reader.size,
+        entries=count,
+        whiteouts=tuple(whiteouts),
+        opaque_dirs=tuple(opaque),
+    )
+
+
+# --- extraction ----------------------------------------------------------------
+
+
+class _Tree:
+    """Path resolution inside ``root`` that never leaves it."""
+
+    def __init__(self, root: Path, label: str) -> None:
+        self.root = root
+        self.label = label
+
+    def _escape(self, entry: str) -> UnsafeLayer:
+        return UnsafeLayer(f"entry {entry!r} traverses a symlink that leaves the image")
+
+    def resolve_dir(self, parts: tuple[str, ...], entry: str, *, create: bool) -> Path | None:
+        """Resolve directory ``parts`` (all components followed) to a real host dir.
+
+        Missing directories are created (0755, root) when ``create``; otherwise
+        ``None`` is returned for a missing one. A non-directory in the way
+        raises ImageError.
+        """
+        todo = list(parts)
+        done: list[str] = []  # real directories only, relative to root
+        hops = 0
+        while todo:
+            comp = todo.pop(0)
+            if comp == "..":  # only ever from a symlink target
+                if not done:
+                    raise self._escape(entry)
+                done.pop()
+                continue
+            host = self.root.joinpath(*done, comp)
+            try:
+                st = os.lstat(host)
+            except FileNotFoundError:
+                if not create:
+                    return None
+                os.mkdir(host, 0o755)
+                done.append(comp)
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                done.append(comp)
+            elif stat.S_ISLNK(st.st_mode):
+                hops += 1
+                if hops > _MAX_SYMLINK_HOPS:
+                    raise UnsafeLayer(f"entry {entry!r}: too many levels of symlinks")
+                target = os.readlink(host)
+                if target.startswith("/"):
+                    raise self._escape(entry)
+                todo = [t for t in target.split("/") if t not in ("", ".")] + todo
+            else:
+                shown = "/".join((*done, comp))
+                raise ImageError(
+                    f"layer {self.label}: entry {entry!r}: {shown!r} is not a directory"
+                )
+        return self.root.joinpath(*done)
+
+
+def _remove(path: Path) -> None:
+    """Remove whatever is at ``path`` (not following a symlink); nothing if absent."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def _clear_dir(path: Path) -> None:
+    for child in os.listdir(path):
+        _remove(path / child)
+
+
+def _set_xattrs(path: Path, m: tarfile.TarInfo) -> None:
+    for key, value in m.pax_headers.items():
+        if not key.startswith("SCHILY.xattr."):
+            continue
+        attr = key[len("SCHILY.xattr."):]
+        try:
+            os.setxattr(path, attr, value.encode("utf-8", "surrogateescape"),
+                        follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTSUP, errno.EPERM, errno.EOPNOTSUPP, errno.EINVAL):
+                log.debug("skipping xattr %s on %s: %s", attr, path, exc)
+                continue
+            raise
+
+
+def _mtime_ns(m: tarfile.TarInfo) -> int:
+    return int(m.mtime * 1_000_000_000)
+
+
+class _Extractor:
+    def __init__(self, root: Path, label: str) -> None:
+        self.tree = _Tree(root, label)
+        self.root = root
+        self.as_root = os.geteuid() == 0
+        self.dir_times: list[tuple[Path, int]] = []
+
+    def _chown(self, path: Path, m: tarfile.TarInfo) -> None:
+        if self.as_root:
+            os.lchown(path, m.uid, m.gid)
+
+    def apply_whiteouts(self, scan: LayerScan) -> None:
+        for parts in scan.opaque_dirs:
+            entry = "/".join((*parts, OPAQUE_WHITEOUT))
+            d = self.tree.resolve_dir(parts, entry, create=False)
+            if d is not None:
+                _clear_dir(d)
+        for parts in scan.whiteouts:
+            entry = "/".join((*parts[:-1], WHITEOUT_PREFIX + parts[-1]))
+            d = self.tree.resolve_dir(parts[:-1], entry, create=False)
+            if d is not None:
+                _remove(d / parts[-1])
+
+    def extract(self, m: tarfile.TarInfo, tf: tarfile.TarFile) -> None:
+        parts = split_name(m.name)
+        if parts and parts[-1].startswith(WHITEOUT_PREFIX):
+            return
+        if not parts:  # the root directory's own metadata
+            self._dir_meta(self.root, m)
+            return
+        parent = self.tree.resolve_dir(parts[:-1], m.name, create=True)
+        assert parent is not None
+        path = parent / parts[-1]
+        if m.isdir():
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                st = None
+            if st is None or not stat.S_ISDIR(st.st_mode):
+                _remove(path)
+                os.mkdir(path, 0o700)
+            self._dir_meta(path, m)
+            return
+        if m.islnk():
+            self._hardlink(path, m)
+            return
+        _remove(path)
+        if m.isreg():
+            src = tf.extractfile(m)
+            assert src is not None
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                shutil.copyfileobj(src, out, _CHUNK)
+                if self.as_root:
+                    os.fchown(out.fileno(), m.uid, m.gid)
+                os.fchmod(out.fileno(), m.mode & 0o7777)
+        elif m.issym():
+            os.symlink(m.linkname, path)
+            self._chown(path, m)
+        elif m.isfifo():
+            os.mkfifo(path, 0o600)
+            self._chown(path, m)
+            os.chmod(path, m.mode & 0o7777)
+        _set_xattrs(path, m)
+        os.utime(path, ns=(_mtime_ns(m), _mtime_ns(m)), follow_symlinks=False)
+
+    def _dir_meta(self, path: Path, m: tarfile.TarInfo) -> None:
+        self._chown(path, m)
+        os.chmod(path, m.mode & 0o7777)
+        _set_xattrs(path, m)
+        self.dir_times.append((path, _mtime_ns(m)))
+
+    def _hardlink(self, path: Path, m: tarfile.TarInfo) -> None:
+        tparts = split_name(m.linkname)
+        tdir = self.tree.resolve_dir(tparts[:-1], m.name, create=False)
+        target = tdir / tparts[-1] if tdir is not None else None
+        try:
+            st = os.lstat(target) if target is not None else None
+        except FileNotFoundError:
+            st = None
+        if target is None or st is None:
+            raise ImageError(
+                f"layer {self.tree.label}: hardlink {m.name!r} points to missing {m.linkname!r}"
+            )
+        if stat.S_ISDIR(st.st_mode):
+            raise UnsafeLayer(f"layer entry {m.name!r} is a hardlink to a directory")
+        if target == path:
+            return
+        _remove(path)
+        os.link(target, path, follow_symlinks=False)
+
+    def finish(self) -> None:
+        # Directory mtimes last (children changed them), deepest first.
+        for path, ns in reversed(self.dir_times):
+            os.utime(path, ns=(ns, ns), follow_symlinks=False)
+
+
+def unpack_layer(
+    source: LayerSource,
+    root: Path,
+    *,
+    compression: str,
+    name: str = "",
+    diff_id: str | None = None,
+) -> LayerScan:
+    """Apply one layer (a tar, maybe compressed) onto directory ``root``.
+
+    Ownership (when running as root), modes, mtimes and ``SCHILY.xattr.*``
+    extended attributes (where the host file system takes them) are kept.
+
+    Args:
+        source: a path or a seekable binary file object.
+        root: an existing directory holding the lower layers.
+        compression: ``"none"``, ``"gzip"`` or ``"zstd"``.
+        name: the layer's name for messages (its digest).
+        diff_id: if given, the uncompressed digest must match it; checked
+            before anything is written.
+
+    Raises:
+        UnsafeLayer: a hostile entry (nothing of it is written outside root;
+            earlier entries of the layer may already be applied).
+        ImageError: corrupt, truncated, or diff_id mismatch.
+    """
+    label = name or (str(source) if isinstance(source, Path) else "stream")
+    scan = scan_layer(source, compression=compression, name=label)
+    if diff_id is not None and scan.diff_id != diff_id:
+        raise ImageError(
+            f"layer {label} is corrupt: its content digest {scan.diff_id[:19]}… "
+            f"does not match diff_id {diff_id[:19]}…"
+        )
+    ex = _Extractor(root, label)
+    ex.apply_whiteouts(scan)
+    try:
+        with _decompressed(source, compression) as reader:
+            with tarfile.open(fileobj=reader, mode="r|") as tf:  # type: ignore[call-overload]
+                for m in tf:
+                    ex.extract(m, tf)
+    except ImageError:
+        raise
+    except _READ_ERRORS as exc:
+        raise _corrupt(label, exc) from exc
+    ex.finish()
+    return scan
