@@ -11,10 +11,14 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from ember import __version__
 from ember.errors import EmberError, MachineCrashed
+
+if TYPE_CHECKING:
+    from ember.util import Progress
 
 #: Exit statuses of Ember itself, as Docker uses them: 125 when Ember fails,
 #: 126 when the command cannot be run, 127 when it is not found.
@@ -52,7 +56,7 @@ def _error(msg: str) -> None:
     print(f"ember: error: {msg}", file=sys.stderr)
 
 
-def _progress(args: argparse.Namespace) -> object:
+def _progress(args: argparse.Namespace) -> Progress:
     from ember.util import no_progress, stderr_progress
 
     return no_progress if getattr(args, "quiet", False) else stderr_progress
@@ -73,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         memory_mib=args.memory, accel=args.accel, interactive=args.interactive,
         tty=args.tty, hostname=args.hostname, boot_timeout=args.boot_timeout,
     )
-    return run(req, _progress(args))  # type: ignore[arg-type]
+    return run(req, _progress(args))
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -90,7 +94,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_setup(args: argparse.Namespace) -> int:
     from ember.host.setup import setup
 
-    setup(install_packages=not args.no_packages, progress=_progress(args))  # type: ignore[arg-type]
+    setup(install_packages=not args.no_packages, progress=_progress(args))
     return 0
 
 
@@ -101,7 +105,7 @@ def cmd_image_import(args: argparse.Namespace) -> int:
     from ember.images import ImageStore
 
     image = ImageStore(paths.images_dir()).import_path(
-        Path(args.path), tag=args.tag, progress=_progress(args))  # type: ignore[arg-type]
+        Path(args.path), tag=args.tag, progress=_progress(args))
     print(image.id)
     return 0
 
@@ -211,7 +215,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _int_range(lo: int, hi: int) -> object:
+def _int_range(lo: int, hi: int) -> Callable[[str], int]:
     def parse(value: str) -> int:
         try:
             n = int(value)

@@ -63,7 +63,7 @@ def require(*states: MachineState) -> Callable[
                 raise StateError(f"machine {self.name} is {self.state.value}, "
                                  f"{fn.__name__} needs it {allowed}")
             return fn(self, *args, **kwargs)
-        return guarded
+        return guarded  # type: ignore[return-value]
     return decorate
 
 

@@ -83,7 +83,8 @@ def prepare(req: RunRequest, progress: Progress) -> tuple[Machine, ExecRequest, 
 def run(req: RunRequest, progress: Progress) -> int:
     """Run ``req`` to completion; return the guest command's exit code (128+N for signal N)."""
     machine, exec_req, accel = prepare(req, progress)
-    log.info("accelerator: %s (%s)", accel.name, accel.reason)
+    progress(f"microVM {machine.name}: {req.cpus} vCPU, {req.memory_mib} MiB, "
+             f"accelerator {accel.name} ({accel.reason})")
     interrupted = threading.Event()
     try:
         with _signals(machine, interrupted) as set_proc:

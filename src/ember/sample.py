@@ -101,7 +101,7 @@ def busybox_layers(layers: int = 3) -> list[bytes]:
     for applet in busybox_applets():
         if applet.startswith(("bin/", "sbin/", "usr/bin/", "usr/sbin/")):
             depth = applet.count("/")
-            base.symlink(applet, "../" * (depth - 1) + "bin/busybox")
+            base.symlink(applet, "../" * depth + "bin/busybox")
     base.file("etc/passwd", PASSWD.encode())
     base.file("etc/group", GROUP.encode())
     base.file("etc/motd-old", b"this file is whited out by layer 2\n")

@@ -82,8 +82,8 @@ def test_kernel_key_changes_with_the_fragment(tmp_path: Path) -> None:
 def test_accel_auto_picks_tcg_on_pvm_hosts(monkeypatch: pytest.MonkeyPatch) -> None:
     real_exists = os.path.exists
     monkeypatch.setattr(os, "access", lambda p, m: True)
-    monkeypatch.setattr(os.path, "exists",
-                        lambda p: True if p in ("/dev/kvm", "/sys/module/kvm_pvm") else real_exists(p))
+    pvm = ("/dev/kvm", "/sys/module/kvm_pvm")
+    monkeypatch.setattr(os.path, "exists", lambda p: p in pvm or real_exists(p))
     choice = probe.choose_accel("auto")
     assert choice.name == "tcg" and "PVM" in choice.reason
     assert probe.choose_accel("tcg").name == "tcg"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ember.guest.agent import build_agent, build_poweroff
-from ember.guest.initramfs import ensure_initramfs
-from ember.guest.kernel import ensure_kernel
+from ember.errors import EmberError
+from ember.guest.agent import agent_path, build_agent, build_poweroff
+from ember.guest.initramfs import ensure_initramfs, initramfs_path
+from ember.guest.kernel import ensure_kernel, kernel_artifact
 from ember.util import Progress, no_progress
 
 
@@ -29,3 +31,27 @@ def ensure_baseline_guest(cache_dir: Path, progress: Progress = no_progress) -> 
     kernel = ensure_kernel(cache_dir, progress)
     init = build_poweroff(cache_dir, progress)
     return GuestBundle(kernel.vmlinux, ensure_initramfs(init, cache_dir, "poweroff"))
+
+
+def guest_status(cache_dir: Path) -> dict[str, dict[str, Any]]:
+    """Where kernel, agent and initramfs are (or will be) and whether they are built.
+
+    Builds nothing: for ``ember doctor``.
+    """
+    kernel = kernel_artifact(cache_dir)
+    status: dict[str, dict[str, Any]] = {
+        "kernel": {"path": str(kernel.vmlinux), "built": kernel.exists(), "key": kernel.key},
+    }
+    try:
+        agent = agent_path(cache_dir)
+    except EmberError as exc:
+        status["agent"] = {"path": None, "built": False, "error": str(exc)}
+        status["initramfs"] = {"path": None, "built": False}
+        return status
+    status["agent"] = {"path": str(agent), "built": agent.is_file()}
+    if agent.is_file():
+        initrd = initramfs_path(agent, cache_dir, "agent")
+        status["initramfs"] = {"path": str(initrd), "built": initrd.is_file()}
+    else:
+        status["initramfs"] = {"path": str(cache_dir / "initramfs"), "built": False}
+    return status

@@ -80,13 +80,18 @@ def guest_entries(init_binary: bytes) -> list[CpioEntry]:
     ]
 
 
+def initramfs_path(init_binary: Path, cache_dir: Path, name: str = "initramfs") -> Path:
+    """Where the initramfs for ``init_binary`` is cached: keyed by that binary's hash."""
+    key = hashlib.sha256(init_binary.read_bytes()).hexdigest()[:16]
+    return cache_dir / "initramfs" / f"{name}-{key}.cpio"
+
+
 def ensure_initramfs(init_binary: Path, cache_dir: Path, name: str = "initramfs") -> Path:
-    """The cached initramfs whose ``/init`` is ``init_binary``; keyed by that binary's hash."""
-    blob = init_binary.read_bytes()
-    key = hashlib.sha256(blob).hexdigest()[:16]
-    path = cache_dir / "initramfs" / f"{name}-{key}.cpio"
+    """The cached initramfs whose ``/init`` is ``init_binary`` (built if missing)."""
+    path = initramfs_path(init_binary, cache_dir, name)
     if path.is_file():
         return path
+    blob = init_binary.read_bytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

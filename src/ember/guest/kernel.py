@@ -34,6 +34,8 @@ from ember.util import Progress, log, no_progress, run
 SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
 FRAGMENT = Path(__file__).with_name("kernel.config")
 BUILD_TOOLS = ("make", "gcc", "flex", "bison", "bc", "tar", "xz")
+#: Objects compiled by a build of the fragment on 6.1 (for a progress estimate only).
+EXPECTED_OBJECTS = 960
 
 
 @dataclass(frozen=True)
@@ -176,8 +178,9 @@ def _make_with_progress(cmd: list[str], cwd: Path, log_path: Path, progress: Pro
 
     def ticker() -> None:
         while not done.wait(15):
-            progress(f"compiling the guest kernel: {count} objects, "
-                     f"{time.monotonic() - started:.0f} s")
+            pct = min(99, 100 * count // EXPECTED_OBJECTS)
+            progress(f"compiling the guest kernel: ~{pct}% ({count} objects, "
+                     f"{time.monotonic() - started:.0f} s)")
 
     t = threading.Thread(target=ticker, daemon=True)
     t.start()

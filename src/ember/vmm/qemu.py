@@ -6,6 +6,9 @@ Choices and why:
   the kernel is loaded straight into memory and entered through PVH. ``rtc=off``
   saves probing a CMOS clock the guest does not need. ``isa-serial=on`` keeps
   one 8250 UART for the kernel console (captured to ``console.log``).
+  ``acpi=off`` matters: with ACPI on, QEMU describes the virtio-mmio devices in
+  ACPI tables *instead of* appending ``virtio_mmio.device=`` to the kernel command
+  line, and the guest kernel (built without ACPI) then sees no disk and no port.
 * Memory is a ``memory-backend-file`` in the state directory, not anonymous
   memory, so that snapshots and copy-on-write clones (many machines mapping one
   template's memory privately) need no redesign. ``share=off`` keeps the guest's
@@ -30,7 +33,7 @@ def build_command(spec: MachineSpec, qemu: str = "qemu-system-x86_64") -> list[s
     cmd = [
         qemu,
         "-name", f"ember-{spec.name},debug-threads=on",
-        "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off,memory-backend=mem",
+        "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off,memory-backend=mem",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-smp", str(spec.cpus),
         "-m", f"{spec.memory_mib}M",

@@ -39,7 +39,7 @@ class QMPClient:
             VMMError: QEMU answered with an error, or the connection failed.
         """
         try:
-            return self._qmp.command(command, **args)
+            return self._qmp.cmd(command, **args)
         except (QMPError, OSError) as exc:
             raise VMMError(f"QMP {command} failed: {exc}") from exc
 

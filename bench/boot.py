@@ -1,0 +1,125 @@
+"""Benchmark: cold `ember run IMAGE -- true` against the floor of a bare QEMU boot.
+
+The floor is `qemu-system-x86_64` booting the same kernel, same machine type
+and memory, with an initramfs whose /init powers off at once and no devices.
+Both are run ten times, interleaved (floor, ember, floor, ember...), so that
+drift in the machine's load hits both alike. Reported: medians, their ratio,
+peak RSS, the accelerator; and the time to import an image the first time
+(cache miss: blobs, unpack, erofs build) and the second (cache hit).
+
+Run:  .venv/bin/python bench/boot.py [--runs 10] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "src"))
+
+from ember import paths  # noqa: E402
+from ember.guest.bundle import ensure_baseline_guest, ensure_guest  # noqa: E402
+from ember.host.probe import choose_accel, qemu_version  # noqa: E402
+from ember.machine import BASE_CMDLINE  # noqa: E402
+from ember.sample import write_busybox_image  # noqa: E402
+
+EMBER = str(ROOT / ".venv" / "bin" / "ember")
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int, int]:
+    """Wall seconds, exit status and peak RSS (KiB, max over the process tree) of ``cmd``."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        assert proc.stderr is not None
+        raise SystemExit(f"{cmd[0]} failed ({proc.returncode}): {proc.stderr.read().decode()}")
+    return elapsed, proc.returncode, usage.ru_maxrss
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--memory", type=int, default=256)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    accel = choose_accel(None)
+    guest = ensure_guest(paths.cache_dir(), print)
+    floor = ensure_baseline_guest(paths.cache_dir(), print)
+    work = Path(tempfile.mkdtemp(prefix="ember-bench-"))
+    env = {**os.environ, "EMBER_HOME": str(work / "home")}
+    try:
+        layout = write_busybox_image(work / "layout", layers=3)
+        # Import: first (cold store: copy blobs, unpack layers, build erofs) then again (hit).
+        t_first, _, _ = timed([EMBER, "image", "import", "-q", str(layout), "--tag",
+                               "bench:latest"], env)
+        t_first_rootfs, _, _ = timed([EMBER, "run", "-q", "bench:latest", "--", "true"], env)
+        t_second, _, _ = timed([EMBER, "image", "import", "-q", str(layout), "--tag",
+                                "bench:latest"], env)
+
+        floor_cmd = [
+            shutil.which("qemu-system-x86_64") or "qemu-system-x86_64",
+            "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off",
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-m", f"{args.memory}M", "-kernel", str(floor.kernel), "-initrd", str(floor.initramfs),
+            "-append", BASE_CMDLINE, "-serial", f"file:{work / 'floor-console.log'}",
+            "-accel", "kvm" if accel.name == "kvm" else "tcg",
+        ] + (["-cpu", "host"] if accel.name == "kvm" else [])
+        ember_cmd = [EMBER, "run", "-q", "-m", str(args.memory), "bench:latest", "--", "true"]
+
+        floor_t: list[float] = []
+        ember_t: list[float] = []
+        floor_rss: list[int] = []
+        ember_rss: list[int] = []
+        for i in range(args.runs):
+            t, _, rss = timed(floor_cmd, env)
+            floor_t.append(t)
+            floor_rss.append(rss)
+            t, _, rss = timed(ember_cmd, env)
+            ember_t.append(t)
+            ember_rss.append(rss)
+            print(f"run {i + 1}/{args.runs}: floor {floor_t[-1]:.3f} s, ember {ember_t[-1]:.3f} s",
+                  file=sys.stderr)
+        result = {
+            "machine": {
+                "cpus": os.cpu_count(), "python": platform.python_version(),
+                "kernel": platform.release(), "qemu": qemu_version(),
+                "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+                                    / 2**30, 1),
+            },
+            "accelerator": {"name": accel.name, "reason": accel.reason},
+            "guest_memory_mib": args.memory,
+            "runs": args.runs,
+            "floor_s": {"median": statistics.median(floor_t), "all": floor_t},
+            "ember_s": {"median": statistics.median(ember_t), "all": ember_t},
+            "ratio": statistics.median(ember_t) / statistics.median(floor_t),
+            "peak_rss_mib": {"floor_median": statistics.median(floor_rss) / 1024,
+                             "ember_median": statistics.median(ember_rss) / 1024},
+            "import_s": {"first_import": t_first, "first_run_with_rootfs_build": t_first_rootfs,
+                         "second_import": t_second},
+            "kernel": str(guest.kernel),
+        }
+        print(json.dumps(result, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _ = resource  # (kept for ru_maxrss units: KiB on Linux)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Fixtures for tests that boot real microVMs.
+
+The guest kernel and agent come from the user's cache (built once, about three
+minutes; ``scripts/test`` runs ``ember setup`` first). Images and machines
+live in a data directory private to the test session. Machines that tests can
+share are booted once per module.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ember import paths
+from ember.guest.bundle import GuestBundle, ensure_guest
+from ember.host.probe import choose_accel, qemu_path
+from ember.images import ImageStore
+from ember.machine import Machine, MachineConfig
+from ember.sample import DEFAULT_CONFIG, write_busybox_image
+
+pytestmark = pytest.mark.vm
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "integration" in str(item.fspath):
+            item.add_marker(pytest.mark.vm)
+
+
+@pytest.fixture(scope="session")
+def ember_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    if qemu_path() is None:
+        pytest.fail("qemu-system-x86_64 is not installed: run scripts/bootstrap")
+    home = tmp_path_factory.mktemp("ember-home")
+    old = os.environ.get("EMBER_HOME")
+    os.environ["EMBER_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("EMBER_HOME", None)
+    else:
+        os.environ["EMBER_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def guest(ember_home: Path) -> GuestBundle:
+    return ensure_guest(paths.cache_dir(), lambda m: print(m, file=sys.stderr))
+
+
+@pytest.fixture(scope="session")
+def sample_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_busybox_image(tmp_path_factory.mktemp("layouts") / "sample")
+
+
+@pytest.fixture(scope="session")
+def store(ember_home: Path, guest: GuestBundle, sample_layout: Path,
+          tmp_path_factory: pytest.TempPathFactory) -> ImageStore:
+    """The session's store, holding ``sample:latest`` and ``entry:latest`` with rootfs built."""
+    store = ImageStore(paths.images_dir())
+    sample = store.import_path(sample_layout, tag="sample:latest")
+    store.rootfs(sample)
+    entry_cfg = {**DEFAULT_CONFIG, "Entrypoint": ["/bin/echo", "entry"], "Cmd": ["default"],
+                 "User": "", "WorkingDir": ""}
+    entry = store.import_path(
+        write_busybox_image(tmp_path_factory.mktemp("layouts") / "entry", layers=1,
+                            config=entry_cfg), tag="entry:latest")
+    store.rootfs(entry)
+    return store
+
+
+@pytest.fixture(scope="module")
+def machine(store: ImageStore, guest: GuestBundle) -> Iterator[Machine]:
+    """One booted sample machine, shared by the tests of a module."""
+    m = Machine.create(machines_dir=paths.machines_dir(), guest=guest,
+                       rootfs=store.rootfs(store.resolve("sample:latest")),
+                       accel=choose_accel(None), config=MachineConfig(cpus=2, memory_mib=256))
+    m.start()
+    yield m
+    try:
+        m.shutdown()
+    finally:
+        m.close()

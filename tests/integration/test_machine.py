@@ -1,0 +1,70 @@
+"""One booted microVM, shared by these tests, driven through the library."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from ember.agent.client import ExecFailed
+from ember.agent.protocol import ExecRequest
+from ember.machine import Machine, MachineState, StateError
+
+pytestmark = pytest.mark.vm
+
+PATH = "PATH=/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def sh(script: str, **kw: object) -> ExecRequest:
+    return ExecRequest(argv=["/bin/sh", "-c", script], env=[PATH], **kw)  # type: ignore[arg-type]
+
+
+def test_machine_is_running_and_reports_its_guest(machine: Machine) -> None:
+    assert machine.state is MachineState.RUNNING
+    assert machine.ready is not None and machine.ready.kernel.startswith("6.1.")
+    assert machine.vm is not None
+    with machine.vm.qmp() as qmp:
+        assert qmp.execute("query-status")["status"] == "running"
+
+
+def test_several_processes_run_at_once_in_one_machine(machine: Machine) -> None:
+    # Each process waits for a file that only the next one creates: they can
+    # only all finish if they really run concurrently.
+    procs = [machine.exec(sh(f"touch /tmp/go{i}; while [ ! -e /tmp/go{i + 1} ]; do "
+                             f"sleep 0.05; done; echo app{i}"))
+             for i in range(3)]
+    last = machine.exec(sh("touch /tmp/go3; echo last"))
+    assert machine.wait_process(last, timeout=60).exit_code == 0
+    for i, p in enumerate(procs):
+        assert machine.wait_process(p, timeout=60).exit_code == 0
+        assert p.stdout == f"app{i}\n".encode()
+
+
+def test_signal_reaches_a_running_process(machine: Machine) -> None:
+    p = machine.exec(sh("exec sleep 100"))
+    p.wait_started(timeout=30)
+    p.signal(signal.SIGKILL)
+    status = machine.wait_process(p, timeout=30)
+    assert status.signal == signal.SIGKILL and status.exit_code == 137
+
+
+def test_tty_process_sees_a_terminal_of_the_requested_size(machine: Machine) -> None:
+    p = machine.exec(sh("tty; stty size", tty=True, rows=33, cols=101))
+    assert machine.wait_process(p, timeout=30).exit_code == 0
+    lines = p.stdout.decode().replace("\r", "").splitlines()
+    assert lines[0].startswith("/dev/pts/")
+    assert lines[1] == "33 101"
+
+
+def test_missing_program_and_bad_cwd_fail_cleanly(machine: Machine) -> None:
+    with pytest.raises(ExecFailed) as err:
+        machine.wait_process(machine.exec(ExecRequest(argv=["nope"], env=[PATH])), timeout=30)
+    assert err.value.code == 127
+    with pytest.raises(ExecFailed) as err:
+        machine.wait_process(machine.exec(sh("true", cwd="/does/not/exist")), timeout=30)
+    assert err.value.code == 126
+
+
+def test_start_twice_is_a_state_error(machine: Machine) -> None:
+    with pytest.raises(StateError, match="running"):
+        machine.start()

@@ -1,0 +1,170 @@
+"""`ember run` end to end: real QEMU, real guest kernel, real images, the real CLI."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ember import paths
+from ember.images import ImageStore
+
+pytestmark = pytest.mark.vm
+
+
+def ember(*args: str, input: bytes | None = None, timeout: float = 180,
+          check_rc: int | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run the real CLI (``python -m ember.cli``) as a user would."""
+    proc = subprocess.run([sys.executable, "-m", "ember.cli", *args], input=input,
+                          capture_output=True, timeout=timeout,
+                          stdin=None if input is not None else subprocess.DEVNULL)
+    if check_rc is not None:
+        assert proc.returncode == check_rc, proc.stderr.decode(errors="replace")
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _store(store: ImageStore) -> None:
+    """Every test here needs the session's images (and so the guest bundle)."""
+
+
+def test_runs_a_command_and_streams_its_output() -> None:
+    proc = ember("run", "-q", "sample", "--", "echo", "hello from the guest", check_rc=0)
+    assert proc.stdout == b"hello from the guest\n"
+
+
+@pytest.mark.parametrize("code", [0, 1, 42])
+def test_exit_code_of_the_guest_command_is_returned(code: int) -> None:
+    proc = ember("run", "-q", "sample", "--", "sh", "-c", f"exit {code}")
+    assert proc.returncode == code, proc.stderr
+
+
+def test_death_by_signal_is_128_plus_the_signal() -> None:
+    proc = ember("run", "-q", "sample", "--", "sh", "-c", "kill -TERM $$")
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+
+
+def test_stdout_and_stderr_are_not_mixed() -> None:
+    proc = ember("run", "-q", "sample", "--", "sh", "-c",
+                 "echo out1; echo err1 >&2; echo out2; echo err2 >&2", check_rc=0)
+    assert proc.stdout == b"out1\nout2\n"
+    assert proc.stderr == b"err1\nerr2\n"
+
+
+def test_ten_mib_of_stdout_arrive_byte_exact() -> None:
+    size = 10 * 1024 * 1024
+    proc = ember("run", "-q", "sample", "--", "sh", "-c",
+                 f"head -c {size} /dev/urandom > /tmp/blob && sha256sum /tmp/blob >&2 "
+                 "&& cat /tmp/blob", check_rc=0)
+    assert len(proc.stdout) == size
+    guest_sum = proc.stderr.split()[0].decode()
+    assert hashlib.sha256(proc.stdout).hexdigest() == guest_sum
+
+
+def test_stdin_is_piped_through_with_eof() -> None:
+    data = b"".join(b"line %d of the host's stdin\n" % i for i in range(5000))
+    proc = ember("run", "-q", "sample", "--", "sh", "-c", "sha256sum; echo done >&2",
+                 input=data, check_rc=0)
+    assert proc.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+    assert proc.stderr == b"done\n"
+
+
+def test_image_config_applies_cmd_env_workdir_and_user() -> None:
+    proc = ember("run", "-q", "sample", check_rc=0)
+    out = proc.stdout.decode()
+    assert "Hello, world!" in out
+    assert "user app (uid 1000)" in out
+    assert "working directory /app" in out
+
+
+def test_flags_override_env_workdir_and_user() -> None:
+    proc = ember("run", "-q", "-e", "FOO=bar", "-e", "GREETING=Hi", "-w", "/tmp",
+                 "--user", "65534:65534", "sample", "--", "sh", "-c",
+                 'echo "$FOO $GREETING $(pwd) $(id -u):$(id -g)"', check_rc=0)
+    assert proc.stdout == b"bar Hi /tmp 65534:65534\n"
+
+
+def test_entrypoint_and_cmd_combine_like_docker() -> None:
+    assert ember("run", "-q", "entry", check_rc=0).stdout == b"entry default\n"
+    assert ember("run", "-q", "entry", "--", "x", "y", check_rc=0).stdout == b"entry x y\n"
+
+
+def test_layers_apply_whiteouts_opaque_dirs_and_hardlinks() -> None:
+    proc = ember("run", "-q", "--user", "root", "sample", "--", "sh", "-c",
+                 "ls /etc/motd-old 2>/dev/null || echo whited-out; ls /opt/old; "
+                 "cat /app/data.txt; stat -c '%h %U %a' /app/hello.sh /app/data.txt",
+                 check_rc=0)
+    assert proc.stdout.decode().splitlines() == [
+        "whited-out", "new", "layer three", "2 root 755", "1 app 640"]
+
+
+def test_guest_has_its_own_kernel_and_a_writable_ephemeral_root() -> None:
+    first = ember("run", "-q", "--user", "root", "sample", "--", "sh", "-c",
+                  "uname -r; echo data > /etc/new-file && cat /etc/new-file", check_rc=0)
+    kernel, data = first.stdout.decode().splitlines()
+    assert kernel.startswith("6.1.") and kernel != os.uname().release
+    assert data == "data"
+    second = ember("run", "-q", "sample", "--", "sh", "-c", "cat /etc/new-file 2>&1; true",
+                   check_rc=0)
+    assert b"No such file" in second.stdout
+
+
+def test_run_accepts_a_path_and_imports_it(tmp_path: Path, sample_layout: Path) -> None:
+    proc = ember("run", "-q", str(sample_layout), "--", "echo", "from a path", check_rc=0)
+    assert proc.stdout == b"from a path\n"
+
+
+def test_unknown_command_is_127_with_a_message() -> None:
+    proc = ember("run", "-q", "sample", "--", "no-such-program")
+    assert proc.returncode == 127
+    assert b"no-such-program" in proc.stderr and proc.stderr.count(b"\n") == 1
+
+
+def test_unknown_image_is_one_line_and_status_125() -> None:
+    proc = ember("run", "-q", "no-such-image:latest", "--", "true")
+    assert proc.returncode == 125
+    assert proc.stderr.startswith(b"ember: error:") and proc.stderr.count(b"\n") == 1
+
+
+def test_qemu_killed_mid_run_gives_a_clear_error_and_leaves_nothing() -> None:
+    machines = paths.machines_dir()
+    before = set(os.listdir(machines)) if machines.exists() else set()
+    proc = subprocess.Popen([sys.executable, "-m", "ember.cli", "run", "-q", "sample", "--",
+                             "sh", "-c", "echo started; sleep 600"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"started\n"
+        new = set(os.listdir(machines)) - before
+        assert len(new) == 1
+        pid = int((machines / new.pop() / "qemu.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 125
+    assert re.search(rb"QEMU exited unexpectedly \(signal 9\)", err), err
+    assert set(os.listdir(machines)) == before
+    time.sleep(0.1)
+    assert not Path(f"/proc/{pid}").exists()
+
+
+def test_doctor_reports_accelerator_and_built_artifacts() -> None:
+    import json
+
+    proc = ember("doctor", "--json", check_rc=0)
+    report = json.loads(proc.stdout)
+    assert report["accelerator"]["name"] in ("kvm", "tcg")
+    assert report["accelerator"]["reason"]
+    assert report["kernel"]["built"] and Path(report["kernel"]["path"]).is_file()
+    assert report["initramfs"]["built"] and Path(report["initramfs"]["path"]).is_file()
+    assert report["qemu"]["version"]
