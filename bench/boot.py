@@ -73,7 +73,7 @@ def main() -> None:
 
         floor_cmd = [
             shutil.which("qemu-system-x86_64") or "qemu-system-x86_64",
-            "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off",
+            "-M", "microvm,x-option-roms=off,isa-serial=on,acpi=off",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-m", f"{args.memory}M", "-kernel", str(floor.kernel), "-initrd", str(floor.initramfs),
             "-append", BASE_CMDLINE, "-serial", f"file:{work / 'floor-console.log'}",

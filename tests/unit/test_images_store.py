@@ -431,12 +431,14 @@ def test_rootfs_builds_erofs(store: ImageStore, tmp_path: Path) -> None:
          file("data/gone", b"x")],
         [whiteout("data/gone"), file("usr/bin/tool", b"#!/bin/sh\n", mode=0o755)],
     ])
-    image = store.import_path(lay)
-    assert image.tags == ("busybox:latest",)
     lines: list[str] = []
-    path = store.rootfs(image, progress=lines.append)
-    assert path == store.rootfs_dir / f"{image.hex}.erofs"
+    image = store.import_path(lay, progress=lines.append)
+    assert image.tags == ("busybox:latest",)
+    # the import built the rootfs; asking for it is a cache hit
     assert any("building rootfs for sha256:" in line and "(erofs)" in line for line in lines)
+    path = store.rootfs_path(image)
+    assert path.exists()
+    assert store.rootfs(image, progress=lines.append) == path
     with open(path, "rb") as f:
         f.seek(1024)
         assert int.from_bytes(f.read(4), "little") == EROFS_MAGIC
@@ -464,16 +466,20 @@ def test_rootfs_builds_erofs(store: ImageStore, tmp_path: Path) -> None:
 
 
 @needs_erofs
-def test_rootfs_fails_cleanly_on_layer_escaping_through_symlink(store: ImageStore,
-                                                                tmp_path: Path) -> None:
+def test_import_fails_cleanly_on_layer_escaping_through_symlink(store: ImageStore,
+                                                                 tmp_path: Path) -> None:
     # Each layer is fine alone; together the second writes through the first's symlink.
     lay = write_oci_layout(tmp_path / "l", [[symlink("etc", "../../..")], [file("etc/x")]],
                            {"Cmd": ["sh"]})
-    image = store.import_path(lay)
+    def files() -> list[Path]:
+        return sorted(p.relative_to(store.root) for p in store.root.rglob("*")
+                      if p.is_file() and p.name != "lock")
+
+    before = files()
     with pytest.raises(UnsafeLayer, match="leaves the image"):
-        store.rootfs(image)
-    assert list(store.tmp_dir.iterdir()) == []
-    assert list(store.rootfs_dir.iterdir()) == []
+        store.import_path(lay)
+    assert files() == before
+    assert store.list() == []
 
 
 # --- archives written by real tools --------------------------------------------------------

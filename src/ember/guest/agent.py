@@ -27,16 +27,23 @@ _SOURCE_DIR = Path(__file__).resolve().parent
 
 
 def _gcc() -> str:
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        raise HostError("gcc is not installed: the guest agent is compiled on the host "
-                        "(apt-get install gcc libc6-dev)")
-    return gcc
+    """The compiler: musl's gcc wrapper where installed, else gcc (static glibc).
+
+    musl makes the agent a 80 kB binary instead of 720 kB of static glibc. Under
+    TCG every page the guest touches is expensive: the musl agent reaches READY
+    tens of milliseconds sooner, on every boot.
+    """
+    for name in ("musl-gcc", "gcc"):
+        found = shutil.which(name)
+        if found is not None:
+            return found
+    raise HostError("gcc is not installed: the guest agent is compiled on the host "
+                    "(apt-get install gcc libc6-dev musl-tools)")
 
 
 @functools.lru_cache(maxsize=8)
 def _gcc_version(gcc: str) -> str:
-    return run([gcc, "--version"], timeout=30)
+    return gcc + "\n" + run([gcc, "--version"], timeout=30)
 
 
 def _source(source_name: str, what: str) -> tuple[Path, bytes]:

@@ -14,6 +14,7 @@ from ember.util import Progress, no_progress
 PACKAGES = (
     "qemu-system-x86",      # the VMM
     "linux-source-6.1",     # guest kernel source
+    "musl-tools",           # the guest agent is linked against musl: small and quick to exec
     "make", "gcc", "libc6-dev", "flex", "bison", "bc", "libelf-dev", "libssl-dev",
     "xz-utils", "cpio",     # kernel build
     "erofs-utils",          # read-only root filesystems

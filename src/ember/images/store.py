@@ -351,6 +351,13 @@ class ImageStore:
             if plan.manifest_bytes is not None:
                 self._put_bytes(plan.manifest_bytes, "manifest", created, temps)
             self._fsync_dir(self.blobs_dir)
+            # Unpack now, not on first run: a layer that is only hostile in context
+            # (a symlink made by one entry or layer, a path through it in another)
+            # is caught here and the import fails whole, leaving the store as it was.
+            rootfs = self._build_rootfs(_hex(plan.config_digest), [
+                Layer(x["digest"], x["media_type"], int(x["size"]), x["diff_id"],
+                      int(x["unpacked_size"])) for x in layers], say)
+            created.append(rootfs)
             config_json = json.loads(plan.config_bytes)
             now = _now()
             record = {
@@ -500,36 +507,46 @@ class ImageStore:
         with self._locked():
             if final.exists():
                 return final
-            tree = Path(tempfile.mkdtemp(dir=self.tmp_dir, prefix=f"unpack-{image.short_id}-"))
-            fd, out_name = tempfile.mkstemp(dir=self.rootfs_dir, prefix=f".{image.hex}.",
-                                            suffix=".tmp")
-            os.close(fd)
-            out = Path(out_name)
+            return self._build_rootfs(image.hex, image.layers, say)
+
+    def _build_rootfs(self, image_hex: str, layers: Sequence[Layer], say: Progress) -> Path:
+        """Unpack ``layers`` in order and build ``rootfs/<image_hex>.erofs``. Lock held.
+
+        Raises:
+            ImageError: a layer is corrupt, hostile, or does not match its diff_id.
+            BuildError: mkfs.erofs failed.
+        """
+        final = self.rootfs_dir / f"{image_hex}.erofs"
+        short = image_hex[:12]
+        tree = Path(tempfile.mkdtemp(dir=self.tmp_dir, prefix=f"unpack-{short}-"))
+        fd, out_name = tempfile.mkstemp(dir=self.rootfs_dir, prefix=f".{image_hex}.",
+                                        suffix=".tmp")
+        os.close(fd)
+        out = Path(out_name)
+        try:
+            os.chmod(tree, 0o755)
+            n = len(layers)
+            for i, layer in enumerate(layers):
+                say(f"unpacking layer {i + 1}/{n} ({human_size(layer.unpacked_size)})")
+                unpack_layer(self.blob_path(layer.digest), tree,
+                             compression=oci.layer_compression(layer.media_type),
+                             name=layer.digest, diff_id=layer.diff_id)
+            ensure_mount_points(tree)
+            say(f"building rootfs for sha256:{short}… (erofs)")
+            fs_uuid = str(uuid.UUID(bytes=bytes.fromhex(image_hex[:32])))
             try:
-                os.chmod(tree, 0o755)
-                n = len(image.layers)
-                for i, layer in enumerate(image.layers):
-                    say(f"unpacking layer {i + 1}/{n} ({human_size(layer.unpacked_size)})")
-                    unpack_layer(self.blob_path(layer.digest), tree,
-                                 compression=oci.layer_compression(layer.media_type),
-                                 name=layer.digest, diff_id=layer.diff_id)
-                ensure_mount_points(tree)
-                say(f"building rootfs for {image.id[:19]}… (erofs)")
-                fs_uuid = str(uuid.UUID(bytes=bytes.fromhex(image.hex[:32])))
-                try:
-                    run(["mkfs.erofs", "--quiet", "-U", fs_uuid, out, tree])
-                except EmberError as exc:
-                    raise BuildError(f"building rootfs for {image.short_id} failed: {exc}") \
-                        from exc
-                with open(out, "rb") as f:
-                    os.fsync(f.fileno())
-                os.chmod(out, 0o444)
-                os.replace(out, final)
-            finally:
-                _rmtree(tree)
-                with contextlib.suppress(FileNotFoundError):
-                    out.unlink()
-            return final
+                run(["mkfs.erofs", "--quiet", "-U", fs_uuid, out, tree])
+            except EmberError as exc:
+                raise BuildError(f"building rootfs for {short} failed: {exc}") from exc
+            with open(out, "rb") as f:
+                os.fsync(f.fileno())
+            os.chmod(out, 0o444)
+            os.replace(out, final)
+        finally:
+            _rmtree(tree)
+            with contextlib.suppress(FileNotFoundError):
+                out.unlink()
+        return final
 
 
 def ensure_mount_points(tree: Path) -> None:

@@ -3,8 +3,9 @@
 Choices and why:
 
 * ``-M microvm``: no PCI, no ACPI tables to parse, no firmware (``x-option-roms=off``);
-  the kernel is loaded straight into memory and entered through PVH. ``rtc=off``
-  saves probing a CMOS clock the guest does not need. ``isa-serial=on`` keeps
+  the kernel is loaded straight into memory and entered through PVH. The CMOS
+  RTC stays on: without it the guest kernel waits a full second at boot for a
+  clock that never answers ("Unable to read current time from RTC"). ``isa-serial=on`` keeps
   one 8250 UART for the kernel console (captured to ``console.log``).
   ``acpi=off`` matters: with ACPI on, QEMU describes the virtio-mmio devices in
   ACPI tables *instead of* appending ``virtio_mmio.device=`` to the kernel command
@@ -33,7 +34,7 @@ def build_command(spec: MachineSpec, qemu: str = "qemu-system-x86_64") -> list[s
     cmd = [
         qemu,
         "-name", f"ember-{spec.name},debug-threads=on",
-        "-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off,memory-backend=mem",
+        "-M", "microvm,x-option-roms=off,isa-serial=on,acpi=off,memory-backend=mem",
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-smp", str(spec.cpus),
         "-m", f"{spec.memory_mib}M",

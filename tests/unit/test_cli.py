@@ -1,0 +1,97 @@
+"""The CLI as a user meets it: exit statuses and one-line errors (no VM needed)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from images_helpers import file, layer_tar, symlink, write_docker_archive, write_oci_layout
+
+
+def ember(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "EMBER_HOME": str(home)}
+    return subprocess.run([sys.executable, "-m", "ember.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=120, stdin=subprocess.DEVNULL)
+
+
+def tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 125, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ember: error: "), proc.stderr
+    return lines[0]
+
+
+def hostile_layouts(tmp: Path) -> dict[str, Path]:
+    cases: dict[str, Path] = {}
+    cases["dotdot"] = write_oci_layout(tmp / "dotdot", [[file("../../escape", b"x")]], {})
+    cases["absolute"] = write_oci_layout(tmp / "absolute", [[file("/etc/evil", b"x")]], {})
+    cases["symlink"] = write_oci_layout(
+        tmp / "symlink", [[symlink("up", "../../.."), file("up/escape", b"x")]], {})
+    truncated = tmp / "truncated.tar"
+    whole = write_docker_archive(tmp / "whole.tar", [[file("a", b"a" * 50000)]], {})
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    cases["truncated"] = truncated
+    garbage = tmp / "garbage.tar"
+    garbage.write_bytes(b"this is not a tar archive at all" * 100)
+    cases["garbage"] = garbage
+    # a docker-save whose layer does not match the config's diff_id
+    good = write_docker_archive(tmp / "good.tar", [[file("a", b"a")]], {})
+    bad = tmp / "mismatch.tar"
+    with tarfile.open(good) as src, tarfile.open(bad, "w") as dst:
+        for m in src.getmembers():
+            data = src.extractfile(m).read() if m.isfile() else None  # type: ignore[union-attr]
+            if m.name.endswith("layer.tar") and data is not None:
+                data = layer_tar([file("a", b"tampered")])
+                m.size = len(data)
+            dst.addfile(m, io.BytesIO(data) if data is not None else None)
+    cases["mismatch"] = bad
+    return cases
+
+
+def test_hostile_and_malformed_images_get_one_line_and_store_is_untouched(
+        tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    good = write_oci_layout(tmp_path / "ok", [[file("hello", b"hi")]], {"Cmd": ["/hello"]})
+    assert ember("image", "import", "-q", str(good), "--tag", "ok:1", home=home).returncode == 0
+    before = tree(home)
+    for name, path in hostile_layouts(tmp_path / "cases").items():
+        line = one_line_error(ember("image", "import", "-q", str(path), home=home))
+        assert "Traceback" not in line, name
+        assert tree(home) == before, f"{name} left something in the store"
+    listing = json.loads(ember("image", "ls", "--json", home=home).stdout)
+    assert [i["tags"] for i in listing] == [["ok:1"]]
+    assert not (tmp_path / "escape").exists() and not (tmp_path.parent / "escape").exists()
+
+
+def test_run_with_a_hostile_path_fails_before_booting(tmp_path: Path) -> None:
+    bad = write_oci_layout(tmp_path / "bad", [[file("../x", b"x")]], {"Cmd": ["/x"]})
+    line = one_line_error(ember("run", "-q", str(bad), home=tmp_path / "home"))
+    assert "../x" in line
+
+
+def test_image_ls_rm_and_missing_refs(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    layout = write_oci_layout(tmp_path / "l", [[file("f", b"1")]], {})
+    image_id = ember("image", "import", "-q", str(layout), "--tag", "a:1", home=home).stdout.strip()
+    assert image_id.startswith("sha256:")
+    assert "a:1" in ember("image", "ls", home=home).stdout
+    assert ember("image", "rm", "a:1", home=home).returncode == 0
+    proc = ember("image", "rm", "a:1", home=home)
+    assert proc.returncode == 1 and proc.stderr.startswith("ember: error:")
+
+
+@pytest.mark.parametrize("args", [["run", "--cpus", "0", "x"], ["run", "-m", "lots", "x"],
+                                  ["run", "--accel", "hvf", "x"], ["run"]])
+def test_bad_flags_are_usage_errors(tmp_path: Path, args: list[str]) -> None:
+    proc = ember(*args, home=tmp_path)
+    assert proc.returncode == 2 and "usage:" in proc.stderr
