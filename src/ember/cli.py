@@ -50,6 +50,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
+    except Exception as exc:  # a bug: still one line, the traceback only with -v
+        logging.getLogger("ember").debug("internal error", exc_info=True)
+        _error(f"internal error: {type(exc).__name__}: {exc} (run with -v for details)")
+        return EXIT_EMBER_FAILED
 
 
 def _error(msg: str) -> None:

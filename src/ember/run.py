@@ -72,11 +72,14 @@ def prepare(req: RunRequest, progress: Progress) -> tuple[Machine, ExecRequest, 
                              hostname=req.hostname or "ember"),
     )
     rows, cols = _terminal_size() if req.tty else (24, 80)
-    exec_req = ExecRequest(
-        argv=list(process.argv), env=list(process.env), cwd=process.cwd, user=process.user,
-        tty=req.tty, stdin=req.interactive or req.tty or not sys.stdin.isatty(),
-        rows=rows, cols=cols,
-    )
+    try:
+        exec_req = ExecRequest(
+            argv=list(process.argv), env=list(process.env), cwd=process.cwd,
+            user=process.user, tty=req.tty,
+            stdin=req.interactive or req.tty or not sys.stdin.isatty(), rows=rows, cols=cols,
+        )
+    except ValueError as exc:
+        raise EmberError(f"invalid command: {exc}") from None
     return machine, exec_req, accel
 
 
@@ -182,9 +185,10 @@ def _signals(machine: Machine, interrupted: threading.Event) -> Iterator[Callabl
 def _terminal_size() -> tuple[int, int]:
     try:
         size = os.get_terminal_size(0)
-        return size.lines, size.columns
     except OSError:
         return 24, 80
+    # A pty nobody sized (script(1), some CI runners) reports 0x0.
+    return size.lines or 24, size.columns or 80
 
 
 @contextlib.contextmanager

@@ -127,7 +127,7 @@ def busybox_layers(layers: int = 3) -> list[bytes]:
 
 
 def write_oci_layout(dest: Path, layers: Sequence[bytes], config: dict[str, Any],
-                     *, tag: str = "latest", compress: bool = True) -> Path:
+                     *, tag: str = "ember/sample:latest", compress: bool = True) -> Path:
     """Write an OCI image layout at ``dest`` holding one image made of ``layers``."""
     blobs = dest / "blobs" / "sha256"
     blobs.mkdir(parents=True, exist_ok=True)

@@ -168,3 +168,21 @@ def test_doctor_reports_accelerator_and_built_artifacts() -> None:
     assert report["kernel"]["built"] and Path(report["kernel"]["path"]).is_file()
     assert report["initramfs"]["built"] and Path(report["initramfs"]["path"]).is_file()
     assert report["qemu"]["version"]
+
+
+def test_ctrl_c_is_passed_to_the_guest_command() -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "ember.cli", "run", "-q", "sample", "--",
+                             "sh", "-c", 'trap "echo got INT; exit 5" INT; echo ready; '
+                             "while true; do sleep 0.1; done"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert out == b"got INT\n", err
+    assert proc.returncode == 5

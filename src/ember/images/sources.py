@@ -234,8 +234,13 @@ def plan_oci(src: Source) -> ImportPlan:
     config_bytes = _read_blob(src, manifest.config, "config")
     tags = _docker_tags(src, manifest.config.digest)
     if tags is None:
-        name = top.annotation("io.containerd.image.name") or top.annotation(
-            oci.REF_NAME_ANNOTATION)
+        name = top.annotation("io.containerd.image.name")
+        ref = top.annotation(oci.REF_NAME_ANNOTATION)
+        # skopeo and umoci write ref.name as a bare tag ("latest"): with no
+        # repository name in it, it is no image name ("latest:latest" would be
+        # wrong), so such an image is imported untagged unless --tag is given.
+        if not name and ref and (":" in ref or "/" in ref):
+            name = ref
         tags = [name] if name else []
     layers = [
         LayerPlan(f"blobs/sha256/{_hex(d.digest)}", d.digest, d.size, d.media_type)
