@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from ember import paths  # noqa: E402
 from ember.guest.bundle import ensure_baseline_guest, ensure_guest  # noqa: E402
 from ember.host.probe import choose_accel, qemu_version  # noqa: E402
-from ember.machine import BASE_CMDLINE  # noqa: E402
+from ember.machine import guest_cmdline  # noqa: E402
 from ember.sample import write_busybox_image  # noqa: E402
 
 EMBER = str(ROOT / ".venv" / "bin" / "ember")
@@ -76,7 +76,7 @@ def main() -> None:
             "-M", "microvm,x-option-roms=off,isa-serial=on,acpi=off",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-m", f"{args.memory}M", "-kernel", str(floor.kernel), "-initrd", str(floor.initramfs),
-            "-append", BASE_CMDLINE, "-serial", f"file:{work / 'floor-console.log'}",
+            "-append", guest_cmdline(floor), "-serial", f"file:{work / 'floor-console.log'}",
             "-accel", "kvm" if accel.name == "kvm" else "tcg",
         ] + (["-cpu", "host"] if accel.name == "kvm" else [])
         ember_cmd = [EMBER, "run", "-q", "-m", str(args.memory), "bench:latest", "--", "true"]

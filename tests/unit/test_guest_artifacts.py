@@ -107,3 +107,20 @@ def test_accel_kvm_without_dev_kvm_is_a_clear_error(monkeypatch: pytest.MonkeyPa
 def test_env_var_overrides_auto(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EMBER_ACCEL", "tcg")
     assert probe.choose_accel(None).name == "tcg"
+
+
+def test_guest_cmdline_states_the_apic_timer_period_from_the_kernel_hz() -> None:
+    from ember.guest.bundle import GuestBundle
+    from ember.machine import guest_cmdline
+
+    line = guest_cmdline(GuestBundle(Path("k"), Path("i"), kernel_hz=250), "ember.root=/dev/vda")
+    assert "lapic_timer_period=4000000" in line.split()
+    assert line.endswith("ember.root=/dev/vda") and "reboot=t" in line
+    # a kernel whose HZ is unknown gets no hint (it calibrates instead)
+    assert "lapic_timer_period" not in guest_cmdline(GuestBundle(Path("k"), Path("i")))
+
+
+def test_kernel_hz_is_read_from_the_built_config(tmp_path: Path) -> None:
+    art = kernel_mod.KernelArtifact("k", tmp_path)
+    (tmp_path / "config").write_text("CONFIG_A=y\nCONFIG_HZ_250=y\nCONFIG_HZ=250\n")
+    assert art.hz() == 250

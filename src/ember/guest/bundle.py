@@ -17,20 +17,22 @@ from ember.util import Progress, no_progress
 class GuestBundle:
     kernel: Path
     initramfs: Path
+    #: The kernel's CONFIG_HZ (0 if unknown): the host states timer rates in jiffies.
+    kernel_hz: int = 0
 
 
 def ensure_guest(cache_dir: Path, progress: Progress = no_progress) -> GuestBundle:
     """Kernel and agent initramfs, building whichever is missing (progress shown)."""
     kernel = ensure_kernel(cache_dir, progress)
     agent = build_agent(cache_dir, progress)
-    return GuestBundle(kernel.vmlinux, ensure_initramfs(agent, cache_dir, "agent"))
+    return GuestBundle(kernel.vmlinux, ensure_initramfs(agent, cache_dir, "agent"), kernel.hz())
 
 
 def ensure_baseline_guest(cache_dir: Path, progress: Progress = no_progress) -> GuestBundle:
     """The benchmark's floor: the same kernel, an init that powers off at once."""
     kernel = ensure_kernel(cache_dir, progress)
     init = build_poweroff(cache_dir, progress)
-    return GuestBundle(kernel.vmlinux, ensure_initramfs(init, cache_dir, "poweroff"))
+    return GuestBundle(kernel.vmlinux, ensure_initramfs(init, cache_dir, "poweroff"), kernel.hz())
 
 
 def guest_status(cache_dir: Path) -> dict[str, dict[str, Any]]:

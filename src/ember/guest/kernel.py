@@ -10,8 +10,8 @@ directly through its PVH entry point, which skips the bzImage decompressor.
 
 The result is cached under ``<cache>/kernel/<key>/`` where the key hashes the
 source tarball's identity (name, size, mtime: it changes with every package
-upgrade) and the fragment's text, so editing the fragment or upgrading the
-source rebuilds, and nothing else does.
+upgrade), the fragment's text and the patches in ``kernel-patches/``, so
+changing any of them rebuilds, and nothing else does.
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ from ember.util import Progress, log, no_progress, run
 
 SOURCE_TARBALL = Path("/usr/src/linux-source-6.1.tar.xz")
 FRAGMENT = Path(__file__).with_name("kernel.config")
-BUILD_TOOLS = ("make", "gcc", "flex", "bison", "bc", "tar", "xz")
+#: Small patches applied to the source before configuring, in name order.
+PATCHES_DIR = Path(__file__).with_name("kernel-patches")
+BUILD_TOOLS = ("make", "gcc", "flex", "bison", "bc", "tar", "xz", "patch")
 #: Objects compiled by a build of the fragment on 6.1 (for a progress estimate only).
 EXPECTED_OBJECTS = 960
 
@@ -55,6 +57,13 @@ class KernelArtifact:
 
     def exists(self) -> bool:
         return self.vmlinux.is_file() and self.config.is_file()
+
+    def hz(self) -> int:
+        """The kernel's timer frequency (CONFIG_HZ), or 0 if the config does not say."""
+        for line in self.config.read_text().splitlines():
+            if line.startswith("CONFIG_HZ="):
+                return int(line.partition("=")[2])
+        return 0
 
 
 def requested_options(fragment_text: str) -> list[str]:
@@ -93,7 +102,13 @@ def kernel_key(tarball: Path = SOURCE_TARBALL, fragment: Path = FRAGMENT) -> str
     except FileNotFoundError:
         h.update(f"{tarball.name}:missing\n".encode())
     h.update(fragment.read_bytes())
+    for patch in kernel_patches():
+        h.update(patch.name.encode() + b"\0" + patch.read_bytes())
     return h.hexdigest()[:16]
+
+
+def kernel_patches() -> list[Path]:
+    return sorted(PATCHES_DIR.glob("*.patch"))
 
 
 def kernel_artifact(cache_dir: Path) -> KernelArtifact:
@@ -140,6 +155,9 @@ def _build(art: KernelArtifact, progress: Progress) -> None:
         run(["tar", "-xf", SOURCE_TARBALL, "-C", work, "--strip-components=1"])
         log_path = work / "build.log"
         try:
+            for patch in kernel_patches():
+                progress(f"applying {patch.name}")
+                run(["patch", "-p1", "--forward", "--batch", "-i", patch], cwd=work)
             progress("configuring the guest kernel (tinyconfig + ember fragment)")
             run(["make", "tinyconfig"], cwd=work, stdout_path=log_path)
             run(["scripts/kconfig/merge_config.sh", "-m", ".config", FRAGMENT],

@@ -16,7 +16,7 @@ PACKAGES = (
     "linux-source-6.1",     # guest kernel source
     "musl-tools",           # the guest agent is linked against musl: small and quick to exec
     "make", "gcc", "libc6-dev", "flex", "bison", "bc", "libelf-dev", "libssl-dev",
-    "xz-utils", "cpio",     # kernel build
+    "xz-utils", "cpio", "patch",  # kernel build
     "erofs-utils",          # read-only root filesystems
     "e2fsprogs",
     "busybox-static",       # the demo and test images

@@ -27,6 +27,10 @@ from __future__ import annotations
 
 from ember.vmm.spec import AGENT_PORT_NAME, MachineSpec
 
+#: The frequency of QEMU's local APIC bus (TCG and KVM's in-kernel APIC alike):
+#: the guest's APIC timer counts at this rate.
+APIC_BUS_HZ = 1_000_000_000
+
 
 def build_command(spec: MachineSpec, qemu: str = "qemu-system-x86_64") -> list[str]:
     """The argv that starts ``spec``; paths of state files are relative to its state dir."""
