@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -50,6 +49,40 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int, int]:
     return elapsed, proc.returncode, usage.ru_maxrss
 
 
+PHASES_SCRIPT = """
+import json, sys, time
+t0 = time.perf_counter()
+from ember.run import RunRequest, exec_request, prepare
+t1 = time.perf_counter()
+run_req = RunRequest(image="bench:latest", command=("true",))
+m, process, accel = prepare(run_req, lambda s: None)
+t2 = time.perf_counter()
+ready = m.start()
+t3 = time.perf_counter()
+m.wait_process(m.exec(exec_request(run_req, process)))
+t4 = time.perf_counter()
+m.shutdown()
+t5 = time.perf_counter()
+m.close()
+t6 = time.perf_counter()
+print(json.dumps({"python_imports": t1 - t0, "prepare": t2 - t1, "qemu_start_to_ready": t3 - t2,
+                  "guest_uptime_at_ready": ready.uptime_ms / 1000, "first_exec_true": t4 - t3,
+                  "shutdown": t5 - t4, "cleanup": t6 - t5}))
+"""
+
+
+def phases(runs: int, env: dict[str, str]) -> dict[str, float]:
+    """Median of each phase of `ember run IMAGE -- true`, timed inside the process."""
+    samples: dict[str, list[float]] = {}
+    python = str(ROOT / ".venv" / "bin" / "python")
+    for _ in range(runs):
+        out = subprocess.run([python, "-c", PHASES_SCRIPT], env=env, capture_output=True,
+                             text=True, check=True).stdout
+        for k, v in json.loads(out).items():
+            samples.setdefault(k, []).append(v)
+    return {k: round(statistics.median(v), 4) for k, v in samples.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=10)
@@ -67,7 +100,7 @@ def main() -> None:
         # Import: first (cold store: copy blobs, unpack layers, build erofs) then again (hit).
         t_first, _, _ = timed([EMBER, "image", "import", "-q", str(layout), "--tag",
                                "bench:latest"], env)
-        t_first_rootfs, _, _ = timed([EMBER, "run", "-q", "bench:latest", "--", "true"], env)
+        t_first_run, _, _ = timed([EMBER, "run", "-q", "bench:latest", "--", "true"], env)
         t_second, _, _ = timed([EMBER, "image", "import", "-q", str(layout), "--tag",
                                 "bench:latest"], env)
 
@@ -109,8 +142,10 @@ def main() -> None:
             "ratio": statistics.median(ember_t) / statistics.median(floor_t),
             "peak_rss_mib": {"floor_median": statistics.median(floor_rss) / 1024,
                              "ember_median": statistics.median(ember_rss) / 1024},
-            "import_s": {"first_import": t_first, "first_run_with_rootfs_build": t_first_rootfs,
-                         "second_import": t_second},
+            "import_s": {"first_import_with_rootfs_build": t_first,
+                         "second_import_cache_hit": t_second,
+                         "first_run_after_import": t_first_run},
+            "ember_phases_median_s": phases(args.runs, env),
             "kernel": str(guest.kernel),
         }
         print(json.dumps(result, indent=2))
@@ -118,7 +153,6 @@ def main() -> None:
             args.json.write_text(json.dumps(result, indent=2))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    _ = resource  # (kept for ru_maxrss units: KiB on Linux)
 
 
 if __name__ == "__main__":

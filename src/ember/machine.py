@@ -18,10 +18,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
-from ember.agent.client import AgentClient, Process
-from ember.agent.protocol import ExecRequest, ReadyInfo
 from ember.errors import AgentDisconnected, AgentError, EmberError, MachineCrashed, VMMError
 from ember.guest.bundle import GuestBundle
 from ember.host.probe import AccelChoice
@@ -29,6 +27,10 @@ from ember.util import log
 from ember.vmm.process import VMProcess
 from ember.vmm.qemu import APIC_BUS_HZ
 from ember.vmm.spec import AGENT_PORT_NAME, DriveSpec, MachineSpec
+
+if TYPE_CHECKING:
+    from ember.agent.client import AgentClient, Process
+    from ember.agent.protocol import ExecRequest, ReadyInfo
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -137,6 +139,10 @@ class Machine:
         """
         self.state = MachineState.BOOTING
         self.vm = VMProcess.start(self.spec)
+        # Imported only now, while the guest boots on QEMU's thread: the agent
+        # client's modules cost ~20 ms that need not delay QEMU's start.
+        from ember.agent.client import AgentClient
+
         try:
             sock = self.vm.connect(MachineSpec.AGENT_SOCKET, timeout=10.0)
             self.agent = AgentClient(sock)

@@ -20,16 +20,20 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from ember import paths
-from ember.agent.client import Process
-from ember.agent.protocol import ExecRequest, ExitStatus
 from ember.errors import AgentError, EmberError
 from ember.guest.bundle import ensure_guest
 from ember.host.probe import AccelChoice, choose_accel, require_qemu
 from ember.images import ImageStore, resolve_process
 from ember.machine import Machine, MachineConfig
 from ember.util import Progress, log
+
+if TYPE_CHECKING:
+    from ember.agent.client import Process
+    from ember.agent.protocol import ExecRequest, ExitStatus
+    from ember.images import ProcessSpec
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,7 @@ class RunRequest:
     extra: dict[str, str] = field(default_factory=dict)
 
 
-def prepare(req: RunRequest, progress: Progress) -> tuple[Machine, ExecRequest, AccelChoice]:
+def prepare(req: RunRequest, progress: Progress) -> tuple[Machine, ProcessSpec, AccelChoice]:
     """Resolve the image, the guest bundle and the accelerator; create (not start) the machine."""
     require_qemu()
     accel = choose_accel(req.accel)
@@ -71,27 +75,34 @@ def prepare(req: RunRequest, progress: Progress) -> tuple[Machine, ExecRequest, 
         config=MachineConfig(cpus=req.cpus, memory_mib=req.memory_mib,
                              hostname=req.hostname or "ember"),
     )
+    return machine, process, accel
+
+
+def exec_request(req: RunRequest, process: ProcessSpec) -> ExecRequest:
+    """The agent's EXEC for the main process (built once the guest boots; see Machine.start)."""
+    from ember.agent.protocol import ExecRequest
+
     rows, cols = _terminal_size() if req.tty else (24, 80)
     try:
-        exec_req = ExecRequest(
+        return ExecRequest(
             argv=list(process.argv), env=list(process.env), cwd=process.cwd,
             user=process.user, tty=req.tty,
             stdin=req.interactive or req.tty or not sys.stdin.isatty(), rows=rows, cols=cols,
         )
     except ValueError as exc:
         raise EmberError(f"invalid command: {exc}") from None
-    return machine, exec_req, accel
 
 
 def run(req: RunRequest, progress: Progress) -> int:
     """Run ``req`` to completion; return the guest command's exit code (128+N for signal N)."""
-    machine, exec_req, accel = prepare(req, progress)
+    machine, process, accel = prepare(req, progress)
     progress(f"microVM {machine.name}: {req.cpus} vCPU, {req.memory_mib} MiB, "
              f"accelerator {accel.name} ({accel.reason})")
     interrupted = threading.Event()
     try:
         with _signals(machine, interrupted) as set_proc:
             machine.start(boot_timeout=req.boot_timeout)
+            exec_req = exec_request(req, process)
             with _terminal_raw(req.tty):
                 proc = machine.exec(exec_req, on_stdout=_writer(1), on_stderr=_writer(2))
                 set_proc(proc)

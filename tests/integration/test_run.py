@@ -186,3 +186,23 @@ def test_ctrl_c_is_passed_to_the_guest_command() -> None:
             proc.kill()
     assert out == b"got INT\n", err
     assert proc.returncode == 5
+
+
+def test_guest_that_reboots_itself_is_reported_not_hung() -> None:
+    proc = ember("run", "-q", "--user", "root", "sample", "--", "sh", "-c",
+                 "echo bye; reboot -f", timeout=120)
+    assert proc.returncode == 125
+    assert proc.stdout == b"bye\n"
+    assert b"rebooted or powered off on its own" in proc.stderr
+
+
+def test_two_machines_run_at_once_independently() -> None:
+    procs = [subprocess.Popen([sys.executable, "-m", "ember.cli", "run", "-q",
+                               "--hostname", f"vm{i}", "sample", "--", "sh", "-c",
+                               f"hostname; echo {i} > /tmp/mine; sleep 1; cat /tmp/mine"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL) for i in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for i, (p, (out, err)) in enumerate(zip(procs, outs, strict=True)):
+        assert p.returncode == 0, err
+        assert out == f"vm{i}\n{i}\n".encode()

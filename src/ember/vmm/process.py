@@ -123,6 +123,12 @@ class VMProcess:
     def crashed(self, rc: int | None = None) -> MachineCrashed:
         rc = self._popen.poll() if rc is None else rc
         qemu_err = _tail(self.spec.path(self.spec.QEMU_LOG), 3).strip()
+        if rc == 0:
+            # -no-reboot turns any guest reboot (a panic with panic=-1, a
+            # `reboot -f` by a root process) into a clean QEMU exit.
+            msg = (f"machine {self.spec.name}: the guest rebooted or powered off on its own "
+                   "(kernel panic, or a process called reboot)")
+            return MachineCrashed(msg, console_tail=self.console_tail())
         how = f"signal {-rc}" if rc is not None and rc < 0 else f"status {rc}"
         msg = f"machine {self.spec.name}: QEMU exited unexpectedly ({how})"
         if qemu_err:
