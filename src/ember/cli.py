@@ -116,7 +116,7 @@ def cmd_image_import(args: argparse.Namespace) -> int:
 
 def cmd_image_ls(args: argparse.Namespace) -> int:
     from ember import paths
-    from ember.images import ImageStore
+    from ember.images import ImageStore, human_size
 
     images = ImageStore(paths.images_dir()).list()
     if args.json:
@@ -127,7 +127,8 @@ def cmd_image_ls(args: argparse.Namespace) -> int:
         return 0
     rows = [("ID", "TAGS", "SIZE", "CREATED")]
     for i in images:
-        rows.append((i.short_id, ", ".join(i.tags) or "<none>", _human(i.size), i.created or ""))
+        tags = ", ".join(i.tags) or "<none>"
+        rows.append((i.short_id, tags, human_size(i.size), i.created or ""))
     widths = [max(len(r[c]) for r in rows) for c in range(4)]
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
@@ -148,15 +149,6 @@ def cmd_image_rm(args: argparse.Namespace) -> int:
             _error(str(exc))
             status = 1
     return status
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.1f} GB"
 
 
 # ---------------------------------------------------------------- parser
