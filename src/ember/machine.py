@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 import functools
+import re
 import secrets
 import subprocess
 import threading
@@ -85,6 +86,9 @@ def require(*states: MachineState) -> Callable[
     return decorate
 
 
+_HOSTNAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,61}[A-Za-z0-9])?")
+
+
 def new_machine_id() -> str:
     return secrets.token_hex(6)
 
@@ -95,7 +99,15 @@ class MachineConfig:
 
     cpus: int = 1
     memory_mib: int = 256
-    hostname: str = "ember"
+    #: The guest's hostname; default: the machine's name (as Docker uses the container id).
+    hostname: str | None = None
+
+    def __post_init__(self) -> None:
+        # The hostname travels on the kernel command line: anything beyond a
+        # plain DNS name could smuggle in other parameters.
+        if self.hostname is not None and not _HOSTNAME_RE.fullmatch(self.hostname):
+            raise EmberError(f"invalid hostname {self.hostname!r}: use letters, digits, '-' "
+                             "and '.', at most 63 characters")
 
 
 class Machine:
@@ -120,7 +132,8 @@ class Machine:
         """A machine booting ``rootfs`` (read-only, with a writable overlay in guest memory)."""
         name = name or new_machine_id()
         cmdline = guest_cmdline(guest, f"ember.root=/dev/vda ember.rootfstype=erofs "
-                                f"ember.hostname={config.hostname} ember.port={AGENT_PORT_NAME}")
+                                f"ember.hostname={config.hostname or name} "
+                                f"ember.port={AGENT_PORT_NAME}")
         spec = MachineSpec(
             name=name, state_dir=machines_dir / name, kernel=guest.kernel,
             initramfs=guest.initramfs, cmdline=cmdline, cpus=config.cpus,

@@ -73,7 +73,7 @@ def prepare(req: RunRequest, progress: Progress) -> tuple[Machine, ProcessSpec, 
     machine = Machine.create(
         machines_dir=paths.machines_dir(), guest=guest, rootfs=rootfs, accel=accel,
         config=MachineConfig(cpus=req.cpus, memory_mib=req.memory_mib,
-                             hostname=req.hostname or "ember"),
+                             hostname=req.hostname),
     )
     return machine, process, accel
 

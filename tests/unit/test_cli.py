@@ -95,3 +95,14 @@ def test_image_ls_rm_and_missing_refs(tmp_path: Path) -> None:
 def test_bad_flags_are_usage_errors(tmp_path: Path, args: list[str]) -> None:
     proc = ember(*args, home=tmp_path)
     assert proc.returncode == 2 and "usage:" in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["bad name", "x ember.root=/dev/vdb", "-lead", "a" * 64, "é"])
+def test_hostnames_that_could_reach_the_kernel_command_line_are_refused(
+        tmp_path: Path, name: str) -> None:
+    from ember.errors import EmberError
+    from ember.machine import MachineConfig
+
+    with pytest.raises(EmberError, match="invalid hostname"):
+        MachineConfig(hostname=name)
+    assert MachineConfig(hostname="web-1.local").hostname == "web-1.local"
