@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import enum
 import functools
+import os
 import re
 import secrets
+import shutil
 import subprocess
 import threading
 from collections.abc import Callable
@@ -25,7 +27,7 @@ from ember.errors import AgentDisconnected, AgentError, EmberError, MachineCrash
 from ember.guest.bundle import GuestBundle
 from ember.host.probe import AccelChoice
 from ember.util import log
-from ember.vmm.process import VMProcess
+from ember.vmm.process import VMProcess, is_running_in
 from ember.vmm.qemu import APIC_BUS_HZ
 from ember.vmm.spec import AGENT_PORT_NAME, DriveSpec, MachineSpec
 
@@ -101,6 +103,9 @@ class MachineConfig:
     memory_mib: int = 256
     #: The guest's hostname; default: the machine's name (as Docker uses the container id).
     hostname: str | None = None
+    #: Lives only as long as this process (``ember run``): QEMU dies with it, and a
+    #: state directory left by a killed ``ember run`` is reaped by the next one.
+    ephemeral: bool = False
 
     def __post_init__(self) -> None:
         # The hostname travels on the kernel command line: anything beyond a
@@ -113,8 +118,12 @@ class MachineConfig:
 class Machine:
     """One microVM: its QEMU process and its agent connection."""
 
-    def __init__(self, spec: MachineSpec) -> None:
+    #: Marks the state directory of an ephemeral machine.
+    EPHEMERAL_MARK = "ephemeral"
+
+    def __init__(self, spec: MachineSpec, *, ephemeral: bool = False) -> None:
         self.spec = spec
+        self.ephemeral = ephemeral
         self.state = MachineState.CREATED
         self.vm: VMProcess | None = None
         self.agent: AgentClient | None = None
@@ -140,7 +149,7 @@ class Machine:
             memory_mib=config.memory_mib, accel=accel.name,
             drives=(DriveSpec(rootfs, readonly=True),),
         )
-        return cls(spec)
+        return cls(spec, ephemeral=config.ephemeral)
 
     @require(MachineState.CREATED)
     def start(self, boot_timeout: float = 60.0) -> ReadyInfo:
@@ -151,7 +160,9 @@ class Machine:
             VMMError: the guest did not answer within ``boot_timeout``.
         """
         self.state = MachineState.BOOTING
-        self.vm = VMProcess.start(self.spec)
+        self.vm = VMProcess.start(self.spec, die_with_parent=self.ephemeral)
+        if self.ephemeral:
+            self.spec.path(self.EPHEMERAL_MARK).touch()
         # Imported only now, while the guest boots on QEMU's thread: the agent
         # client's modules cost ~20 ms that need not delay QEMU's start.
         from ember.agent.client import AgentClient
@@ -231,6 +242,32 @@ class Machine:
             self.vm.close(remove_state=remove_state)
         if self.state not in (MachineState.STOPPED, MachineState.CRASHED):
             self.state = MachineState.STOPPED
+
+
+def reap_stale_ephemeral(machines_dir: Path) -> list[str]:
+    """Delete the state directories of ephemeral machines whose QEMU is gone.
+
+    They are what an ``ember run`` killed by SIGKILL (or a power cut) leaves;
+    its QEMU died with it (``PR_SET_PDEATHSIG``). Returns the names removed.
+    """
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(machines_dir))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        state = Path(entry.path)
+        if not (state / Machine.EPHEMERAL_MARK).exists():
+            continue
+        try:
+            pid = int((state / MachineSpec.PID_FILE).read_text())
+        except (OSError, ValueError):
+            pid = 0
+        if pid and is_running_in(pid, state):
+            continue
+        shutil.rmtree(state, ignore_errors=True)
+        removed.append(entry.name)
+    return removed
 
 
 def check_alive(machine: Machine) -> None:

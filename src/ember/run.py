@@ -27,7 +27,7 @@ from ember.errors import AgentError, EmberError
 from ember.guest.bundle import ensure_guest
 from ember.host.probe import AccelChoice, choose_accel, require_qemu
 from ember.images import ImageStore, resolve_process
-from ember.machine import Machine, MachineConfig
+from ember.machine import Machine, MachineConfig, reap_stale_ephemeral
 from ember.util import Progress, log
 
 if TYPE_CHECKING:
@@ -70,10 +70,11 @@ def prepare(req: RunRequest, progress: Progress) -> tuple[Machine, ProcessSpec, 
     )
     rootfs = store.rootfs(image, progress=progress)
     guest = ensure_guest(paths.cache_dir(), progress)
+    reap_stale_ephemeral(paths.machines_dir())
     machine = Machine.create(
         machines_dir=paths.machines_dir(), guest=guest, rootfs=rootfs, accel=accel,
         config=MachineConfig(cpus=req.cpus, memory_mib=req.memory_mib,
-                             hostname=req.hostname),
+                             hostname=req.hostname, ephemeral=True),
     )
     return machine, process, accel
 

@@ -206,3 +206,25 @@ def test_two_machines_run_at_once_independently() -> None:
     for i, (p, (out, err)) in enumerate(zip(procs, outs, strict=True)):
         assert p.returncode == 0, err
         assert out == f"vm{i}\n{i}\n".encode()
+
+
+def test_killing_ember_run_takes_its_qemu_along_and_the_next_run_reaps_the_rest() -> None:
+    machines = paths.machines_dir()
+    before = set(os.listdir(machines)) if machines.exists() else set()
+    proc = subprocess.Popen([sys.executable, "-m", "ember.cli", "run", "-q", "sample", "--",
+                             "sh", "-c", "echo started; sleep 600"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"started\n"
+    (name,) = set(os.listdir(machines)) - before
+    qemu_pid = int((machines / name / "qemu.pid").read_text())
+    proc.kill()  # SIGKILL: ember cannot clean up after itself
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{qemu_pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{qemu_pid}").exists(), "QEMU outlived ember run"
+    assert (machines / name).exists()  # left behind ...
+    ember("run", "-q", "sample", "--", "true", check_rc=0)
+    assert not (machines / name).exists()  # ... and reaped by the next run

@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -40,8 +41,13 @@ class VMProcess:
         return self._popen.pid
 
     @classmethod
-    def start(cls, spec: MachineSpec, qemu: str = "qemu-system-x86_64") -> VMProcess:
+    def start(cls, spec: MachineSpec, qemu: str = "qemu-system-x86_64", *,
+              die_with_parent: bool = False) -> VMProcess:
         """Create the state directory, write the spec, start QEMU.
+
+        With ``die_with_parent`` the kernel kills QEMU when this process dies, even
+        by SIGKILL (``PR_SET_PDEATHSIG``): right for ``ember run``, whose machine
+        lives only as long as the command; wrong for machines a daemon re-adopts.
 
         Raises:
             VMMError: the state directory exists already, or QEMU cannot be started.
@@ -59,6 +65,7 @@ class VMProcess:
                 popen = subprocess.Popen(
                     cmd, cwd=spec.state_dir, stdin=subprocess.DEVNULL, stdout=qlog,
                     stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+                    preexec_fn=_die_with(os.getpid()) if die_with_parent else None,
                 )
         except OSError as exc:
             os.close(dir_fd)
@@ -184,6 +191,31 @@ class VMProcess:
     def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    """A ``preexec_fn`` that makes the child get SIGKILL when ``parent`` exits."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+
+    def arm() -> None:
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+    return arm
+
+
+def is_running_in(pid: int, state_dir: Path) -> bool:
+    """Whether ``pid`` is a live QEMU of that state directory (not a recycled pid).
+
+    QEMU runs with its state directory as working directory, which tells it apart.
+    """
+    try:
+        return os.readlink(f"/proc/{pid}/cwd") == str(state_dir.resolve())
+    except OSError:
+        return False
 
 
 def _tail(path: Path, lines: int) -> str:
