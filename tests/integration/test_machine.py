@@ -61,8 +61,14 @@ def test_missing_program_and_bad_cwd_fail_cleanly(machine: Machine) -> None:
         machine.wait_process(machine.exec(ExecRequest(argv=["nope"], env=[PATH])), timeout=30)
     assert err.value.code == 127
     with pytest.raises(ExecFailed) as err:
-        machine.wait_process(machine.exec(sh("true", cwd="/does/not/exist")), timeout=30)
-    assert err.value.code == 126
+        machine.wait_process(machine.exec(sh("true", cwd="/etc/passwd")), timeout=30)
+    assert err.value.code == 126 and "/etc/passwd" in err.value.message
+
+
+def test_missing_working_directory_is_created_like_docker(machine: Machine) -> None:
+    p = machine.exec(sh("pwd; id -u", cwd="/srv/new/app", user="1000"))
+    assert machine.wait_process(p, timeout=30).exit_code == 0
+    assert p.stdout == b"/srv/new/app\n1000\n"
 
 
 def test_start_twice_is_a_state_error(machine: Machine) -> None:

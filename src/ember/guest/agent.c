@@ -1084,6 +1084,8 @@ static int set_nonblock(int fd)
     return fl < 0 ? -1 : fcntl(fd, F_SETFL, fl | O_NONBLOCK);
 }
 
+static void mkdirs(const char *path, mode_t mode);
+
 static void do_exec(uint32_t ch, const unsigned char *payload, size_t len)
 {
     struct req r;
@@ -1171,6 +1173,13 @@ static void do_exec(uint32_t ch, const unsigned char *payload, size_t len)
         for (int s = 1; s < NSIG; s++) signal(s, SIG_DFL);
         sigemptyset(&empty);
         sigprocmask(SIG_SETMASK, &empty, NULL);
+        /* Like Docker and runc: a working directory missing from the image is
+         * created (as root, before dropping privileges). Not in test mode, where
+         * "/" is the host's. */
+        if (!g_test_mode && cwd[0] == '/') {
+            struct stat cst;
+            if (stat(cwd, &cst) < 0 && errno == ENOENT) mkdirs(cwd, 0755);
+        }
         if (r.user && *r.user) {
             if (setgroups((size_t)c.ngroups, c.groups) < 0)
                 child_fail(ep[1], 126, "setgroups: %s", strerror(errno));
