@@ -228,3 +228,9 @@ def test_killing_ember_run_takes_its_qemu_along_and_the_next_run_reaps_the_rest(
     assert (machines / name).exists()  # left behind ...
     ember("run", "-q", "sample", "--", "true", check_rc=0)
     assert not (machines / name).exists()  # ... and reaped by the next run
+
+
+def test_run_by_image_id_and_short_prefix(store: ImageStore) -> None:
+    image = store.resolve("sample:latest")
+    for ref in (image.id, image.short_id[:8]):
+        assert ember("run", "-q", ref, "--", "echo", "by id", check_rc=0).stdout == b"by id\n"

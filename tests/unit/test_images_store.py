@@ -523,3 +523,9 @@ def test_leftover_temporaries_are_swept(store: ImageStore, layout: Path, tmp_pat
     store.import_path(write_oci_layout(tmp_path / "l2", [BASE], {"Cmd": ["sh"]}))
     assert not any(p.exists() for p in stale)
     assert list(store.tmp_dir.iterdir()) == []
+
+
+def test_resolve_by_manifest_digest(store: ImageStore, layout: Path) -> None:
+    image = store.import_path(layout)
+    assert image.manifest_digest is not None
+    assert store.resolve(image.manifest_digest).id == image.id

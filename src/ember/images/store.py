@@ -427,7 +427,8 @@ class ImageStore:
         return sorted(images, key=lambda i: (i.imported, i.id), reverse=True)
 
     def resolve(self, ref: str) -> Image:
-        """Find an image by tag (``name`` means ``name:latest``), id, or id prefix (≥ 6 hex).
+        """Find an image by tag (``name`` means ``name:latest``), id, id prefix (≥ 6 hex),
+        or manifest digest.
 
         Raises:
             ImageNotFound: nothing matches.
@@ -451,6 +452,10 @@ class ImageStore:
                 rec = self._load_record(self.images_dir / f"{prefix}.json")
                 if rec is not None:
                     return self._image(rec, refs)
+                # a manifest digest (what registries and skopeo show) names it too
+                for rec in self._records():
+                    if rec.get("manifest_digest") == f"sha256:{prefix}":
+                        return self._image(rec, refs)
             else:
                 matches = [r for r in self._records() if _hex(str(r["id"])).startswith(prefix)]
                 if len(matches) > 1:
