@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
-from ember.errors import AgentDisconnected, AgentError, EmberError, MachineCrashed, VMMError
+from ember.errors import AgentDisconnected, AgentError, EmberError, MachineCrashed
 from ember.guest.bundle import GuestBundle
 from ember.host.probe import AccelChoice
 from ember.util import log
@@ -157,7 +157,8 @@ class Machine:
 
         Raises:
             MachineCrashed: QEMU exited during boot (message has the console's tail).
-            VMMError: the guest did not answer within ``boot_timeout``.
+            MachineCrashed: also when the guest did not answer within ``boot_timeout``
+                (QEMU is killed; the message has the console tail).
         """
         self.state = MachineState.BOOTING
         self.vm = VMProcess.start(self.spec, die_with_parent=self.ephemeral)
@@ -269,8 +270,3 @@ def reap_stale_ephemeral(machines_dir: Path) -> list[str]:
         removed.append(entry.name)
     return removed
 
-
-def check_alive(machine: Machine) -> None:
-    if machine.vm is None:
-        raise VMMError(f"machine {machine.name} was never started")
-    machine.vm.check_alive()

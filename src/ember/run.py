@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -51,7 +51,6 @@ class RunRequest:
     tty: bool = False
     hostname: str | None = None
     boot_timeout: float = 60.0
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def prepare(req: RunRequest, progress: Progress) -> tuple[Machine, ProcessSpec, AccelChoice]:
@@ -99,9 +98,8 @@ def run(req: RunRequest, progress: Progress) -> int:
     machine, process, accel = prepare(req, progress)
     progress(f"microVM {machine.name}: {req.cpus} vCPU, {req.memory_mib} MiB, "
              f"accelerator {accel.name} ({accel.reason})")
-    interrupted = threading.Event()
     try:
-        with _signals(machine, interrupted) as set_proc:
+        with _signals() as set_proc:
             machine.start(boot_timeout=req.boot_timeout)
             exec_req = exec_request(req, process)
             with _terminal_raw(req.tty):
@@ -157,9 +155,13 @@ def _forward_stdin(proc: Process) -> None:
 
 
 @contextlib.contextmanager
-def _signals(machine: Machine, interrupted: threading.Event) -> Iterator[Callable[[Process], None]]:
-    """First SIGINT goes to the guest command; a second one (or SIGTERM) stops everything."""
+def _signals() -> Iterator[Callable[[Process], None]]:
+    """First SIGINT goes to the guest command; a second one (or SIGTERM) stops everything.
+
+    Yields the function that names the guest command once it runs.
+    """
     current: list[Process] = []
+    interrupted = threading.Event()
 
     def on_sigint(signum: int, frame: FrameType | None) -> None:
         if current and not interrupted.is_set():
