@@ -133,19 +133,24 @@ def test_unknown_image_is_one_line_and_status_125() -> None:
     assert proc.stderr.startswith(b"ember: error:") and proc.stderr.count(b"\n") == 1
 
 
-def test_qemu_killed_mid_run_gives_a_clear_error_and_leaves_nothing() -> None:
+def background_run() -> tuple[subprocess.Popen[bytes], Path, int]:
+    """`ember run` of a long command, once it runs: (ember process, state dir, QEMU pid)."""
     machines = paths.machines_dir()
     before = set(os.listdir(machines)) if machines.exists() else set()
     proc = subprocess.Popen([sys.executable, "-m", "ember.cli", "run", "-q", "sample", "--",
                              "sh", "-c", "echo started; sleep 600"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"started\n"
+    (name,) = set(os.listdir(machines)) - before
+    state = machines / name
+    return proc, state, int((state / "qemu.pid").read_text())
+
+
+def test_qemu_killed_mid_run_gives_a_clear_error_and_leaves_nothing() -> None:
+    proc, state, pid = background_run()
     try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline() == b"started\n"
-        new = set(os.listdir(machines)) - before
-        assert len(new) == 1
-        pid = int((machines / new.pop() / "qemu.pid").read_text())
         os.kill(pid, signal.SIGKILL)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -153,10 +158,9 @@ def test_qemu_killed_mid_run_gives_a_clear_error_and_leaves_nothing() -> None:
             proc.kill()
     assert proc.returncode == 125
     assert re.search(rb"QEMU exited unexpectedly \(signal 9\)", err), err
-    assert set(os.listdir(machines)) == before
+    assert not state.exists()
     time.sleep(0.1)
     assert not Path(f"/proc/{pid}").exists()
-
 
 def test_doctor_reports_accelerator_and_built_artifacts() -> None:
     import json
@@ -209,26 +213,16 @@ def test_two_machines_run_at_once_independently() -> None:
 
 
 def test_killing_ember_run_takes_its_qemu_along_and_the_next_run_reaps_the_rest() -> None:
-    machines = paths.machines_dir()
-    before = set(os.listdir(machines)) if machines.exists() else set()
-    proc = subprocess.Popen([sys.executable, "-m", "ember.cli", "run", "-q", "sample", "--",
-                             "sh", "-c", "echo started; sleep 600"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL)
-    assert proc.stdout is not None
-    assert proc.stdout.readline() == b"started\n"
-    (name,) = set(os.listdir(machines)) - before
-    qemu_pid = int((machines / name / "qemu.pid").read_text())
+    proc, state, qemu_pid = background_run()
     proc.kill()  # SIGKILL: ember cannot clean up after itself
     proc.wait(timeout=30)
     deadline = time.monotonic() + 30
     while Path(f"/proc/{qemu_pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not Path(f"/proc/{qemu_pid}").exists(), "QEMU outlived ember run"
-    assert (machines / name).exists()  # left behind ...
+    assert state.exists()  # left behind ...
     ember("run", "-q", "sample", "--", "true", check_rc=0)
-    assert not (machines / name).exists()  # ... and reaped by the next run
-
+    assert not state.exists()  # ... and reaped by the next run
 
 def test_run_by_image_id_and_short_prefix(store: ImageStore) -> None:
     image = store.resolve("sample:latest")
