@@ -77,11 +77,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         command = command[1:]
     req = RunRequest(
         image=args.image, command=tuple(command) or None, entrypoint=args.entrypoint,
-        env=tuple(args.env), workdir=args.workdir, user=args.user, cpus=args.cpus,
+        env=tuple(_host_env(args.env)), workdir=args.workdir, user=args.user, cpus=args.cpus,
         memory_mib=args.memory, accel=args.accel, interactive=args.interactive,
         tty=args.tty, hostname=args.hostname, boot_timeout=args.boot_timeout,
     )
     return run(req, _progress(args))
+
+
+def _host_env(entries: list[str]) -> list[str]:
+    """``-e K=V`` as given; ``-e K`` takes K's value from this environment (skipped if unset)."""
+    out = []
+    for entry in entries:
+        if "=" in entry:
+            out.append(entry)
+        elif entry in os.environ:
+            out.append(f"{entry}={os.environ[entry]}")
+    return out
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -168,8 +179,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--cpus", type=_int_range(1, 64), default=1, help="vCPUs (default 1)")
     r.add_argument("-m", "--memory", type=_int_range(64, 262144), default=256,
                    metavar="MIB", help="guest memory in MiB (default 256)")
-    r.add_argument("-e", "--env", action="append", default=[], metavar="K=V",
-                   help="set an environment variable (repeatable)")
+    r.add_argument("-e", "--env", action="append", default=[], metavar="K[=V]",
+                   help="set an environment variable; K alone passes this shell's value "
+                   "(repeatable)")
     r.add_argument("-w", "--workdir", metavar="DIR", help="working directory in the guest")
     r.add_argument("-u", "--user", metavar="USER[:GROUP]", help="user to run as")
     r.add_argument("--entrypoint", help="override the image's entrypoint")

@@ -64,7 +64,8 @@ def prepare(req: RunRequest, progress: Progress) -> tuple[Machine, ProcessSpec, 
         image = store.resolve(req.image)
     process = resolve_process(
         image.config, command=list(req.command) if req.command else None,
-        entrypoint=[req.entrypoint] if req.entrypoint is not None else None,
+        entrypoint=([req.entrypoint] if req.entrypoint else []) if req.entrypoint is not None
+        else None,
         env=req.env, workdir=req.workdir, user=req.user,
     )
     rootfs = store.rootfs(image, progress=progress)

@@ -84,11 +84,12 @@ def test_image_config_applies_cmd_env_workdir_and_user() -> None:
     assert "working directory /app" in out
 
 
-def test_flags_override_env_workdir_and_user() -> None:
-    proc = ember("run", "-q", "-e", "FOO=bar", "-e", "GREETING=Hi", "-w", "/tmp",
-                 "--user", "65534:65534", "sample", "--", "sh", "-c",
-                 'echo "$FOO $GREETING $(pwd) $(id -u):$(id -g)"', check_rc=0)
-    assert proc.stdout == b"bar Hi /tmp 65534:65534\n"
+def test_flags_override_env_workdir_and_user(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FROM_HOST", "passed")
+    proc = ember("run", "-q", "-e", "FOO=bar", "-e", "GREETING=Hi", "-e", "FROM_HOST",
+                 "-w", "/tmp", "--user", "65534:65534", "sample", "--", "sh", "-c",
+                 'echo "$FOO $GREETING $FROM_HOST $(pwd) $(id -u):$(id -g)"', check_rc=0)
+    assert proc.stdout == b"bar Hi passed /tmp 65534:65534\n"
 
 
 def test_entrypoint_and_cmd_combine_like_docker() -> None:
