@@ -146,6 +146,26 @@ def cmd_image_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_image_inspect(args: argparse.Namespace) -> int:
+    from ember import paths
+    from ember.images import ImageStore
+
+    store = ImageStore(paths.images_dir())
+    image = store.resolve(args.ref)
+    c = image.config
+    print(json.dumps({
+        "id": image.id, "tags": list(image.tags), "manifest_digest": image.manifest_digest,
+        "created": image.created, "size": image.size,
+        "layers": [{"digest": x.digest, "media_type": x.media_type, "size": x.size,
+                    "diff_id": x.diff_id} for x in image.layers],
+        "config": {"Entrypoint": c.entrypoint, "Cmd": c.cmd, "Env": list(c.env),
+                   "WorkingDir": c.working_dir, "User": c.user, "Labels": c.labels_dict,
+                   "ExposedPorts": list(c.exposed_ports), "StopSignal": c.stop_signal},
+        "rootfs": str(store.rootfs_path(image)),
+    }, indent=2))
+    return 0
+
+
 def cmd_image_rm(args: argparse.Namespace) -> int:
     from ember import paths
     from ember.images import ImageStore
@@ -217,6 +237,9 @@ def _parser() -> argparse.ArgumentParser:
     ls = img.add_parser("ls", help="list images")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_image_ls)
+    ins = img.add_parser("inspect", help="show an image's record and config as JSON")
+    ins.add_argument("ref", metavar="IMAGE")
+    ins.set_defaults(func=cmd_image_inspect)
     rm = img.add_parser("rm", help="remove images")
     rm.add_argument("refs", nargs="+", metavar="IMAGE")
     rm.set_defaults(func=cmd_image_rm)

@@ -85,6 +85,9 @@ def test_image_ls_rm_and_missing_refs(tmp_path: Path) -> None:
     image_id = ember("image", "import", "-q", str(layout), "--tag", "a:1", home=home).stdout.strip()
     assert image_id.startswith("sha256:")
     assert "a:1" in ember("image", "ls", home=home).stdout
+    info = json.loads(ember("image", "inspect", "a:1", home=home).stdout)
+    assert info["id"] == image_id and info["tags"] == ["a:1"] and len(info["layers"]) == 1
+    assert Path(info["rootfs"]).is_file()
     assert ember("image", "rm", "a:1", home=home).returncode == 0
     proc = ember("image", "rm", "a:1", home=home)
     assert proc.returncode == 1 and proc.stderr.startswith("ember: error:")

@@ -1,0 +1,27 @@
+"""The names other layers (and, later, the API and SDK) build on: a change here is deliberate."""
+
+from __future__ import annotations
+
+import ember.agent
+import ember.images
+import ember.vmm
+
+
+def test_images_public_names() -> None:
+    assert {"ImageStore", "Image", "ImageConfig", "ProcessSpec", "resolve_process",
+            "normalize_tag", "human_size"} <= set(ember.images.__all__)
+
+
+def test_agent_public_names() -> None:
+    assert {"AgentClient", "Process", "ExecFailed", "ExecRequest", "ExitStatus",
+            "ReadyInfo"} <= set(ember.agent.__all__)
+
+
+def test_vmm_public_names() -> None:
+    assert set(ember.vmm.__all__) == {"DriveSpec", "MachineSpec", "VMProcess"}
+
+
+def test_every_public_name_exists() -> None:
+    for module in (ember.agent, ember.images, ember.vmm):
+        for name in module.__all__:
+            assert hasattr(module, name), f"{module.__name__}.{name}"
