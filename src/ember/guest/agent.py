@@ -2,7 +2,7 @@
 
 Both are one C file next to this module, compiled into a static binary. The
 result is cached under ``cache_dir/agent/<key>/`` where the key hashes the
-source, the compiler's version and the flags: a second call costs a hash, not
+source, the compiler's identity (path, size, mtime) and the flags: a second call costs a hash, not
 a compile. Binaries are written under a temporary name and renamed, so a
 reader never sees half of one.
 """
@@ -10,7 +10,6 @@ reader never sees half of one.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import os
 import shutil
@@ -41,9 +40,23 @@ def _gcc() -> str:
                     "(apt-get install gcc libc6-dev musl-tools)")
 
 
-@functools.lru_cache(maxsize=8)
-def _gcc_version(gcc: str) -> str:
-    return gcc + "\n" + run([gcc, "--version"], timeout=30)
+def _compiler_identity(gcc: str) -> str:
+    """What identifies the compiler in the cache key: path, size and mtime of the
+    compiler and (for the musl-gcc wrapper script) of the gcc it wraps.
+
+    Stat, not ``gcc --version``: this runs on every ``ember run``, and a
+    subprocess costs ~20 ms there; a package upgrade rewrites the files anyway.
+    """
+    parts = []
+    for name in dict.fromkeys([gcc, shutil.which("gcc") or gcc]):
+        real = os.path.realpath(name)
+        try:
+            st = os.stat(real)
+        except OSError:
+            parts.append(f"{real}:missing")
+            continue
+        parts.append(f"{real}:{st.st_size}:{st.st_mtime_ns}")
+    return "\n".join(parts)
 
 
 def _source(source_name: str, what: str) -> tuple[Path, bytes]:
@@ -57,7 +70,7 @@ def _source(source_name: str, what: str) -> tuple[Path, bytes]:
 def _target(code: bytes, gcc: str, binary_name: str, cache_dir: Path) -> Path:
     """Where the binary built from ``code`` by ``gcc`` lives in the cache."""
     h = hashlib.sha256()
-    for part in (code, _gcc_version(gcc).encode(), " ".join(CFLAGS).encode()):
+    for part in (code, _compiler_identity(gcc).encode(), " ".join(CFLAGS).encode()):
         h.update(len(part).to_bytes(8, "big"))
         h.update(part)
     return cache_dir / "agent" / h.hexdigest()[:16] / binary_name
