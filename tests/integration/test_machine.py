@@ -74,3 +74,15 @@ def test_missing_working_directory_is_created_like_docker(machine: Machine) -> N
 def test_start_twice_is_a_state_error(machine: Machine) -> None:
     with pytest.raises(StateError, match="running"):
         machine.start()
+
+
+def test_a_guest_flooding_its_console_cannot_fill_the_host_disk(machine: Machine) -> None:
+    from ember.vmm.console import DEFAULT_CAP
+
+    size = 2 * DEFAULT_CAP + DEFAULT_CAP // 2
+    p = machine.exec(sh(f"head -c {size} /dev/zero > /dev/console; echo done"))
+    assert machine.wait_process(p, timeout=120).exit_code == 0 and p.stdout == b"done\n"
+    log = machine.spec.path(machine.spec.CONSOLE_LOG)
+    rotated = log.with_name(log.name + ".1")
+    assert rotated.exists(), "the console never reached the cap"
+    assert log.stat().st_size <= DEFAULT_CAP and rotated.stat().st_size <= DEFAULT_CAP

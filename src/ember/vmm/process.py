@@ -24,6 +24,8 @@ from typing import Any
 
 from ember.errors import MachineCrashed, VMMError
 from ember.util import log
+from ember.vmm import console
+from ember.vmm.console import ConsoleRecorder
 from ember.vmm.qemu import build_command
 from ember.vmm.spec import MachineSpec
 
@@ -31,10 +33,12 @@ from ember.vmm.spec import MachineSpec
 class VMProcess:
     """A QEMU process running one ``MachineSpec``."""
 
-    def __init__(self, spec: MachineSpec, popen: subprocess.Popen[bytes], dir_fd: int) -> None:
+    def __init__(self, spec: MachineSpec, popen: subprocess.Popen[bytes], dir_fd: int,
+                 console: ConsoleRecorder) -> None:
         self.spec = spec
         self._popen = popen
         self._dir_fd = dir_fd
+        self._console = console
 
     @property
     def pid(self) -> int:
@@ -60,6 +64,7 @@ class VMProcess:
         dir_fd = os.open(spec.state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         cmd = build_command(spec, qemu)
         log.debug("qemu: %s", " ".join(cmd))
+        listener = console.listen(f"/proc/self/fd/{dir_fd}/{spec.CONSOLE_SOCKET}")
         try:
             with open(spec.path(spec.QEMU_LOG), "wb") as qlog:
                 popen = subprocess.Popen(
@@ -68,10 +73,12 @@ class VMProcess:
                     preexec_fn=_die_with(os.getpid()) if die_with_parent else None,
                 )
         except OSError as exc:
+            listener.close()
             os.close(dir_fd)
             raise VMMError(f"cannot start {qemu}: {exc.strerror}") from exc
         spec.path(spec.PID_FILE).write_text(f"{popen.pid}\n")
-        return cls(spec, popen, dir_fd)
+        return cls(spec, popen, dir_fd,
+                   console.ConsoleRecorder(listener, spec.path(spec.CONSOLE_LOG)))
 
     def socket_path(self, name: str) -> str:
         """A short path to a socket in the state directory, valid in this process."""
@@ -129,7 +136,7 @@ class VMProcess:
 
     def crashed(self, rc: int | None = None) -> MachineCrashed:
         rc = self._popen.poll() if rc is None else rc
-        qemu_err = _tail(self.spec.path(self.spec.QEMU_LOG), 3).strip()
+        qemu_err = console.tail(self.spec.path(self.spec.QEMU_LOG), 3).strip()
         if rc == 0:
             # -no-reboot turns any guest reboot (a panic with panic=-1, a
             # `reboot -f` by a root process) into a clean QEMU exit.
@@ -143,7 +150,10 @@ class VMProcess:
         return MachineCrashed(msg, console_tail=self.console_tail())
 
     def console_tail(self, lines: int = 15) -> str:
-        return _tail(self.spec.path(self.spec.CONSOLE_LOG), lines)
+        """The console's last lines; once QEMU has exited, everything it wrote."""
+        if self._popen.poll() is not None:
+            self._console.wait(2.0)
+        return console.tail(self.spec.path(self.spec.CONSOLE_LOG), lines)
 
     def qmp(self) -> Any:
         """A connected QMP client (``qemu.qmp``'s synchronous wrapper). Imported lazily."""
@@ -179,6 +189,8 @@ class VMProcess:
         """
         if self.poll() is None:
             self.kill()
+        self._console.stop()
+        self._console.wait(2.0)
         if self._dir_fd >= 0:
             os.close(self._dir_fd)
             self._dir_fd = -1
@@ -216,14 +228,3 @@ def is_running_in(pid: int, state_dir: Path) -> bool:
         return os.readlink(f"/proc/{pid}/cwd") == str(state_dir.resolve())
     except OSError:
         return False
-
-
-def _tail(path: Path, lines: int) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 8192))
-            data = f.read().decode(errors="replace")
-    except FileNotFoundError:
-        return ""
-    return "\n".join(data.splitlines()[-lines:])

@@ -47,7 +47,9 @@ def build_command(spec: MachineSpec, qemu: str = "qemu-system-x86_64") -> list[s
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initramfs),
         "-append", spec.cmdline,
-        "-chardev", f"file,id=console,path={S.CONSOLE_LOG}",
+        # QEMU connects to Ember's console recorder (vmm/console.py), which caps
+        # the log: a chatty guest must not be able to fill the host's disk.
+        "-chardev", f"socket,id=console,path={S.CONSOLE_SOCKET},server=off",
         "-serial", "chardev:console",
         "-chardev", f"socket,id=qmp,path={S.QMP_SOCKET},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",

@@ -63,6 +63,7 @@ class MachineSpec:
     QMP_SOCKET = "qmp.sock"
     AGENT_SOCKET = "agent.sock"
     CONSOLE_LOG = "console.log"
+    CONSOLE_SOCKET = "console.sock"
     QEMU_LOG = "qemu.log"
     MEMORY_FILE = "memory"
     PID_FILE = "qemu.pid"
