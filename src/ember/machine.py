@@ -17,11 +17,10 @@ import re
 import secrets
 import shutil
 import subprocess
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
 from ember.errors import AgentDisconnected, AgentError, EmberError, MachineCrashed
 from ember.guest.bundle import GuestBundle
@@ -33,7 +32,7 @@ from ember.vmm.spec import AGENT_PORT_NAME, DriveSpec, MachineSpec
 
 if TYPE_CHECKING:
     from ember.agent.client import AgentClient, Process
-    from ember.agent.protocol import ExecRequest, ReadyInfo
+    from ember.agent.protocol import ExecRequest, ExitStatus, ReadyInfo
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -128,7 +127,6 @@ class Machine:
         self.vm: VMProcess | None = None
         self.agent: AgentClient | None = None
         self.ready: ReadyInfo | None = None
-        self._lock = threading.Lock()
 
     @property
     def name(self) -> str:
@@ -156,9 +154,8 @@ class Machine:
         """Start QEMU and wait for the agent's READY.
 
         Raises:
-            MachineCrashed: QEMU exited during boot (message has the console's tail).
-            MachineCrashed: also when the guest did not answer within ``boot_timeout``
-                (QEMU is killed; the message has the console tail).
+            MachineCrashed: QEMU exited during boot, or the guest did not answer within
+                ``boot_timeout`` (then QEMU is killed); the message has the console's tail.
         """
         self.state = MachineState.BOOTING
         self.vm = VMProcess.start(self.spec, die_with_parent=self.ephemeral)
@@ -206,7 +203,7 @@ class Machine:
         assert self.agent is not None
         return self.agent.exec(req, on_stdout=on_stdout, on_stderr=on_stderr)
 
-    def wait_process(self, proc: Process, timeout: float | None = None) -> Any:
+    def wait_process(self, proc: Process, timeout: float | None = None) -> ExitStatus:
         """Wait for ``proc``'s exit status, turning a lost channel into ``MachineCrashed``."""
         try:
             return proc.wait(timeout)

@@ -64,9 +64,7 @@ def prepare(req: RunRequest, progress: Progress) -> tuple[Machine, ProcessSpec, 
         image = store.resolve(req.image)
     process = resolve_process(
         image.config, command=list(req.command) if req.command else None,
-        entrypoint=([req.entrypoint] if req.entrypoint else []) if req.entrypoint is not None
-        else None,
-        env=req.env, workdir=req.workdir, user=req.user,
+        entrypoint=_entrypoint(req.entrypoint), env=req.env, workdir=req.workdir, user=req.user,
     )
     rootfs = store.rootfs(image, progress=progress)
     guest = ensure_guest(paths.cache_dir(), progress)
@@ -116,6 +114,13 @@ def run(req: RunRequest, progress: Progress) -> int:
     finally:
         machine.kill()
         machine.close(remove_state=True)
+
+
+def _entrypoint(value: str | None) -> list[str] | None:
+    """``--entrypoint X`` replaces the image's; ``--entrypoint ''`` clears it (as in Docker)."""
+    if value is None:
+        return None
+    return [value] if value else []
 
 
 def _looks_like_ref(value: str, store: ImageStore) -> bool:
