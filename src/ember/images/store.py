@@ -540,7 +540,10 @@ class ImageStore:
             say(f"building rootfs for sha256:{short}… (erofs)")
             fs_uuid = str(uuid.UUID(bytes=bytes.fromhex(image_hex[:32])))
             try:
-                run(["mkfs.erofs", "--quiet", "-U", fs_uuid, out, tree])
+                # Without root the unpacked tree is all ours; "root owns all" is
+                # closer to the image than "the host user owns all".
+                owner = [] if os.geteuid() == 0 else ["--all-root"]
+                run(["mkfs.erofs", "--quiet", *owner, "-U", fs_uuid, out, tree])
             except EmberError as exc:
                 raise BuildError(f"building rootfs for {short} failed: {exc}") from exc
             with open(out, "rb") as f:
