@@ -124,3 +124,30 @@ def test_kernel_hz_is_read_from_the_built_config(tmp_path: Path) -> None:
     art = kernel_mod.KernelArtifact("k", tmp_path)
     (tmp_path / "config").write_text("CONFIG_A=y\nCONFIG_HZ_250=y\nCONFIG_HZ=250\n")
     assert art.hz() == 250
+
+
+def test_prune_keeps_the_current_builds_and_drops_stale_ones(tmp_path: Path) -> None:
+    from ember.guest.agent import agent_path, poweroff_path
+    from ember.guest.bundle import prune_guest_cache
+    from ember.guest.initramfs import initramfs_path
+
+    cache = tmp_path / "cache"
+    kernel = kernel_mod.kernel_artifact(cache).dir
+    agent, poweroff = agent_path(cache), poweroff_path(cache)
+    for binary in (agent, poweroff):
+        binary.parent.mkdir(parents=True)
+        binary.write_bytes(binary.name.encode())
+    current = [kernel, agent.parent, poweroff.parent,
+               initramfs_path(agent, cache, "agent"), initramfs_path(poweroff, cache, "poweroff")]
+    stale = [cache / "kernel" / "0ld", cache / "agent" / "0ld",
+             cache / "initramfs" / "agent-0ld.cpio"]
+    building = cache / "kernel" / ".build-x"
+    for p in current + stale + [building]:
+        if p.suffix == ".cpio":
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(b"x")
+        else:
+            p.mkdir(parents=True, exist_ok=True)
+    assert sorted(prune_guest_cache(cache)) == sorted(stale)
+    assert all(p.exists() for p in current) and building.exists()
+    assert not any(p.exists() for p in stale)

@@ -82,6 +82,12 @@ def agent_path(cache_dir: Path) -> Path:
     return _target(code, _gcc(), "ember-agent", cache_dir)
 
 
+def poweroff_path(cache_dir: Path) -> Path:
+    """Where ``build_poweroff`` puts (or has put) the power-off init; builds nothing."""
+    _, code = _source("poweroff.c", "power-off init")
+    return _target(code, _gcc(), "ember-poweroff", cache_dir)
+
+
 def _build(source_name: str, binary_name: str, what: str, cache_dir: Path,
            progress: Progress | None) -> Path:
     progress = progress or no_progress

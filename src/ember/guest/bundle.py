@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ember.errors import EmberError
-from ember.guest.agent import agent_path, build_agent, build_poweroff
+from ember.guest.agent import agent_path, build_agent, build_poweroff, poweroff_path
 from ember.guest.initramfs import ensure_initramfs, initramfs_path
 from ember.guest.kernel import ensure_kernel, kernel_artifact
 from ember.util import Progress, no_progress
@@ -57,3 +58,32 @@ def guest_status(cache_dir: Path) -> dict[str, dict[str, Any]]:
     else:
         status["initramfs"] = {"path": str(cache_dir / "initramfs"), "built": False}
     return status
+
+
+def prune_guest_cache(cache_dir: Path) -> list[Path]:
+    """Delete cached kernels, agents and initramfs that the current sources no longer use.
+
+    Every change of the fragment, a patch, the agent's source or the compiler
+    leaves the old build behind; ``ember setup`` calls this after building, so
+    the cache holds one of each. Entries being built (dot names) are left alone.
+    """
+    keep = {kernel_artifact(cache_dir).dir}
+    for binary, name in ((agent_path(cache_dir), "agent"),
+                         (poweroff_path(cache_dir), "poweroff")):
+        keep.add(binary.parent)
+        if binary.is_file():
+            keep.add(initramfs_path(binary, cache_dir, name))
+    removed = []
+    for sub in ("kernel", "agent", "initramfs"):
+        folder = cache_dir / sub
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            if entry.name.startswith(".") or entry in keep:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed

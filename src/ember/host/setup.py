@@ -56,7 +56,7 @@ def apt_install(packages: list[str], progress: Progress) -> None:
 
 def setup(*, install_packages: bool = True, progress: Progress = no_progress) -> None:
     """Install what is missing and build (or find cached) kernel, agent and initramfs."""
-    from ember.guest.bundle import ensure_guest
+    from ember.guest.bundle import ensure_guest, prune_guest_cache
 
     missing = missing_packages()
     if missing:
@@ -66,3 +66,6 @@ def setup(*, install_packages: bool = True, progress: Progress = no_progress) ->
     guest = ensure_guest(paths.cache_dir(), progress)
     progress(f"guest kernel {guest.kernel}")
     progress(f"guest initramfs {guest.initramfs}")
+    stale = prune_guest_cache(paths.cache_dir())
+    if stale:
+        progress(f"removed {len(stale)} outdated guest builds from the cache")
