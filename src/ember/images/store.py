@@ -463,7 +463,8 @@ class ImageStore:
                                      f"({len(matches)} images match)")
                 if matches:
                     return self._image(matches[0], refs)
-        raise ImageNotFound(f"image {ref!r} not found")
+        raise ImageNotFound(f"image {ref!r} not found (ember image ls lists the store; "
+                            "ember image import PATH adds an OCI layout or docker-save tar)")
 
     # --- removal -------------------------------------------------------------
 
