@@ -202,8 +202,9 @@ class Process:
 class AgentClient:
     """A connection to one guest agent over a connected stream socket.
 
-    ``on_disconnect`` is called once, on the reader thread, when the connection
-    is lost or breaks (not on :meth:`close`). ``output_limit`` caps what each
+    ``on_disconnect`` is called once when the connection is lost or breaks (not
+    on :meth:`close`), before any waiting process is released; usually on the
+    reader thread. ``output_limit`` caps what each
     callback-less Process collects per stream.
     """
 
@@ -355,16 +356,18 @@ class AgentClient:
             self._procs.clear()
             first_close = not self._closed
             self._closed = True
-        for p in procs:
-            p._finish(None, exc)
-        self._ready_event.set()
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
+        # The hook runs before any waiter is released: whoever sees a process
+        # fail with AgentDisconnected can rely on the hook having run.
         if self._on_disconnect is not None and first_close:
             try:
                 self._on_disconnect(exc)
             except Exception:  # a hook must not kill the reader
                 log.exception("agent on_disconnect hook failed")
+        for p in procs:
+            p._finish(None, exc)
+        self._ready_event.set()
 
     def _read_loop(self) -> None:
         decoder = FrameDecoder()
