@@ -184,6 +184,8 @@ def test_doctor_reports_accelerator_and_built_artifacts() -> None:
 
 
 def test_ctrl_c_is_passed_to_the_guest_command() -> None:
+    machines = paths.machines_dir()
+    before = set(os.listdir(machines)) if machines.exists() else set()
     proc = subprocess.Popen([sys.executable, "-m", "ember.cli", "run", "-q", "sample", "--",
                              "sh", "-c", 'trap "echo got INT; exit 5" INT; echo ready; '
                              "while true; do sleep 0.1; done"],
@@ -199,6 +201,7 @@ def test_ctrl_c_is_passed_to_the_guest_command() -> None:
             proc.kill()
     assert out == b"got INT\n", err
     assert proc.returncode == 5
+    assert set(os.listdir(machines)) == before  # state directory, sockets, memory file: gone
 
 
 def test_guest_that_reboots_itself_is_reported_not_hung() -> None:
