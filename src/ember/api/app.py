@@ -1,0 +1,585 @@
+"""The REST API: FastAPI routes over the daemon's :class:`~ember.daemon.manager.Manager`.
+
+The routes are thin: validate (pydantic models in ``ember.api.models``), call
+the manager on a worker thread, render. Every error leaves as
+``{"error": {"code", "message"}}`` with a 4xx status for anything the client
+did (bad JSON 400, unknown name 404, wrong state or name taken 409, schema
+violations 422); a 500 means a bug of ours, and says so in one line.
+
+Streams (exec output, logs, events) are NDJSON or raw bytes, written as they
+come; an exec whose client goes away is killed, so no process outlives its
+request unseen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import signal
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
+
+from fastapi import FastAPI, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ember import __version__
+from ember.api import models
+from ember.daemon.logs import read_tail
+from ember.daemon.manager import ACTIVE, Invalid, Managed, Manager, ManagerError
+from ember.errors import AgentError, EmberError, MachineCrashed
+from ember.util import log
+
+if TYPE_CHECKING:
+    from ember.agent.client import Process
+    from ember.images.store import Image
+
+T = TypeVar("T")
+
+#: Largest request body for uploads (images, file archives).
+MAX_UPLOAD = 2 << 30
+#: Output bytes an exec may have in flight to a slow client before the guest is slowed.
+STREAM_WINDOW = 4 << 20
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": models.Error, "description": "Malformed request (e.g. invalid JSON)"},
+    404: {"model": models.Error, "description": "No such machine or image"},
+    409: {"model": models.Error, "description": "Wrong state, name taken, resource in use"},
+    422: {"model": models.Error, "description": "The request does not match the schema"},
+    500: {"model": models.Error, "description": "A bug in Ember"},
+}
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def _validation_message(exc: RequestValidationError | ValidationError) -> tuple[int, str, str]:
+    errs = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errs):
+        return 400, "bad_request", "request body is not valid JSON"
+    parts = []
+    for e in errs[:3]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        msg = str(e.get("msg", "invalid"))
+        if e.get("type") == "extra_forbidden":
+            msg = "unknown field"
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    more = f" (and {len(errs) - 3} more)" if len(errs) > 3 else ""
+    return 422, "invalid", "; ".join(parts) + more
+
+
+def image_model(img: Image) -> models.Image:
+    cfg = img.config
+    return models.Image(
+        id=img.id, short_id=img.short_id, tags=list(img.tags), size=img.size,
+        created=img.created, layers=len(img.layers),
+        entrypoint=list(cfg.entrypoint) if cfg.entrypoint is not None else None,
+        cmd=list(cfg.cmd) if cfg.cmd is not None else None, env=list(cfg.env),
+        workdir=cfg.working_dir, user=cfg.user,
+        exposed_ports=sorted(getattr(cfg, "exposed_ports", None) or []),
+    )
+
+
+class _Pipe:
+    """Thread-to-coroutine byte queue with a window: writers block while it is full."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, window: int = STREAM_WINDOW) -> None:
+        self._loop = loop
+        self._q: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._cond = threading.Condition()
+        self._pending = 0
+        self._window = window
+        self._closed = False
+
+    def put(self, kind: str, item: Any, size: int = 0) -> None:
+        with self._cond:
+            while self._pending > self._window and not self._closed:
+                self._cond.wait(0.5)
+            if self._closed:
+                return
+            self._pending += size
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody listens
+            self._loop.call_soon_threadsafe(self._q.put_nowait, (kind, item))
+
+    def writer(self, kind: str) -> Callable[[bytes], None]:
+        return lambda data: self.put(kind, data, len(data))
+
+    async def get(self) -> tuple[str, Any]:
+        kind, item = await self._q.get()
+        if isinstance(item, bytes | bytearray):
+            with self._cond:
+                self._pending -= len(item)
+                self._cond.notify_all()
+        return kind, item
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+def _finish(proc: Process, stdin: bytes | None, timeout: float | None) -> dict[str, Any]:
+    """Feed stdin, wait for the exit (killing at ``timeout``); the exit as an event dict."""
+    from ember.agent.client import ExecFailed, ProcessTimeout
+
+    try:
+        if stdin is not None:
+            if stdin:
+                proc.write_stdin(stdin)
+            proc.close_stdin()
+        try:
+            st = proc.wait(timeout)
+            return {"type": "exit", "exit_code": st.exit_code, "signal": st.signal,
+                    "timed_out": False}
+        except ProcessTimeout:
+            proc.signal(signal.SIGKILL)
+            st = proc.wait(10)
+            return {"type": "exit", "exit_code": st.exit_code, "signal": st.signal,
+                    "timed_out": True}
+    except ExecFailed as exc:
+        return {"type": "error", "message": exc.message, "exit_code": exc.code}
+    except AgentError as exc:
+        return {"type": "error", "message": f"machine stopped: {exc}", "exit_code": 137}
+
+
+def create_app(mgr: Manager) -> FastAPI:
+    app = FastAPI(title="Ember", version=__version__, responses=_ERRORS,
+                  description="Micro virtual machines from OCI images. One daemon per host; "
+                              "see docs/api.md.")
+
+    async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await run_in_threadpool(fn, *args, **kwargs)
+
+    # --- errors
+
+    @app.exception_handler(ManagerError)
+    async def _manager_error(_: Request, exc: ManagerError) -> JSONResponse:
+        return _error(exc.status, exc.code, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(*_validation_message(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized",
+                413: "too_large"}.get(exc.status_code, "error")
+        return _error(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(MachineCrashed)
+    async def _crashed(_: Request, exc: MachineCrashed) -> JSONResponse:
+        return _error(500, "machine_crashed", str(exc).splitlines()[0])
+
+    @app.exception_handler(EmberError)
+    async def _ember(_: Request, exc: EmberError) -> JSONResponse:
+        return _error(400, "failed", str(exc).splitlines()[0] if str(exc) else "failed")
+
+    @app.exception_handler(Exception)
+    async def _bug(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error")
+        return _error(500, "internal", f"internal error: {exc!r}"[:500])
+
+    def machine(mm: Managed) -> models.Machine:
+        return models.Machine.model_validate(mm.public())
+
+    # --- version
+
+    @app.get("/v1/version", response_model=models.Version, tags=["system"])
+    def version() -> models.Version:
+        return models.Version(version=__version__, api=models.API_VERSION,
+                              accel=mgr.accel.name, accel_reason=mgr.accel.reason)
+
+    # --- images
+
+    @app.get("/v1/images", response_model=list[models.Image], tags=["images"])
+    async def list_images() -> list[models.Image]:
+        return [image_model(i) for i in await call(mgr.images)]
+
+    @app.post("/v1/images/import", response_model=models.Image, status_code=201,
+              tags=["images"])
+    async def import_image(body: models.ImageImport) -> models.Image:
+        return image_model(await call(mgr.import_image, Path(body.path), body.tag))
+
+    @app.post("/v1/images/upload", response_model=models.Image, status_code=201,
+              tags=["images"], openapi_extra={"requestBody": {
+                  "required": True, "content": {
+                      "application/x-tar": {"schema": {"type": "string", "format": "binary"}},
+                      "application/octet-stream": {"schema": {"type": "string",
+                                                              "format": "binary"}}}}})
+    async def upload_image(request: Request,
+                           tag: Annotated[str | None, Query(min_length=1, max_length=255)] = None
+                           ) -> models.Image:
+        tmp_dir = mgr.store.root / "tmp"
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=tmp_dir, prefix="upload-", suffix=".tar")
+        try:
+            size = 0
+            with os.fdopen(fd, "wb") as f:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > MAX_UPLOAD:
+                        raise ManagerError(f"upload larger than {MAX_UPLOAD >> 20} MiB")
+                    await call(f.write, chunk)
+            if size == 0:
+                raise Invalid("the request body is empty: send an image archive")
+            return image_model(await call(mgr.import_image, Path(name), tag))
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+
+    @app.get("/v1/images/{ref:path}", response_model=models.Image, tags=["images"])
+    async def get_image(ref: str) -> models.Image:
+        return image_model(await call(mgr.image, ref))
+
+    @app.delete("/v1/images/{ref:path}", status_code=204, tags=["images"])
+    async def delete_image(ref: str) -> Response:
+        await call(mgr.remove_image, ref)
+        return Response(status_code=204)
+
+    # --- machines
+
+    @app.post("/v1/machines", response_model=models.Machine, status_code=201,
+              tags=["machines"])
+    async def create_machine(body: models.MachineCreate) -> models.Machine:
+        return machine(await call(mgr.create, body))
+
+    @app.get("/v1/machines", response_model=list[models.Machine], tags=["machines"])
+    async def list_machines(all: bool = True) -> list[models.Machine]:
+        return [machine(mm) for mm in mgr.all() if all or mm.state in ACTIVE]
+
+    @app.get("/v1/machines/{name}", response_model=models.Machine, tags=["machines"])
+    async def get_machine(name: str) -> models.Machine:
+        return machine(mgr.get(name))
+
+    async def action(name: str, fn: Callable[[Managed], None]) -> models.Machine:
+        mm = mgr.get(name)
+        await call(fn, mm)
+        return machine(mm)
+
+    @app.post("/v1/machines/{name}/start", response_model=models.Machine, tags=["machines"])
+    async def start_machine(name: str) -> models.Machine:
+        return await action(name, lambda mm: mm.start())
+
+    @app.post("/v1/machines/{name}/stop", response_model=models.Machine, tags=["machines"])
+    async def stop_machine(
+        name: str,
+        timeout: Annotated[float, Query(ge=0, le=3600,
+                                        description="Seconds the main process gets after "
+                                                    "SIGTERM before the machine is powered "
+                                                    "off.")] = 10.0,
+    ) -> models.Machine:
+        return await action(name, lambda mm: mm.stop(timeout))
+
+    @app.post("/v1/machines/{name}/kill", response_model=models.Machine, tags=["machines"])
+    async def kill_machine(name: str) -> models.Machine:
+        return await action(name, lambda mm: mm.kill())
+
+    @app.post("/v1/machines/{name}/pause", response_model=models.Machine, tags=["machines"])
+    async def pause_machine(name: str) -> models.Machine:
+        return await action(name, lambda mm: mm.pause())
+
+    @app.post("/v1/machines/{name}/resume", response_model=models.Machine, tags=["machines"])
+    async def resume_machine(name: str) -> models.Machine:
+        return await action(name, lambda mm: mm.resume())
+
+    @app.delete("/v1/machines/{name}", status_code=204, tags=["machines"])
+    async def delete_machine(name: str, force: bool = False) -> Response:
+        mm = mgr.get(name)
+        await call(mm.remove, force)
+        return Response(status_code=204)
+
+    # --- exec
+
+    @app.post("/v1/machines/{name}/exec", response_model=models.ExecResult, tags=["exec"])
+    async def exec_buffered(name: str, body: models.ExecCreate) -> models.ExecResult:
+        mm = mgr.get(name)
+        proc = await call(mm.exec, body)
+        stdin = body.stdin.encode() if body.stdin is not None else None
+        try:
+            end = await call(_finish, proc, stdin, body.timeout)
+        except BaseException:
+            with contextlib.suppress(AgentError):
+                proc.signal(signal.SIGKILL)
+            raise
+        if end["type"] == "error":
+            return models.ExecResult(exit_code=end["exit_code"], stdout="",
+                                     stderr=end["message"] + "\n")
+        return models.ExecResult(
+            exit_code=end["exit_code"], signal=end["signal"], timed_out=end["timed_out"],
+            stdout=proc.stdout.decode(errors="replace"),
+            stderr=proc.stderr.decode(errors="replace"), truncated=proc.truncated)
+
+    @app.post("/v1/machines/{name}/exec/stream", tags=["exec"],
+              responses={200: {"description": "One ExecEvent per line",
+                               "content": {"application/x-ndjson": {
+                                   "schema": {"$ref": "#/components/schemas/ExecEvent"}}}}},
+              response_class=StreamingResponse)
+    async def exec_stream(name: str, body: models.ExecCreate) -> StreamingResponse:
+        mm = mgr.get(name)
+        pipe = _Pipe(asyncio.get_running_loop())
+        proc = await call(mm.exec, body, on_stdout=pipe.writer("stdout"),
+                          on_stderr=pipe.writer("stderr"))
+        stdin = body.stdin.encode() if body.stdin is not None else None
+
+        def waiter() -> None:
+            pipe.put("end", _finish(proc, stdin, body.timeout))
+
+        async def events() -> AsyncIterator[bytes]:
+            threading.Thread(target=waiter, daemon=True, name="ember-exec-wait").start()
+            done = False
+            try:
+                with contextlib.suppress(AgentError):
+                    pid = await call(proc.wait_started, 30)
+                    yield _line({"type": "started", "pid": pid})
+                while True:
+                    kind, item = await pipe.get()
+                    if kind == "end":
+                        done = True
+                        yield _line(item)
+                        return
+                    yield _line({"type": kind, "data": base64.b64encode(item).decode()})
+            finally:
+                pipe.close()
+                if not done:  # the client went away: the process goes too
+                    with contextlib.suppress(AgentError):
+                        proc.signal(signal.SIGKILL)
+
+        return StreamingResponse(events(), media_type="application/x-ndjson")
+
+    @app.websocket("/v1/machines/{name}/exec/ws")
+    async def exec_ws(ws: WebSocket, name: str) -> None:
+        await ws.accept()
+        try:
+            body = models.ExecCreate.model_validate_json(await ws.receive_text())
+            mm = mgr.get(name)
+        except (ValidationError, ManagerError) as exc:
+            msg = _validation_message(exc)[2] if isinstance(exc, ValidationError) else str(exc)
+            await ws.send_text(json.dumps({"type": "error", "message": msg, "exit_code": 125}))
+            await ws.close(code=1008)
+            return
+        except WebSocketDisconnect:
+            return
+        pipe = _Pipe(asyncio.get_running_loop())
+        try:
+            proc = await call(mm.exec, body, on_stdout=pipe.writer("stdout"),
+                              on_stderr=pipe.writer("stderr"), stdin=True)
+        except ManagerError as exc:
+            await ws.send_text(json.dumps({"type": "error", "message": str(exc),
+                                           "exit_code": 125}))
+            await ws.close(code=1008)
+            return
+        threading.Thread(target=lambda: pipe.put("end", _finish(proc, None, body.timeout)),
+                         daemon=True).start()
+
+        async def pump_in() -> None:
+            while True:
+                msg = await ws.receive()
+                if msg["type"] == "websocket.disconnect":
+                    return
+                if msg.get("bytes"):
+                    await call(proc.write_stdin, msg["bytes"])
+                elif msg.get("text"):
+                    ctl = json.loads(msg["text"])
+                    kind = ctl.get("type")
+                    if kind == "eof":
+                        await call(proc.close_stdin)
+                    elif kind == "resize":
+                        await call(proc.resize, int(ctl["rows"]), int(ctl["cols"]))
+                    elif kind == "signal":
+                        await call(proc.signal, int(ctl["signal"]))
+
+        reader = asyncio.create_task(pump_in())
+        done = False
+        try:
+            while True:
+                kind, item = await pipe.get()
+                if kind == "end":
+                    done = True
+                    await ws.send_text(json.dumps(item))
+                    break
+                await ws.send_bytes((b"\x01" if kind == "stdout" else b"\x02") + item)
+            with contextlib.suppress(Exception):
+                await ws.close()
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        finally:
+            reader.cancel()
+            pipe.close()
+            if not done:
+                with contextlib.suppress(AgentError):
+                    proc.signal(signal.SIGKILL)
+
+    # --- logs
+
+    @app.get("/v1/machines/{name}/logs", tags=["machines"], response_class=StreamingResponse,
+             responses={200: {"description": "Raw log bytes",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
+    async def logs(
+        name: str,
+        source: Literal["output", "console"] = "output",
+        follow: bool = False,
+        tail: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    ) -> StreamingResponse:
+        mm = mgr.get(name)
+        path = mm.output_path if source == "output" else mm.console_path
+
+        async def stream() -> AsyncIterator[bytes]:
+            data = await call(read_tail, path, tail)
+            if data:
+                yield data
+            if not follow:
+                return
+            pos = _size(path)
+            ino = _inode(path)
+            while True:
+                await asyncio.sleep(0.2)
+                if _inode(path) != ino or _size(path) < pos:  # rotated or a new boot
+                    ino, pos = _inode(path), 0
+                chunk = await call(_read_from, path, pos)
+                if chunk:
+                    pos += len(chunk)
+                    yield chunk
+                elif mm.deleted or mm.state not in ACTIVE:
+                    return
+
+        return StreamingResponse(stream(), media_type="text/plain")
+
+    # --- files
+
+    @app.get("/v1/machines/{name}/files", tags=["files"],
+             responses={200: {"description": "A tar archive of the file or directory",
+                              "content": {"application/x-tar": {
+                                  "schema": {"type": "string", "format": "binary"}}}}})
+    async def get_files(name: str, path: Annotated[str, Query(pattern=r"^/", max_length=4096)]
+                        ) -> Response:
+        from ember import files
+
+        mm = mgr.get(name)
+        m = await call(mm.running_machine, "get files")
+        data = await call(files.get_archive, m, path)
+        return Response(content=data, media_type="application/x-tar")
+
+    @app.put("/v1/machines/{name}/files", status_code=204, tags=["files"],
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/x-tar": {"schema": {"type": "string", "format": "binary"}}}}})
+    async def put_files(request: Request, name: str,
+                        path: Annotated[str, Query(pattern=r"^/", max_length=4096)]) -> Response:
+        from ember import files
+
+        mm = mgr.get(name)
+        body = await request.body()
+        if len(body) > MAX_UPLOAD:
+            raise ManagerError(f"archive larger than {MAX_UPLOAD >> 20} MiB")
+        m = await call(mm.running_machine, "put files")
+        await call(files.put_archive, m, path, body)
+        return Response(status_code=204)
+
+    # --- events
+
+    @app.get("/v1/events", tags=["system"], response_class=StreamingResponse,
+             responses={200: {"description": "One Event per line",
+                              "content": {"application/x-ndjson": {
+                                  "schema": {"$ref": "#/components/schemas/Event"}}}}})
+    async def events(
+        since: Annotated[int | None, Query(ge=0, description="Replay events after this seq; "
+                                                             "default: only new ones")] = None,
+        follow: bool = True,
+    ) -> StreamingResponse:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10_000)
+
+        def push(ev: dict[str, Any]) -> None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_offer, q, ev)
+
+        unsubscribe = mgr.events.subscribe(push) if follow else (lambda: None)
+        start = since if since is not None else mgr.db.last_event_seq()
+        backlog = await call(mgr.events.since, start) if since is not None else []
+
+        async def stream() -> AsyncIterator[bytes]:
+            last = start
+            try:
+                for ev in backlog:
+                    last = ev["seq"]
+                    yield _line(ev)
+                while follow:
+                    ev = await q.get()
+                    if ev["seq"] > last:
+                        last = ev["seq"]
+                        yield _line(ev)
+            finally:
+                unsubscribe()
+
+        return StreamingResponse(stream(), media_type="application/x-ndjson")
+
+    # --- the OpenAPI document: our error body for 422 too, and the shared schemas
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        doc = get_openapi(title=app.title, version=app.version, description=app.description,
+                          routes=app.routes)
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        for model in (models.ExecEvent, models.Event, models.Error, models.ErrorBody):
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, sub in schema.pop("$defs", {}).items():
+                schemas.setdefault(name, sub)
+            schemas[model.__name__] = schema
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        for path in doc.get("paths", {}).values():
+            for op in path.values():
+                resp = op.get("responses", {})
+                if "422" in resp:
+                    resp["422"] = {"description": _ERRORS[422]["description"], "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        app.openapi_schema = jsonable_encoder(doc)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def _offer(q: asyncio.Queue[dict[str, Any]], ev: dict[str, Any]) -> None:
+    with contextlib.suppress(asyncio.QueueFull):
+        q.put_nowait(ev)
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return (json.dumps({k: v for k, v in obj.items() if v is not None}) + "\n").encode()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _inode(path: Path) -> int:
+    try:
+        return path.stat().st_ino
+    except OSError:
+        return 0
+
+
+def _read_from(path: Path, pos: int, limit: int = 1 << 20) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            f.seek(pos)
+            return f.read(limit)
+    except OSError:
+        return b""
+

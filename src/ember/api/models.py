@@ -1,0 +1,258 @@
+"""The REST API's contract: every request and response body, as pydantic models.
+
+These models *are* the API: the daemon validates requests with them, FastAPI
+renders them into the OpenAPI document (docs/openapi.json), and the SDK parses
+responses into them. Requests forbid unknown fields, so a typo is a 422 with
+the field's name, not a silently ignored option.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ember.vmm.spec import MAX_CPUS, MAX_MEMORY_MIB, MIN_MEMORY_MIB
+
+API_VERSION = "v1"
+
+#: Machine names: what Docker allows for container names. No '/', no '..'.
+NAME_PATTERN = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$"
+_NAME_RE = re.compile(NAME_PATTERN)
+_ENV_KEY_RE = re.compile(r"^[^=\x00]+$")
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+# --- errors ------------------------------------------------------------------
+
+
+class ErrorBody(_Response):
+    code: str = Field(description="A stable machine-readable code, e.g. `not_found`.")
+    message: str = Field(description="One line for a human.")
+
+
+class Error(_Response):
+    """Every 4xx and 5xx response has this body."""
+
+    error: ErrorBody
+
+
+# --- images ------------------------------------------------------------------
+
+
+class ImageImport(_Request):
+    path: str = Field(min_length=1, max_length=4096,
+                      description="A path on the daemon's host: an OCI layout (directory or "
+                                  "tar) or a `docker save` archive.")
+    tag: str | None = Field(default=None, min_length=1, max_length=255,
+                            description="Tag to give the image, e.g. `app:1.0`.")
+
+
+class Image(_Response):
+    id: str = Field(description="`sha256:` digest of the image config.")
+    short_id: str
+    tags: list[str]
+    size: int = Field(description="Uncompressed size of all layers, in bytes.")
+    created: str
+    layers: int
+    entrypoint: list[str] | None
+    cmd: list[str] | None
+    env: list[str]
+    workdir: str
+    user: str
+    exposed_ports: list[str] = Field(default_factory=list)
+
+
+# --- machines ----------------------------------------------------------------
+
+
+class MachineState(StrEnum):
+    created = "created"
+    starting = "starting"
+    running = "running"
+    paused = "paused"
+    stopping = "stopping"
+    stopped = "stopped"
+    crashed = "crashed"
+
+
+class RestartPolicy(StrEnum):
+    no = "no"
+    on_failure = "on-failure"
+    always = "always"
+
+
+class NetworkMode(StrEnum):
+    user = "user"
+    none = "none"
+
+
+class PortSpec(_Request):
+    guest_port: int = Field(ge=1, le=65535)
+    host_port: int = Field(default=0, ge=0, le=65535,
+                           description="0: the daemon picks a free port.")
+    host_ip: str = Field(default="127.0.0.1", pattern=r"^[0-9.]{7,15}$",
+                         description="IPv4 address on the host to listen on.")
+    protocol: Literal["tcp"] = "tcp"
+
+
+class Port(_Response):
+    guest_port: int
+    host_port: int
+    host_ip: str
+    protocol: str
+
+
+Env = Annotated[dict[str, str], Field(max_length=1024)]
+
+
+def _check_env(env: dict[str, str]) -> dict[str, str]:
+    for key, value in env.items():
+        if not _ENV_KEY_RE.match(key):
+            raise ValueError(f"environment variable name {key!r} must be non-empty, "
+                             "without '=' or NUL")
+        if "\x00" in value:
+            raise ValueError(f"environment variable {key} contains NUL")
+    return env
+
+
+def _check_argv(argv: list[str] | None) -> list[str] | None:
+    if argv is not None and any("\x00" in a for a in argv):
+        raise ValueError("arguments may not contain NUL")
+    return argv
+
+
+class MachineCreate(_Request):
+    image: str = Field(min_length=1, max_length=512, description="Image tag, id or id prefix.")
+    name: str | None = Field(default=None, pattern=NAME_PATTERN,
+                             description="Unique name; default: generated. Letters, digits, "
+                                         "`_`, `.`, `-`; at most 63 characters.")
+    cpus: int = Field(default=1, ge=1, le=MAX_CPUS)
+    memory_mib: int = Field(default=256, ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)
+    env: Env = Field(default_factory=dict, description="Added to (or replacing) the image's.")
+    cmd: list[str] | None = Field(
+        default=None, max_length=4096,
+        description="Replaces the image's Cmd. The main process is entrypoint + cmd; when "
+                    "that is empty the machine runs no main process and stays up until "
+                    "stopped (a sandbox to exec into).")
+    entrypoint: list[str] | None = Field(default=None, max_length=4096,
+                                         description="Replaces the image's Entrypoint "
+                                                     "(and drops its Cmd).")
+    workdir: str | None = Field(default=None, max_length=4096, pattern=r"^/")
+    user: str | None = Field(default=None, max_length=256, pattern=r"^[^\x00:]*(:[^\x00:]*)?$")
+    hostname: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,61}[A-Za-z0-9])?$")
+    ports: list[PortSpec] = Field(default_factory=list, max_length=64)
+    network: NetworkMode = NetworkMode.user
+    restart: RestartPolicy = RestartPolicy.no
+
+    _env = field_validator("env")(_check_env)
+    _argv = field_validator("cmd", "entrypoint")(_check_argv)
+
+
+class Machine(_Response):
+    id: str
+    name: str
+    image: str = Field(description="The reference the machine was created from.")
+    image_id: str
+    state: MachineState
+    cpus: int
+    memory_mib: int
+    env: dict[str, str]
+    cmd: list[str] | None
+    entrypoint: list[str] | None
+    workdir: str | None
+    user: str | None
+    hostname: str
+    network: NetworkMode
+    ports: list[Port]
+    restart: RestartPolicy
+    restart_count: int = 0
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    exit_code: int | None = Field(default=None,
+                                  description="The main process's exit code "
+                                              "(128+N for signal N), once it exited.")
+    reason: str | None = Field(default=None,
+                               description="Why the machine stopped or crashed.")
+    pid: int | None = Field(default=None, description="The VMM's host pid while it runs.")
+    accel: str | None = None
+    limits: dict[str, str] = Field(default_factory=dict,
+                                   description="Host-side limits applied to the VMM "
+                                               "(cgroup), empty when not applied.")
+
+
+# --- exec --------------------------------------------------------------------
+
+
+class ExecCreate(_Request):
+    cmd: list[str] = Field(min_length=1, max_length=4096)
+    env: Env = Field(default_factory=dict)
+    workdir: str | None = Field(default=None, max_length=4096, pattern=r"^/")
+    user: str | None = Field(default=None, max_length=256, pattern=r"^[^\x00:]*(:[^\x00:]*)?$")
+    tty: bool = False
+    stdin: str | None = Field(default=None, max_length=16 << 20,
+                              description="Text written to the process's stdin, then EOF. "
+                                          "Without it stdin is empty.")
+    timeout: float | None = Field(default=None, gt=0, le=86400,
+                                  description="Seconds; the process is killed after it.")
+
+    _env = field_validator("env")(_check_env)
+    _argv = field_validator("cmd")(_check_argv)
+
+
+class ExecResult(_Response):
+    exit_code: int = Field(description="0-255; 128+N when killed by signal N.")
+    signal: int | None = None
+    stdout: str = Field(description="UTF-8 (invalid bytes replaced). With a TTY, all output.")
+    stderr: str
+    timed_out: bool = False
+    truncated: bool = False
+
+
+class ExecEvent(_Response):
+    """One line of the NDJSON stream of `POST /machines/{name}/exec/stream`."""
+
+    type: Literal["started", "stdout", "stderr", "exit", "error"]
+    data: str | None = Field(default=None, description="Base64 bytes (stdout, stderr).")
+    pid: int | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    timed_out: bool | None = None
+    message: str | None = None
+
+
+# --- events ------------------------------------------------------------------
+
+
+class Event(_Response):
+    """One line of the NDJSON stream of `GET /events`."""
+
+    seq: int
+    time: str
+    machine_id: str
+    machine: str
+    type: str = Field(description="created, starting, started, paused, resumed, stopping, "
+                                  "stopped, crashed, restarting, deleted, exited.")
+    detail: str | None = None
+
+
+class Version(_Response):
+    version: str
+    api: str
+    accel: str
+    accel_reason: str
+
+
+def valid_name(name: str) -> bool:
+    return bool(_NAME_RE.match(name))
