@@ -3,17 +3,20 @@
 from ember.agent.client import AgentClient, ExecFailed, Process, ProcessTimeout
 from ember.agent.protocol import (
     MAX_PAYLOAD,
+    MAX_TOOL_SIZE,
     ExecRequest,
     ExitStatus,
     Frame,
     FrameDecoder,
     FrameType,
     ReadyInfo,
+    ToolStatus,
     encode_frame,
 )
 
 __all__ = [
     "MAX_PAYLOAD",
+    "MAX_TOOL_SIZE",
     "AgentClient",
     "ExecFailed",
     "ExecRequest",
@@ -24,5 +27,6 @@ __all__ = [
     "Process",
     "ProcessTimeout",
     "ReadyInfo",
+    "ToolStatus",
     "encode_frame",
 ]

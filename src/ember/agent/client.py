@@ -25,6 +25,7 @@ from types import TracebackType
 from ember.agent.protocol import (
     ERROR_FRAMING,
     MAX_CHANNEL,
+    MAX_TOOL_SIZE,
     PROTOCOL_VERSION,
     STREAM_CHUNK,
     ErrorInfo,
@@ -34,6 +35,7 @@ from ember.agent.protocol import (
     FrameDecoder,
     FrameType,
     ReadyInfo,
+    ToolStatus,
     encode_frame,
     json_frame,
     json_payload,
@@ -50,7 +52,8 @@ DEFAULT_OUTPUT_LIMIT = 64 << 20
 _RECV_SIZE = 256 * 1024
 
 _GUEST_TYPES = frozenset({FrameType.READY, FrameType.STARTED, FrameType.STDOUT,
-                          FrameType.STDERR, FrameType.EXIT, FrameType.ERROR})
+                          FrameType.STDERR, FrameType.EXIT, FrameType.ERROR,
+                          FrameType.TOOL_STATUS})
 
 
 class ExecFailed(AgentError):
@@ -223,6 +226,10 @@ class AgentClient:
         self._closed = False
         self._ready: ReadyInfo | None = None
         self._ready_event = threading.Event()
+        self._tool_lock = threading.Lock()  # one tool load at a time
+        self._tool_loaded = False
+        self._tool_status: ToolStatus | None = None
+        self._tool_event = threading.Event()
         self.last_error: ErrorInfo | None = None
         self._reader = threading.Thread(target=self._read_loop, name="ember-agent-reader",
                                         daemon=True)
@@ -301,6 +308,55 @@ class AgentClient:
             raise
         return proc
 
+    @property
+    def tool_loaded(self) -> bool:
+        """Whether the agent holds a tool (loaded on this connection, or READY said so)."""
+        ready = self._ready
+        return self._tool_loaded or (ready is not None and ready.tool is True)
+
+    def load_tool(self, data: bytes, timeout: float = 60.0) -> None:
+        """Give the agent the tool that ``ExecRequest(tool=True)`` runs (a static binary).
+
+        Idempotent per connection: nothing is sent once a load succeeded or the
+        agent's READY said it holds a tool already (the agent keeps it across
+        host connections). Safe to call from several threads; loads never interleave.
+
+        Raises:
+            AgentError: before :meth:`hello`, the agent is too old to take a tool,
+                it refused this one (the message says why), or no answer in ``timeout``.
+            ValueError: ``data`` is empty or larger than ``MAX_TOOL_SIZE``.
+        """
+        if not data or len(data) > MAX_TOOL_SIZE:
+            raise ValueError(f"a tool is 1..{MAX_TOOL_SIZE} bytes, not {len(data)}")
+        with self._tool_lock:
+            if self.tool_loaded:
+                return
+            ready = self._ready
+            if ready is None:
+                raise AgentError("load_tool before the agent answered HELLO")
+            if ready.tool is None:
+                raise AgentError(f"the guest agent ({ready.agent or 'unknown'}) cannot load "
+                                 "a tool: it predates the TOOL frame")
+            self._tool_event.clear()
+            self._tool_status = None
+            view = memoryview(data)
+            for i in range(0, len(view), STREAM_CHUNK):
+                self._send(Frame(FrameType.TOOL, 0, bytes(view[i:i + STREAM_CHUNK])))
+            self._send(Frame(FrameType.TOOL, 0, b""))
+            if not self._tool_event.wait(timeout):
+                raise AgentError(f"the agent did not confirm the tool within {timeout:g} s")
+            with self._lock:
+                status = self._tool_status
+                failure = self._failure
+            if status is None:
+                raise _copy_error(failure or AgentDisconnected("agent channel closed"))
+            if not status.loaded:
+                raise AgentError(f"the agent refused the tool: {status.message}")
+            if status.size != len(data):
+                raise AgentError(f"the agent loaded {status.size} bytes of a "
+                                 f"{len(data)}-byte tool")
+            self._tool_loaded = True
+
     def shutdown(self) -> None:
         """Ask the guest to power off (in test mode: the agent exits)."""
         self._send(json_frame(FrameType.SHUTDOWN, 0, {}))
@@ -368,6 +424,7 @@ class AgentClient:
         for p in procs:
             p._finish(None, exc)
         self._ready_event.set()
+        self._tool_event.set()
 
     def _read_loop(self) -> None:
         decoder = FrameDecoder()
@@ -432,6 +489,11 @@ class AgentClient:
             with self._lock:
                 self._ready = info
             self._ready_event.set()
+        elif frame.type is FrameType.TOOL_STATUS:
+            status = ToolStatus.from_payload(json_payload(frame))
+            with self._lock:
+                self._tool_status = status
+            self._tool_event.set()
         elif frame.type is FrameType.ERROR:
             err = ErrorInfo.from_payload(json_payload(frame))
             self.last_error = err

@@ -24,6 +24,8 @@ MAX_PAYLOAD = 1 << 20
 STREAM_CHUNK = 64 * 1024
 #: The largest channel id.
 MAX_CHANNEL = 0xFFFFFFFF
+#: The largest tool the agent accepts (TOOL frames; a static busybox is ~2 MiB).
+MAX_TOOL_SIZE = 8 << 20
 
 _HEADER = struct.Struct(">IBI")
 HEADER_SIZE = _HEADER.size  # 9
@@ -45,12 +47,14 @@ class FrameType(IntEnum):
     STDIN = 0x11
     SIGNAL = 0x12
     RESIZE = 0x13
+    TOOL = 0x14
     SHUTDOWN = 0x1F
     STARTED = 0x20
     STDOUT = 0x21
     STDERR = 0x22
     EXIT = 0x23
     ERROR = 0x24
+    TOOL_STATUS = 0x25
 
 
 _KNOWN_TYPES = frozenset(int(t) for t in FrameType)
@@ -190,6 +194,9 @@ class ExecRequest:
     stdin: bool = True
     rows: int = 24
     cols: int = 80
+    #: Run the tool the host loaded (``AgentClient.load_tool``) instead of a program
+    #: of the guest's filesystem; ``argv[0]`` names the applet.
+    tool: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.argv, str) or isinstance(self.env, str):
@@ -214,6 +221,8 @@ class ExecRequest:
             "user": self.user, "tty": self.tty, "stdin": self.stdin,
             "rows": self.rows, "cols": self.cols,
         }
+        if self.tool:  # only then: the payload of any other request is unchanged
+            obj["tool"] = True
         return json.dumps(obj, separators=(",", ":")).encode()
 
 
@@ -253,6 +262,9 @@ class ReadyInfo:
     agent: str
     kernel: str
     uptime_ms: int
+    #: Whether the agent holds a tool already (a host that reconnects need not send
+    #: it again); None: the agent cannot load one (an older agent).
+    tool: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -260,14 +272,32 @@ class ReadyInfo:
         version = _int_field(obj, "version", "READY", 0, 1 << 31)
         assert version is not None
         uptime = _int_field(obj, "uptime_ms", "READY", 0, 1 << 62, required=False)
-        known = {"version", "agent", "kernel", "uptime_ms"}
+        known = {"version", "agent", "kernel", "uptime_ms", "tool"}
         return cls(
             version=version,
             agent=_field(obj, "agent", str, "READY", required=False, default=""),
             kernel=_field(obj, "kernel", str, "READY", required=False, default=""),
             uptime_ms=uptime or 0,
+            tool=_field(obj, "tool", bool, "READY", required=False),
             extra={k: v for k, v in obj.items() if k not in known},
         )
+
+
+@dataclass(frozen=True)
+class ToolStatus:
+    """The payload of TOOL_STATUS: the agent's answer to the end of a tool load."""
+
+    loaded: bool
+    size: int
+    message: str = ""
+
+    @classmethod
+    def from_payload(cls, obj: dict[str, Any]) -> ToolStatus:
+        size = _int_field(obj, "size", "TOOL_STATUS", 0, 1 << 62)
+        assert size is not None
+        return cls(loaded=_field(obj, "loaded", bool, "TOOL_STATUS"), size=size,
+                   message=_field(obj, "message", str, "TOOL_STATUS", required=False,
+                                  default=""))
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/reboot.h>
@@ -36,6 +37,7 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
@@ -52,12 +54,15 @@
 #define DRAIN_MAX_READS 64        /* at exit: at most 64 x 64 KiB more output per stream */
 #define BACKOFF_MS 50             /* virtio port without a host: retry every 50 ms */
 #define MAX_GROUPS 64
+#define TOOL_MAX (8u << 20)       /* the largest tool (a static busybox is ~2 MiB) */
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 enum {
     T_HELLO = 0x01, T_READY = 0x02,
-    T_EXEC = 0x10, T_STDIN = 0x11, T_SIGNAL = 0x12, T_RESIZE = 0x13, T_SHUTDOWN = 0x1F,
+    T_EXEC = 0x10, T_STDIN = 0x11, T_SIGNAL = 0x12, T_RESIZE = 0x13, T_TOOL = 0x14,
+    T_SHUTDOWN = 0x1F,
     T_STARTED = 0x20, T_STDOUT = 0x21, T_STDERR = 0x22, T_EXIT = 0x23, T_ERROR = 0x24,
+    T_TOOL_STATUS = 0x25,
 };
 
 /* ERROR codes: 127/126 on a process channel (never started); these otherwise. */
@@ -76,6 +81,14 @@ static int g_backoff;
 static unsigned char *g_rx;       /* HDR + MAX_PAYLOAD */
 static size_t g_rxlen;
 static unsigned char g_tx[HDR + CHUNK];
+
+/* The tool (a static busybox the host sends with TOOL frames): a sealed,
+ * read-only memfd that EXEC "tool": true runs with execveat. It never touches
+ * the guest's filesystem. g_tool_load is the memfd of a load in progress. */
+static int g_tool_fd = -1;
+static int g_tool_load = -1;
+static size_t g_tool_len;
+static char g_tool_err[256];      /* why the load in progress failed; "" = fine so far */
 
 /* ------------------------------------------------------------------ logging */
 
@@ -231,7 +244,7 @@ struct req {
     char **env; size_t envc;
     char *cwd;
     char *user;
-    int tty, stdin_;
+    int tty, stdin_, tool;
     long long rows, cols, sig;
     int has_rows, has_cols, has_sig;
 };
@@ -579,6 +592,8 @@ static int parse_req(const unsigned char *buf, size_t len, struct req *r, const 
                 rc = jp_bool(&p, &r->tty);
             } else if (!strcmp(key, "stdin")) {
                 rc = jp_bool(&p, &r->stdin_);
+            } else if (!strcmp(key, "tool")) {
+                rc = jp_bool(&p, &r->tool);
             } else if (!strcmp(key, "rows")) {
                 rc = jp_int(&p, &r->rows);
                 r->has_rows = 1;
@@ -1117,6 +1132,11 @@ static void do_exec(uint32_t ch, const unsigned char *payload, size_t len)
         send_error(ch, E_BAD_REQUEST, "bad EXEC request: argv is missing or empty");
         goto out;
     }
+    if (r.tool && g_tool_fd < 0) {
+        send_error(ch, 127, "%s: no tool is loaded (the host sends it with TOOL first)",
+                   r.argv[0]);
+        goto out;
+    }
     if (resolve_user(r.user ? r.user : "", &c, err, sizeof err) < 0) {
         send_error(ch, 126, "%s", err);
         goto out;
@@ -1189,6 +1209,11 @@ static void do_exec(uint32_t ch, const unsigned char *payload, size_t len)
                 child_fail(ep[1], 126, "setuid %u: %s", (unsigned)c.uid, strerror(errno));
         }
         if (chdir(cwd) < 0) child_fail(ep[1], 126, "cwd %s: %s", cwd, strerror(errno));
+        if (r.tool) {
+            /* the tool's applet is argv[0]; g_tool_fd is close-on-exec */
+            syscall(SYS_execveat, g_tool_fd, "", r.argv, env, AT_EMPTY_PATH);
+            child_fail(ep[1], 126, "tool %s: %s", r.argv[0], strerror(errno));
+        }
         child_exec(ep[1], r.argv, env, env_get(env, "PATH"));
         _exit(127);
     }
@@ -1282,6 +1307,8 @@ out:
 
 /* ------------------------------------------------------------ other frames */
 
+static void tool_abort_load(void);
+
 static void do_hello(const unsigned char *payload, size_t len)
 {
     struct req r;
@@ -1293,12 +1320,111 @@ static void do_hello(const unsigned char *payload, size_t len)
         return;
     }
     req_free(&r);
+    tool_abort_load();  /* a new session: forget a load the last host left half done */
     if (uname(&u) < 0) snprintf(u.release, sizeof u.release, "unknown");
     jw_int(&w, "version", PROTO_VERSION);
     jw_kstr(&w, "agent", AGENT_NAME);
     jw_kstr(&w, "kernel", u.release);
     jw_int(&w, "uptime_ms", now_ms(CLOCK_BOOTTIME));
+    jw_key(&w, "tool");
+    jw_puts(&w, g_tool_fd >= 0 ? "true" : "false");
     send_json(T_READY, 0, &w);
+}
+
+/* ---------------------------------------------------------------- the tool */
+
+static void tool_abort_load(void)
+{
+    if (g_tool_load >= 0) close(g_tool_load);
+    g_tool_load = -1;
+    g_tool_len = 0;
+    g_tool_err[0] = 0;
+}
+
+/* The end of a load: check, seal and reopen read-only. Returns the new tool's
+ * fd, or -1 with g_tool_err set. */
+static int tool_finish_load(void)
+{
+    unsigned char magic[4];
+    char path[64];
+    int fd;
+    if (g_tool_err[0]) return -1;
+    if (g_tool_load < 0 || g_tool_len == 0) {
+        snprintf(g_tool_err, sizeof g_tool_err, "the tool is empty");
+        return -1;
+    }
+    if (pread(g_tool_load, magic, 4, 0) != 4 || memcmp(magic, "\177ELF", 4) != 0) {
+        snprintf(g_tool_err, sizeof g_tool_err, "the tool is not an ELF executable");
+        return -1;
+    }
+    /* Sealed, nobody can change it, not even guest root through /proc/PID/exe. */
+    if (fcntl(g_tool_load, F_ADD_SEALS,
+              F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_WRITE | F_SEAL_SEAL) < 0) {
+        snprintf(g_tool_err, sizeof g_tool_err, "sealing the tool: %s", strerror(errno));
+        return -1;
+    }
+    /* A file open for writing cannot be executed (ETXTBSY): exec a read-only
+     * reopening, and close the writable fd. */
+    snprintf(path, sizeof path, "/proc/self/fd/%d", g_tool_load);
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        snprintf(g_tool_err, sizeof g_tool_err, "reopening the tool: %s", strerror(errno));
+        return -1;
+    }
+    return fd;
+}
+
+/* TOOL: chunks of the tool on channel 0; the empty one ends the load and is
+ * answered with TOOL_STATUS. A failed load keeps the previous tool. */
+static void do_tool(uint32_t ch, const unsigned char *payload, size_t len)
+{
+    JW(w);
+    int fd;
+    if (ch != 0) {
+        send_error(0, E_BAD_REQUEST, "TOOL on channel %u (it belongs on channel 0)", ch);
+        return;
+    }
+    if (len > 0) {
+        if (g_tool_err[0]) return;  /* already failed: drop the rest, report at the end */
+        if (g_tool_load < 0) {
+            g_tool_load = memfd_create("ember-tool", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+            g_tool_len = 0;
+            if (g_tool_load < 0) {
+                snprintf(g_tool_err, sizeof g_tool_err, "memfd_create: %s", strerror(errno));
+                return;
+            }
+        }
+        if (len > TOOL_MAX - g_tool_len) {
+            snprintf(g_tool_err, sizeof g_tool_err, "the tool exceeds %u bytes", TOOL_MAX);
+            return;
+        }
+        while (len > 0) {
+            ssize_t n = write(g_tool_load, payload, len);
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) {
+                snprintf(g_tool_err, sizeof g_tool_err, "writing the tool: %s",
+                         n < 0 ? strerror(errno) : "short write");
+                return;
+            }
+            payload += n;
+            len -= (size_t)n;
+            g_tool_len += (size_t)n;
+        }
+        return;
+    }
+    fd = tool_finish_load();
+    jw_key(&w, "loaded");
+    jw_puts(&w, fd >= 0 ? "true" : "false");
+    jw_int(&w, "size", (long long)g_tool_len);
+    if (fd >= 0) {
+        if (g_tool_fd >= 0) close(g_tool_fd);
+        g_tool_fd = fd;
+    } else {
+        jw_kstr(&w, "message", g_tool_err);
+        logmsg("tool not loaded: %s", g_tool_err);
+    }
+    tool_abort_load();
+    send_json(T_TOOL_STATUS, 0, &w);
 }
 
 static void do_stdin(uint32_t ch, const unsigned char *payload, size_t len)
@@ -1470,6 +1596,7 @@ static void handle_frame(int type, uint32_t ch, const unsigned char *payload, si
         break;
     case T_SIGNAL: do_signal(ch, payload, len); break;
     case T_RESIZE: do_resize(ch, payload, len); break;
+    case T_TOOL: do_tool(ch, payload, len); break;
     case T_SHUTDOWN: do_shutdown(); break;
     default:
         /* Forward compatibility: a request type this agent does not know. On a

@@ -19,7 +19,7 @@ PACKAGES = (
     "xz-utils", "cpio", "patch",  # kernel build
     "erofs-utils",          # read-only root filesystems
     "e2fsprogs",
-    "busybox-static",       # the demo and test images
+    "busybox-static",       # the demo and test images; the tool file copies run in guests
 )
 
 
