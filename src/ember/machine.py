@@ -26,6 +26,7 @@ from ember.errors import AgentDisconnected, AgentError, EmberError, MachineCrash
 from ember.guest.bundle import GuestBundle
 from ember.host.probe import AccelChoice
 from ember.util import log
+from ember.vmm.network import NETWORK_USER, PortMapping, check_network, guest_cmdline_param
 from ember.vmm.process import VMProcess, is_running_in
 from ember.vmm.qemu import APIC_BUS_HZ
 from ember.vmm.spec import AGENT_PORT_NAME, DriveSpec, MachineSpec
@@ -105,6 +106,11 @@ class MachineConfig:
     #: Lives only as long as this process (``ember run``): QEMU dies with it, and a
     #: state directory left by a killed ``ember run`` is reaped by the next one.
     ephemeral: bool = False
+    #: ``"user"``: a NIC on QEMU's rootless NAT (outbound access; the host's loopback
+    #: is reachable at 10.0.2.2); ``"none"``: no NIC, only ``lo``. See ``vmm/network.py``.
+    network: str = NETWORK_USER
+    #: Guest TCP ports published on the host (``parse_port`` reads ``-p`` values).
+    ports: tuple[PortMapping, ...] = ()
 
     def __post_init__(self) -> None:
         # The hostname travels on the kernel command line: anything beyond a
@@ -112,6 +118,9 @@ class MachineConfig:
         if self.hostname is not None and not _HOSTNAME_RE.fullmatch(self.hostname):
             raise EmberError(f"invalid hostname {self.hostname!r}: use letters, digits, '-' "
                              "and '.', at most 63 characters")
+        if not isinstance(self.ports, tuple):  # a list from a caller: keep the record frozen
+            object.__setattr__(self, "ports", tuple(self.ports))
+        check_network(self.network, self.ports)
 
 
 class Machine:
@@ -138,14 +147,16 @@ class Machine:
                name: str | None = None) -> Machine:
         """A machine booting ``rootfs`` (read-only, with a writable overlay in guest memory)."""
         name = name or new_machine_id()
+        net = guest_cmdline_param(config.network)
         cmdline = guest_cmdline(guest, f"ember.root=/dev/vda ember.rootfstype=erofs "
                                 f"ember.hostname={config.hostname or name} "
-                                f"ember.port={AGENT_PORT_NAME}")
+                                f"ember.port={AGENT_PORT_NAME}" + (f" {net}" if net else ""))
         spec = MachineSpec(
             name=name, state_dir=machines_dir / name, kernel=guest.kernel,
             initramfs=guest.initramfs, cmdline=cmdline, cpus=config.cpus,
             memory_mib=config.memory_mib, accel=accel.name,
             drives=(DriveSpec(rootfs, readonly=True),),
+            network=config.network, ports=config.ports,
         )
         return cls(spec, ephemeral=config.ephemeral)
 

@@ -18,7 +18,8 @@ def test_agent_public_names() -> None:
 
 
 def test_vmm_public_names() -> None:
-    assert set(ember.vmm.__all__) == {"DriveSpec", "MachineSpec", "VMProcess"}
+    assert set(ember.vmm.__all__) == {"DriveSpec", "MachineSpec", "PortMapping",
+                                    "PortUnavailable", "VMProcess", "parse_port"}
 
 
 def test_every_public_name_exists() -> None:

@@ -21,10 +21,17 @@ Choices and why:
 * The agent channel is a ``virtserialport`` backed by a Unix socket that QEMU
   listens on (``server=on,wait=off``): the host may connect, disconnect and
   reconnect (a restarted daemon) without the guest noticing.
+* The ``"user"`` network is QEMU's slirp (rootless NAT, ``vmm/network.py``) behind
+  a ``virtio-net-device``; ``ipv6=off`` because the guest is set up for IPv4 only
+  (slirp's router advertisements would hand it a second, half-configured stack).
+  Published ports are ``hostfwd`` rules: QEMU binds them when it starts, and a
+  port already in use makes QEMU exit at once ("Could not set up host forwarding
+  rule"). ``"none"`` adds no NIC at all.
 """
 
 from __future__ import annotations
 
+from ember.vmm.network import DNS_IP, GATEWAY_IP, GUEST_IP, NETWORK_CIDR, NETWORK_USER
 from ember.vmm.spec import AGENT_PORT_NAME, MachineSpec
 
 #: The frequency of QEMU's local APIC bus (TCG and KVM's in-kernel APIC alike):
@@ -68,7 +75,21 @@ def build_command(spec: MachineSpec, qemu: str = "qemu-system-x86_64") -> list[s
                        f"if=none,readonly={ro}"),
             "-device", f"virtio-blk-device,drive=disk{i}",
         ]
-    return cmd
+    return cmd + network_args(spec)
+
+
+def network_args(spec: MachineSpec) -> list[str]:
+    """A slirp netdev and a virtio-net NIC for the ``"user"`` network; nothing for ``"none"``.
+
+    Every ``hostfwd`` names the guest address: the agent sets it statically (slirp's
+    default target, its first DHCP lease, happens to be the same address).
+    """
+    if spec.network != NETWORK_USER:
+        return []
+    netdev = f"user,id=net0,net={NETWORK_CIDR},host={GATEWAY_IP},dns={DNS_IP},ipv6=off"
+    for p in spec.ports:
+        netdev += f",hostfwd={p.protocol}:{p.host_ip}:{p.host_port}-{GUEST_IP}:{p.guest_port}"
+    return ["-netdev", netdev, "-device", "virtio-net-device,netdev=net0"]
 
 
 def _opt(value: str) -> str:

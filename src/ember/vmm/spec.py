@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ember.errors import VMMError
+from ember.errors import EmberError, VMMError
+from ember.vmm.network import NETWORK_NONE, PortMapping, check_network
 
 MIN_MEMORY_MIB = 64
 MAX_MEMORY_MIB = 256 * 1024
@@ -47,6 +48,11 @@ class MachineSpec:
     memory_mib: int = 256
     accel: str = "tcg"
     drives: tuple[DriveSpec, ...] = field(default_factory=tuple)
+    #: ``"user"`` (a virtio-net NIC on QEMU's user-mode NAT) or ``"none"`` (no NIC);
+    #: see ``vmm/network.py``. The guest learns its addresses from the command line.
+    network: str = NETWORK_NONE
+    #: Guest TCP ports published on the host (``"user"`` network only).
+    ports: tuple[PortMapping, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if not 1 <= self.cpus <= MAX_CPUS:
@@ -56,6 +62,10 @@ class MachineSpec:
                            f"not {self.memory_mib}")
         if self.accel not in ("kvm", "tcg"):
             raise VMMError(f"accelerator must be kvm or tcg, not {self.accel!r}")
+        try:
+            check_network(self.network, self.ports)
+        except EmberError as exc:
+            raise VMMError(str(exc)) from None
 
     # Paths in the state directory. QEMU runs with the state directory as its
     # working directory and is given these names relative to it: a Unix socket
@@ -78,6 +88,7 @@ class MachineSpec:
         d["kernel"] = str(self.kernel)
         d["initramfs"] = str(self.initramfs)
         d["drives"] = [{**asdict(x), "path": str(x.path)} for x in self.drives]
+        d["ports"] = [asdict(x) for x in self.ports]
         return d
 
     @classmethod
@@ -89,8 +100,13 @@ class MachineSpec:
                 memory_mib=int(d["memory_mib"]), accel=d["accel"],
                 drives=tuple(DriveSpec(Path(x["path"]), bool(x["readonly"]), x["format"])
                              for x in d["drives"]),
+                # spec.json files written before networking existed have neither key
+                network=d.get("network", NETWORK_NONE),
+                ports=tuple(PortMapping(int(x["host_port"]), int(x["guest_port"]),
+                                        x["host_ip"], x.get("protocol", "tcp"))
+                            for x in d.get("ports", ())),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (EmberError, KeyError, TypeError, ValueError) as exc:
             raise VMMError(f"invalid machine spec: {exc}") from exc
 
     def save(self) -> None:
