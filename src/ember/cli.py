@@ -182,6 +182,12 @@ def cmd_image_rm(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ember.daemon.server import serve
+
+    return serve(tcp=args.tcp, token=args.token, accel=args.accel, verbose=args.verbose)
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -227,6 +233,15 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--no-packages", action="store_true", help="do not run apt-get")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=cmd_setup)
+
+    sv = sub.add_parser("serve", help="run the daemon (the CLI starts it by itself when needed)",
+                        description="Serve the REST API on a Unix socket in the data dir "
+                        "(mode 0600) and, with --tcp, on TCP with a bearer token.")
+    sv.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP (token required)")
+    sv.add_argument("--token", help="bearer token for TCP (default: $EMBER_TOKEN, else "
+                    "DATA_DIR/token, created when missing)")
+    sv.add_argument("--accel", choices=("auto", "kvm", "tcg"), default=None)
+    sv.set_defaults(func=cmd_serve)
 
     img = sub.add_parser("image", help="manage images").add_subparsers(metavar="ACTION")
     i = img.add_parser("import", help="import an OCI layout or a docker-save tarball")

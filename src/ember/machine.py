@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
-from ember.errors import AgentDisconnected, AgentError, EmberError, MachineCrashed
+from ember.errors import AgentDisconnected, AgentError, EmberError, MachineCrashed, VMMError
 from ember.guest.bundle import GuestBundle
 from ember.host.probe import AccelChoice
 from ember.util import log
@@ -159,6 +159,54 @@ class Machine:
             network=config.network, ports=config.ports,
         )
         return cls(spec, ephemeral=config.ephemeral)
+
+    @classmethod
+    def adopt(cls, state_dir: Path, *, hello_timeout: float = 10.0,
+              connect_agent: bool = True) -> Machine:
+        """Take over a machine that an earlier process (a daemon since restarted) started.
+
+        Reads ``spec.json``, checks that its QEMU still runs, listens for its
+        console again and reconnects to its agent (a new HELLO; the agent keeps
+        its processes). ``connect_agent=False`` is for a paused machine, whose
+        agent cannot answer until it is resumed (then call :meth:`reconnect`).
+
+        Raises:
+            VMMError: no spec, or QEMU is gone.
+            MachineCrashed: the agent does not answer (QEMU is then killed).
+        """
+        import json
+
+        try:
+            spec = MachineSpec.from_json(json.loads((state_dir / MachineSpec.SPEC_FILE)
+                                                    .read_text()))
+        except (OSError, ValueError) as exc:
+            raise VMMError(f"cannot read the spec of {state_dir}: {exc}") from exc
+        m = cls(spec)
+        m.vm = VMProcess.adopt(spec)
+        m.state = MachineState.RUNNING
+        if connect_agent:
+            m.reconnect(hello_timeout)
+        return m
+
+    def reconnect(self, hello_timeout: float = 10.0) -> ReadyInfo:
+        """Connect to the agent of a running machine again (after :meth:`adopt`)."""
+        assert self.vm is not None
+        from ember.agent.client import AgentClient
+
+        if self.agent is not None:
+            self.agent.close()
+        try:
+            sock = self.vm.connect(MachineSpec.AGENT_SOCKET, timeout=5.0)
+            # Channel ids far from those an earlier session may have left running.
+            self.agent = AgentClient(sock, first_channel=secrets.randbelow(1 << 30) + (1 << 30))
+            self.ready = self.agent.hello(timeout=hello_timeout)
+        except AgentError as exc:
+            self.state = MachineState.CRASHED
+            tail = self.vm.console_tail()
+            self.vm.kill()
+            raise MachineCrashed(f"machine {self.name}: the guest agent did not answer after "
+                                 f"re-adoption ({exc})", tail) from exc
+        return self.ready
 
     @require(MachineState.CREATED)
     def start(self, boot_timeout: float = 60.0) -> ReadyInfo:

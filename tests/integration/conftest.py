@@ -9,9 +9,13 @@ share are booted once per module.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -83,3 +87,55 @@ def machine(store: ImageStore, guest: GuestBundle) -> Iterator[Machine]:
         m.shutdown()
     finally:
         m.close()
+
+
+class Daemon:
+    """A real ``ember serve`` process on the test session's data dir."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.socket = home / "ember.sock"
+        self.log = home / "daemon.test.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *args: str) -> None:
+        import httpx
+
+        assert self.proc is None or self.proc.poll() is not None
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "ember", "serve", *args],
+                                         stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"ember serve exited: {self.log.read_text()[-2000:]}")
+            try:
+                self.http().get("/v1/version").raise_for_status()
+                return
+            except (httpx.TransportError, OSError):
+                time.sleep(0.05)
+        pytest.fail("ember serve did not answer within 30 s")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+
+    def http(self, timeout: float = 120.0) -> Any:
+        import httpx
+
+        return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket)),
+                            base_url="http://ember", timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def daemon(ember_home: Path, store: ImageStore) -> Iterator[Daemon]:
+    """One daemon for the session (tests that restart it put it back up)."""
+    d = Daemon(ember_home)
+    d.start()
+    yield d
+    with d.http() as c:
+        for m in c.get("/v1/machines").json():
+            c.delete(f"/v1/machines/{m['id']}", params={"force": "true"})
+    d.stop()

@@ -213,7 +213,7 @@ class AgentClient:
 
     def __init__(self, sock: socket.socket, *,
                  on_disconnect: Callable[[AgentError], None] | None = None,
-                 output_limit: int = DEFAULT_OUTPUT_LIMIT) -> None:
+                 output_limit: int = DEFAULT_OUTPUT_LIMIT, first_channel: int = 1) -> None:
         self._sock = sock
         sock.settimeout(None)
         self._on_disconnect = on_disconnect
@@ -221,7 +221,9 @@ class AgentClient:
         self._send_lock = threading.Lock()
         self._lock = threading.Lock()       # guards the state below
         self._procs: dict[int, Process] = {}
-        self._channels = itertools.count(1)
+        # A reconnecting host (a restarted daemon) starts its channel ids well
+        # away from those of the processes an earlier session left running.
+        self._channels = itertools.count(first_channel)
         self._failure: AgentError | None = None
         self._closed = False
         self._ready: ReadyInfo | None = None
@@ -306,6 +308,25 @@ class AgentClient:
             with self._lock:
                 self._procs.pop(channel, None)
             raise
+        return proc
+
+    def attach(self, channel: int, req: ExecRequest, *, on_stdout: OutputCallback | None = None,
+               on_stderr: OutputCallback | None = None) -> Process:
+        """Follow a process that an earlier connection started on ``channel``.
+
+        The agent sends a live process's output and exit to whichever host is
+        connected, so a restarted daemon gets the rest of its output and its
+        exit status (output produced while no host was connected is lost). If
+        the process is long gone, the result never finishes: callers pair this
+        with a liveness check of their own.
+        """
+        with self._lock:
+            self._check_usable()
+            if channel in self._procs:
+                raise AgentError(f"channel {channel} is already in use")
+            proc = Process(self, channel, req, on_stdout, on_stderr, self._output_limit)
+            proc._started.set()
+            self._procs[channel] = proc
         return proc
 
     @property

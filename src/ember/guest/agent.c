@@ -1331,6 +1331,18 @@ static void do_hello(const unsigned char *payload, size_t len)
     jw_int(&w, "uptime_ms", now_ms(CLOCK_BOOTTIME));
     jw_key(&w, "tool");
     jw_puts(&w, g_tool_fd >= 0 ? "true" : "false");
+    /* the live process channels, so a reconnecting host learns which of the
+       processes it knew of ended while it was away (omitted if too many to fit) */
+    if (g_nprocs <= 300) {
+        char num[16];
+        jw_key(&w, "channels");
+        jw_puts(&w, "[");
+        for (size_t i = 0; i < g_nprocs; i++) {
+            snprintf(num, sizeof num, "%s%u", i ? "," : "", g_procs[i].ch);
+            jw_puts(&w, num);
+        }
+        jw_puts(&w, "]");
+    }
     send_json(T_READY, 0, &w);
 }
 

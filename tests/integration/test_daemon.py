@@ -1,0 +1,365 @@
+"""The daemon end to end: a real ``ember serve``, real microVMs, driven over its REST API.
+
+The API is used here the way any client would, with raw HTTP over the Unix
+socket (the SDK has its own tests), so these tests pin the contract itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import pytest
+
+if TYPE_CHECKING:
+    from conftest import Daemon
+
+
+@pytest.fixture(scope="module")
+def api(daemon: Daemon) -> Iterator[httpx.Client]:
+    with daemon.http() as c:
+        yield c
+
+
+def create(api: httpx.Client, **body: Any) -> dict[str, Any]:
+    body.setdefault("image", "sample:latest")
+    r = api.post("/v1/machines", json=body)
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+def start(api: httpx.Client, name: str) -> dict[str, Any]:
+    r = api.post(f"/v1/machines/{name}/start")
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def run(api: httpx.Client, name: str, *cmd: str, **extra: Any) -> dict[str, Any]:
+    r = api.post(f"/v1/machines/{name}/exec", json={"cmd": list(cmd), **extra})
+    assert r.status_code == 200, r.text
+    return dict(r.json())
+
+
+def wait_state(api: httpx.Client, name: str, *states: str, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = api.get(f"/v1/machines/{name}").json()
+        if m["state"] in states:
+            return dict(m)
+        assert time.monotonic() < deadline, f"{name} stayed {m['state']}: {m}"
+        time.sleep(0.1)
+
+
+def delete(api: httpx.Client, name: str) -> None:
+    r = api.delete(f"/v1/machines/{name}", params={"force": "true"})
+    assert r.status_code in (204, 404), r.text
+
+
+@pytest.fixture(scope="module")
+def service(api: httpx.Client) -> Iterator[str]:
+    """A running machine with a long-lived main process, shared by the module."""
+    create(api, name="svc", cmd=["sleep", "3600"], cpus=2, env={"GREETING": "hello"})
+    start(api, "svc")
+    yield "svc"
+    delete(api, "svc")
+
+
+def test_exec_returns_output_exit_code_and_takes_stdin(api: httpx.Client, service: str) -> None:
+    res = run(api, service, "sh", "-c", "echo out; echo err >&2; cat; exit 3", stdin="fed in")
+    assert res == {"exit_code": 3, "signal": None, "stdout": "out\nfed in", "stderr": "err\n",
+                   "timed_out": False, "truncated": False}
+    # the machine's env, user and workdir are the defaults of an exec
+    res = run(api, service, "sh", "-c", 'echo "$GREETING $(id -un) $PWD"')
+    assert res["stdout"] == "hello app /app\n"
+    res = run(api, service, "id", "-u", user="root", env={"X": "1"})
+    assert res["stdout"] == "0\n"
+
+
+def test_exec_errors_and_timeout(api: httpx.Client, service: str) -> None:
+    res = run(api, service, "no-such-program")
+    assert res["exit_code"] == 127 and "not found" in res["stderr"]
+    res = run(api, service, "sleep", "30", timeout=0.5)
+    assert res["timed_out"] is True and res["exit_code"] == 137
+
+
+def test_exec_stream_is_ndjson_with_base64_chunks(api: httpx.Client, service: str) -> None:
+    body = {"cmd": ["sh", "-c", "echo one; echo two >&2; head -c 300000 /dev/zero; exit 5"]}
+    events = []
+    with api.stream("POST", f"/v1/machines/{service}/exec/stream", json=body) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("application/x-ndjson")
+        for line in r.iter_lines():
+            events.append(json.loads(line))
+    assert events[0]["type"] == "started" and events[0]["pid"] > 1
+    assert events[-1] == {"type": "exit", "exit_code": 5, "timed_out": False}
+    out = b"".join(base64.b64decode(e["data"]) for e in events if e["type"] == "stdout")
+    err = b"".join(base64.b64decode(e["data"]) for e in events if e["type"] == "stderr")
+    assert out == b"one\n" + b"\0" * 300000
+    assert err == b"two\n"
+
+
+def test_several_execs_at_once_in_one_machine(api: httpx.Client, service: str) -> None:
+    def job(i: int) -> dict[str, Any]:
+        return run(api, service, "sh", "-c", f"sleep 0.5; echo job{i}; exit {i}")
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(job, range(6)))
+    assert [(r["stdout"], r["exit_code"]) for r in results] == \
+        [(f"job{i}\n", i) for i in range(6)]
+
+
+def test_pause_resume_and_wrong_state_is_409(api: httpx.Client, service: str) -> None:
+    assert api.post(f"/v1/machines/{service}/pause").json()["state"] == "paused"
+    r = api.post(f"/v1/machines/{service}/exec", json={"cmd": ["true"]})
+    assert r.status_code == 409
+    assert r.json()["error"]["message"] == "machine svc is paused: exec needs it running"
+    assert api.post(f"/v1/machines/{service}/pause").status_code == 409
+    assert api.post(f"/v1/machines/{service}/resume").json()["state"] == "running"
+    assert run(api, service, "echo", "back")["stdout"] == "back\n"
+    r = api.delete(f"/v1/machines/{service}")
+    assert r.status_code == 409 and "stop it first" in r.json()["error"]["message"]
+
+
+def test_main_process_output_is_logged_and_its_exit_stops_the_machine(
+        api: httpx.Client) -> None:
+    create(api, name="oneshot")  # the image's own Cmd: /app/hello.sh
+    start(api, "oneshot")
+    m = wait_state(api, "oneshot", "stopped")
+    assert m["exit_code"] == 0 and m["reason"] == "main process exited with code 0"
+    out = api.get("/v1/machines/oneshot/logs").text
+    assert "Hello, world! This is oneshot" in out
+    console = api.get("/v1/machines/oneshot/logs", params={"source": "console"}).text
+    assert "reboot" in console
+    assert api.get("/v1/machines/oneshot/logs", params={"tail": 1}).text.count("\n") == 1
+    r = api.post("/v1/machines/oneshot/exec", json={"cmd": ["true"]})
+    assert r.status_code == 409
+    # a stopped machine starts again, from a clean writable layer
+    start(api, "oneshot")
+    wait_state(api, "oneshot", "stopped")
+    assert api.get("/v1/machines/oneshot/logs").text.count("Hello, world!") == 2
+    delete(api, "oneshot")
+    assert api.get("/v1/machines/oneshot").status_code == 404
+
+
+def test_logs_follow_streams_until_the_machine_stops(api: httpx.Client) -> None:
+    create(api, name="ticker", cmd=["sh", "-c", "for i in 1 2 3; do echo tick$i; sleep 0.3; done"])
+    start(api, "ticker")
+    with api.stream("GET", "/v1/machines/ticker/logs", params={"follow": "true"}) as r:
+        text = b"".join(r.iter_bytes()).decode()
+    assert text == "tick1\ntick2\ntick3\n"
+    delete(api, "ticker")
+
+
+def test_stop_is_graceful_then_forced(api: httpx.Client) -> None:
+    # a main process that ignores SIGTERM: stop waits `timeout`, then powers off
+    create(api, name="stubborn",
+           cmd=["sh", "-c", "trap '' TERM; echo ready; while :; do sleep 1; done"])
+    start(api, "stubborn")
+    deadline = time.monotonic() + 20
+    while "ready" not in api.get("/v1/machines/stubborn/logs").text:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    t = time.monotonic()
+    m = api.post("/v1/machines/stubborn/stop", params={"timeout": 1}).json()
+    assert m["state"] == "stopped" and m["reason"] == "stopped by request"
+    assert 1.0 <= time.monotonic() - t < 15
+    assert m["pid"] is None
+    delete(api, "stubborn")
+
+
+def test_restart_policy_on_failure(api: httpx.Client) -> None:
+    create(api, name="flaky", cmd=["sh", "-c", "echo try; exit 3"], restart="on-failure")
+    start(api, "flaky")
+    deadline = time.monotonic() + 60
+    while api.get("/v1/machines/flaky/logs").text.count("try\n") < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    m = api.post("/v1/machines/flaky/stop").json()
+    assert m["state"] == "stopped" and m["restart_count"] >= 2
+    tries = api.get("/v1/machines/flaky/logs").text.count("try\n")
+    time.sleep(1.5)  # a stop cancels any pending restart
+    assert api.get("/v1/machines/flaky").json()["restart_count"] == m["restart_count"]
+    assert api.get("/v1/machines/flaky/logs").text.count("try\n") == tries
+    delete(api, "flaky")
+
+
+def test_vmm_killed_marks_crashed_frees_resources_spares_others(
+        api: httpx.Client, service: str, daemon: Daemon) -> None:
+    create(api, name="victim", cmd=["sleep", "3600"])
+    pid = start(api, "victim")["pid"]
+    os.kill(pid, signal.SIGKILL)
+    m = wait_state(api, "victim", "crashed")
+    assert "QEMU exited unexpectedly (signal 9)" in m["reason"]
+    assert m["pid"] is None
+    state_dir = next((daemon.home / "machines" / "daemon" / m["id"]).iterdir())
+    assert not (state_dir / "memory").exists()
+    assert run(api, service, "echo", "fine")["stdout"] == "fine\n"
+    # a crashed machine can be started again
+    start(api, "victim")
+    delete(api, "victim")
+
+
+def test_events_stream_lifecycle(api: httpx.Client, daemon: Daemon) -> None:
+    seen: list[dict[str, Any]] = []
+    ready = threading.Event()
+
+    def listen() -> None:
+        with daemon.http() as c, c.stream("GET", "/v1/events") as r:
+            ready.set()
+            for line in r.iter_lines():
+                ev = json.loads(line)
+                if ev["machine"] == "evt":
+                    seen.append(ev)
+                    if ev["type"] == "deleted":
+                        return
+
+    t = threading.Thread(target=listen, daemon=True)
+    t.start()
+    ready.wait(10)
+    time.sleep(0.2)
+    create(api, name="evt", cmd=["sleep", "60"])
+    start(api, "evt")
+    api.post("/v1/machines/evt/stop", params={"timeout": 0})
+    delete(api, "evt")
+    t.join(30)
+    types = [e["type"] for e in seen]
+    assert types[:3] == ["created", "starting", "started"]
+    assert types[-2:] == ["stopped", "deleted"]
+    assert [e["seq"] for e in seen] == sorted(e["seq"] for e in seen)
+    # the log replays from a sequence number
+    first = seen[0]["seq"]
+    replay = api.get("/v1/events", params={"since": first - 1, "follow": "false"}).text
+    assert [json.loads(x)["type"] for x in replay.splitlines()
+            if json.loads(x)["machine"] == "evt"] == types
+
+
+def test_published_port_reaches_the_guest(api: httpx.Client) -> None:
+    m = create(api, name="web", ports=[{"guest_port": 8080}],
+               cmd=["sh", "-c", "while :; do echo pong | nc -l -p 8080; done"])
+    m = start(api, "web")
+    (port,) = m["ports"]
+    assert port["guest_port"] == 8080 and port["host_ip"] == "127.0.0.1" and port["host_port"] > 0
+    deadline = time.monotonic() + 20
+    got = b""
+    while b"pong" not in got and time.monotonic() < deadline:
+        with socket.create_connection(("127.0.0.1", port["host_port"]), timeout=5) as s:
+            s.sendall(b"ping\n")
+            try:
+                got = s.recv(100)
+            except (TimeoutError, ConnectionResetError):
+                got = b""
+        time.sleep(0.2)
+    assert got == b"pong\n"
+    delete(api, "web")
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port["host_port"]),
+                                                         timeout=2):
+        pass
+
+
+def test_daemon_restart_readopts_running_machines(api: httpx.Client, daemon: Daemon) -> None:
+    create(api, name="keeper", cmd=["sh", "-c", "while :; do date +%s; sleep 0.5; done"])
+    create(api, name="doomed", cmd=["sleep", "3600"])
+    create(api, name="brief", cmd=["sleep", "2"])
+    keeper = start(api, "keeper")
+    doomed = start(api, "doomed")
+    start(api, "brief")
+    daemon.stop(signal.SIGKILL)  # killed, not asked: nothing may depend on a clean exit
+    os.kill(doomed["pid"], signal.SIGKILL)  # and one VMM dies while no daemon watches
+    os.kill(keeper["pid"], 0)  # the other lives on
+    time.sleep(3)  # brief's main process ends meanwhile
+    daemon.start()
+    with daemon.http() as c:
+        m = c.get("/v1/machines/keeper").json()
+        assert m["state"] == "running" and m["pid"] == keeper["pid"]
+        assert run(c, "keeper", "echo", "still here")["stdout"] == "still here\n"
+        d = c.get("/v1/machines/doomed").json()
+        assert d["state"] == "crashed" and "while the daemon was down" in d["reason"]
+        b = c.get("/v1/machines/brief").json()
+        assert b["state"] == "stopped"
+        assert b["reason"] == "main process exited while the daemon was down"
+        delete(c, "brief")
+        # the main process is still followed: stop gets its exit, logs keep growing
+        before = c.get("/v1/machines/keeper/logs").text.count("\n")
+        time.sleep(1.2)
+        assert c.get("/v1/machines/keeper/logs").text.count("\n") > before
+        m = c.post("/v1/machines/keeper/stop", params={"timeout": 5}).json()
+        assert m["state"] == "stopped" and m["exit_code"] == 143
+        delete(c, "keeper")
+        delete(c, "doomed")
+
+
+def test_tcp_needs_the_token(daemon: Daemon) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    daemon.stop()
+    daemon.start("--tcp", f"127.0.0.1:{port}", "--token", "s3cret")
+    try:
+        base = f"http://127.0.0.1:{port}"
+        r = httpx.get(f"{base}/v1/version")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+        r = httpx.get(f"{base}/v1/version", headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401
+        r = httpx.get(f"{base}/v1/version", headers={"Authorization": "Bearer s3cret"})
+        assert r.status_code == 200 and r.json()["api"] == "v1"
+        with daemon.http() as c:  # the owner's Unix socket needs none
+            assert c.get("/v1/version").status_code == 200
+        assert oct(daemon.socket.stat().st_mode & 0o777) == "0o600"
+    finally:
+        daemon.stop()
+        daemon.start()
+
+
+def _count_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _qemus(root: Path) -> set[int]:
+    """QEMU processes of machines under ``root``."""
+    out = set()
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if os.readlink(p / "cwd").startswith(str(root)) and \
+                        (p / "exe").resolve().name.startswith("qemu-system"):
+                    out.add(int(p.name))
+            except OSError:
+                pass
+    return out
+
+
+def test_fifty_cycles_leak_nothing(api: httpx.Client, daemon: Daemon) -> None:
+    assert daemon.proc is not None
+    root = daemon.home / "machines" / "daemon"
+
+    def cycle(i: int) -> None:
+        create(api, name=f"cycle{i}", cmd=["sleep", "600"], ports=[{"guest_port": 80}])
+        m = start(api, f"cycle{i}")
+        assert run(api, f"cycle{i}", "echo", str(i))["stdout"] == f"{i}\n"
+        r = api.delete(f"/v1/machines/cycle{i}", params={"force": "true"})
+        assert r.status_code == 204
+        with pytest.raises(OSError), socket.create_connection(
+                ("127.0.0.1", m["ports"][0]["host_port"]), timeout=2):
+            pass
+
+    cycle(-1)  # warm up: threads, pools, caches
+    fds = _count_fds(daemon.proc.pid)
+    qemus = _qemus(root)
+    dirs = set(os.listdir(root))
+    threads = len(os.listdir(f"/proc/{daemon.proc.pid}/task"))
+    for i in range(50):
+        cycle(i)
+    assert _qemus(root) == qemus
+    assert set(os.listdir(root)) == dirs
+    assert _count_fds(daemon.proc.pid) <= fds + 2
+    assert len(os.listdir(f"/proc/{daemon.proc.pid}/task")) <= threads + 4

@@ -1,0 +1,172 @@
+"""The REST API's contract without booting anything: validation, errors, the OpenAPI document.
+
+A real Manager over a temporary data dir; machines are created but never
+started, so every route that needs a running machine answers 409 here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from ember.api import openapi
+from ember.api.app import create_app
+from ember.daemon.manager import Manager
+from ember.daemon.server import TokenAuth
+from ember.images import ImageStore
+from ember.sample import write_busybox_image
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    home = tmp_path_factory.mktemp("home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EMBER_HOME", str(home))
+    mp.setenv("EMBER_ACCEL", "tcg")
+    store = ImageStore()
+    store.import_path(write_busybox_image(tmp_path_factory.mktemp("img") / "s"),
+                      tag="sample:latest")
+    mgr = Manager()
+    with TestClient(create_app(mgr), raise_server_exceptions=False) as c:
+        yield c
+    mgr.db.close()
+    mp.undo()
+
+
+def err(r: Any, status: int, code: str | None = None) -> str:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
+    if code:
+        assert body["error"]["code"] == code
+    msg = body["error"]["message"]
+    assert msg and "\n" not in msg
+    return str(msg)
+
+
+def test_committed_openapi_document_is_the_served_one(client: TestClient) -> None:
+    served = client.get("/openapi.json").json()
+    committed = json.loads((ROOT / "docs" / "openapi.json").read_text())
+    assert served == committed, "regenerate: python -m ember.api.openapi > docs/openapi.json"
+    assert openapi.document() == served
+
+
+def test_every_operation_documents_its_errors() -> None:
+    doc = openapi.document()
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            for status in ("400", "404", "409", "422", "500"):
+                schema = op["responses"][status]["content"]["application/json"]["schema"]
+                assert schema == {"$ref": "#/components/schemas/Error"}, (method, path, status)
+    assert "HTTPValidationError" not in doc["components"]["schemas"]
+
+
+def test_bad_json_unknown_fields_and_ranges(client: TestClient) -> None:
+    r = client.post("/v1/machines", content=b"{not json",
+                    headers={"content-type": "application/json"})
+    assert err(r, 400, "bad_request") == "request body is not valid JSON"
+    msg = err(client.post("/v1/machines", json={"image": "sample", "cpu": 2}), 422, "invalid")
+    assert msg == "cpu: unknown field"
+    err(client.post("/v1/machines", json={"image": "sample", "cpus": 0}), 422)
+    err(client.post("/v1/machines", json={"image": "sample", "cpus": 10**30}), 422)
+    err(client.post("/v1/machines", json={"image": "sample", "cpus": "two"}), 422)
+    err(client.post("/v1/machines", json={"image": "sample", "memory_mib": 1}), 422)
+    err(client.post("/v1/machines", json=[]), 422)
+    err(client.post("/v1/machines", json={"image": "sample", "env": {"A=B": "x"}}), 422)
+    err(client.post("/v1/machines", json={"image": "sample", "workdir": "relative"}), 422)
+    msg = err(client.post("/v1/machines", json={"image": "sample", "cpus": 64}), 422)
+    assert "more than the host's" in msg
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", ".hidden", "", "x" * 64, "a b", "é"])
+def test_names_with_path_characters_are_refused(client: TestClient, name: str) -> None:
+    err(client.post("/v1/machines", json={"image": "sample", "name": name}), 422)
+
+
+def test_unknown_things_are_404(client: TestClient) -> None:
+    assert "nope" in err(client.post("/v1/machines", json={"image": "nope:1"}), 404)
+    for method, path in [("GET", ""), ("POST", "/start"), ("POST", "/stop"),
+                         ("POST", "/kill"), ("POST", "/pause"), ("POST", "/resume"),
+                         ("DELETE", ""), ("GET", "/logs")]:
+        r = client.request(method, f"/v1/machines/ghost{path}")
+        assert err(r, 404, "not_found") == "no machine named 'ghost'"
+    err(client.get("/v1/images/ghost:1"), 404)
+    err(client.get("/v1/no/such/route"), 404)
+
+
+def test_wrong_state_is_409_and_names_are_unique(client: TestClient) -> None:
+    r = client.post("/v1/machines", json={"image": "sample:latest", "name": "idle"})
+    assert r.status_code == 201
+    m = r.json()
+    assert m["state"] == "created" and m["hostname"] == "idle" and m["image"] == "sample:latest"
+    assert "exists already" in err(client.post("/v1/machines",
+                                               json={"image": "sample", "name": "idle"}), 409)
+    msg = err(client.post("/v1/machines/idle/exec", json={"cmd": ["true"]}), 409, "conflict")
+    assert msg == "machine idle is created: exec needs it running"
+    err(client.post("/v1/machines/idle/pause"), 409)
+    err(client.get("/v1/machines/idle/files", params={"path": "/etc"}), 409)
+    err(client.delete("/v1/images/sample:latest"), 409)  # used by a machine
+    assert client.get(f"/v1/machines/{m['id']}").json()["name"] == "idle"
+    assert client.get(f"/v1/machines/{m['id'][:6]}").json()["name"] == "idle"
+    assert client.delete("/v1/machines/idle").status_code == 204
+    err(client.get("/v1/machines/idle"), 404)
+
+
+def test_ports_need_a_network(client: TestClient) -> None:
+    body = {"image": "sample", "network": "none", "ports": [{"guest_port": 80}]}
+    assert "network none" in err(client.post("/v1/machines", json=body), 422)
+    body = {"image": "sample", "ports": [{"guest_port": 80, "host_port": 99999}]}
+    err(client.post("/v1/machines", json=body), 422)
+
+
+def test_events_replay(client: TestClient) -> None:
+    client.post("/v1/machines", json={"image": "sample", "name": "ev1"})
+    client.delete("/v1/machines/ev1")
+    lines = client.get("/v1/events", params={"since": 0, "follow": "false"}).text.splitlines()
+    mine = [json.loads(x)["type"] for x in lines if json.loads(x)["machine"] == "ev1"]
+    assert mine == ["created", "deleted"]
+
+
+def test_images_listed_and_inspected(client: TestClient) -> None:
+    (img,) = client.get("/v1/images").json()
+    assert img["tags"] == ["sample:latest"] and img["cmd"] == ["/app/hello.sh"]
+    assert client.get(f"/v1/images/{img['short_id']}").json()["id"] == img["id"]
+    err(client.post("/v1/images/import", json={"path": "/nonexistent"}), 422)
+    err(client.post("/v1/images/upload", content=b"not a tar"), 422)
+
+
+def test_token_auth_only_guards_tcp() -> None:
+    seen: list[str] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        seen.append(scope["path"])
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(msg: dict[str, Any]) -> None:
+        sent.append(msg)
+
+    async def receive() -> dict[str, Any]:
+        return {}
+
+    auth = TokenAuth(app, "tok")
+
+    def call(server: Any, headers: list[tuple[bytes, bytes]]) -> None:
+        scope = {"type": "http", "path": "/x", "server": server, "headers": headers}
+        asyncio.run(auth(scope, receive, send))
+
+    call(("/run/ember.sock", None), [])                    # Unix socket: no token needed
+    call(("127.0.0.1", 7777), [(b"authorization", b"Bearer tok")])
+    assert seen == ["/x", "/x"]
+    call(("127.0.0.1", 7777), [(b"authorization", b"Bearer nope")])
+    call(("127.0.0.1", 7777), [])
+    assert seen == ["/x", "/x"]
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [401, 401]
