@@ -363,3 +363,30 @@ def test_fifty_cycles_leak_nothing(api: httpx.Client, daemon: Daemon) -> None:
     assert set(os.listdir(root)) == dirs
     assert _count_fds(daemon.proc.pid) <= fds + 2
     assert len(os.listdir(f"/proc/{daemon.proc.pid}/task")) <= threads + 4
+
+
+def test_files_put_and_get_through_the_api(api: httpx.Client, service: str) -> None:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in [("conf/app.ini", b"[app]\nx=1\n"), ("conf/bin.dat", bytes(range(256)))]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    r = api.put(f"/v1/machines/{service}/files", params={"path": "/srv"}, content=buf.getvalue(),
+                headers={"content-type": "application/x-tar"})
+    assert r.status_code == 204, r.text
+    assert run(api, service, "cat", "/srv/conf/app.ini")["stdout"] == "[app]\nx=1\n"
+    r = api.get(f"/v1/machines/{service}/files", params={"path": "/srv/conf"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-tar"
+    with tarfile.open(fileobj=io.BytesIO(r.content)) as tar:
+        names = sorted(tar.getnames())
+        assert names == ["conf", "conf/app.ini", "conf/bin.dat"]
+        f = tar.extractfile("conf/bin.dat")
+        assert f is not None and f.read() == bytes(range(256))
+    r = api.get(f"/v1/machines/{service}/files", params={"path": "/no/such/file"})
+    assert r.status_code == 404, r.text
+    r = api.put(f"/v1/machines/{service}/files", params={"path": "/srv"}, content=b"not a tar")
+    assert r.status_code in (400, 422), r.text

@@ -39,6 +39,7 @@ from ember.api import models
 from ember.daemon.logs import read_tail
 from ember.daemon.manager import ACTIVE, Invalid, Managed, Manager, ManagerError
 from ember.errors import AgentError, EmberError, MachineCrashed
+from ember.files import CopyError
 from ember.util import log
 
 if TYPE_CHECKING:
@@ -177,6 +178,16 @@ def create_app(mgr: Manager) -> FastAPI:
         code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized",
                 413: "too_large"}.get(exc.status_code, "error")
         return _error(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(CopyError)
+    async def _copy(_: Request, exc: CopyError) -> JSONResponse:
+        from ember.files import GuestNotADirectory, GuestPathNotFound
+
+        if isinstance(exc, GuestPathNotFound):
+            return _error(404, "not_found", str(exc))
+        if isinstance(exc, GuestNotADirectory):
+            return _error(409, "conflict", str(exc))
+        return _error(422, "invalid", str(exc).splitlines()[0])
 
     @app.exception_handler(MachineCrashed)
     async def _crashed(_: Request, exc: MachineCrashed) -> JSONResponse:

@@ -25,7 +25,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -44,6 +43,7 @@ from ember.images import ImageStore
 from ember.images.oci import ProcessSpec, resolve_process
 from ember.machine import Machine, MachineConfig
 from ember.util import log
+from ember.vmm import network
 from ember.vmm.spec import MachineSpec
 
 if TYPE_CHECKING:
@@ -244,9 +244,13 @@ class Managed:
             m.start(boot_timeout=self.mgr.boot_timeout)
         except (EmberError, OSError) as exc:
             detail = str(exc)
-            if isinstance(exc, MachineCrashed) and "host forwarding" in (exc.console_tail or "") \
-                    + detail:
-                exc = Conflict(f"machine {self.name}: a published host port is in use")
+            if isinstance(exc, MachineCrashed) and m is not None:
+                taken = network.port_error(detail, m.spec.ports)
+                if taken is not None:  # someone took the port between our check and QEMU's
+                    exc = Conflict(f"machine {self.name}: {taken}")
+                    detail = str(exc)
+            elif isinstance(exc, network.PortUnavailable):
+                exc = Conflict(f"machine {self.name}: {exc}")
                 detail = str(exc)
             if m is not None:
                 m.kill()
@@ -593,8 +597,6 @@ class Manager:
     def machine_config(self, doc: dict[str, Any], ports: list[dict[str, Any]]) -> MachineConfig:
         kwargs: dict[str, Any] = {"cpus": doc["cpus"], "memory_mib": doc["memory_mib"],
                                   "hostname": doc["hostname"]}
-        from ember.vmm import network
-
         kwargs["network"] = doc["network"]
         kwargs["ports"] = tuple(network.PortMapping(host_port=p["host_port"],
                                                     guest_port=p["guest_port"],
@@ -627,13 +629,17 @@ class Manager:
         for p in mm.doc["_port_specs"]:
             port = dict(p)
             if port["host_port"] == 0:
-                port["host_port"] = _free_port(port["host_ip"])
+                try:
+                    port["host_port"] = network.free_port(port["host_ip"])
+                except EmberError as exc:
+                    raise Invalid(str(exc)) from None
             elif (port["host_ip"], port["host_port"]) in taken:
                 raise Conflict(f"host port {port['host_ip']}:{port['host_port']} is published "
                                "by another machine")
-            else:
-                _check_port_free(port["host_ip"], port["host_port"])
             out.append(port)
+        network.check_ports_free(tuple(
+            network.PortMapping(host_port=p["host_port"], guest_port=p["guest_port"],
+                                host_ip=p["host_ip"]) for p in out))
         return out
 
     # --- lookup
@@ -779,25 +785,6 @@ class Manager:
                 if mm.output is not None:
                     mm.output.close()
         self.db.close()
-
-
-def _free_port(host_ip: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind((host_ip, 0))
-        except OSError as exc:
-            raise Invalid(f"cannot listen on {host_ip}: {exc.strerror}") from None
-        return int(s.getsockname()[1])
-
-
-def _check_port_free(host_ip: str, port: int) -> None:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host_ip, port))
-        except OSError as exc:
-            raise Conflict(f"host port {host_ip}:{port} is not available: "
-                           f"{exc.strerror}") from None
 
 
 def _host_memory_mib() -> int:
