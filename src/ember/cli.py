@@ -80,7 +80,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         env=tuple(_host_env(args.env)), workdir=args.workdir, user=args.user, cpus=args.cpus,
         memory_mib=args.memory, accel=args.accel, interactive=args.interactive,
         tty=args.tty, hostname=args.hostname, boot_timeout=args.boot_timeout,
+        network=args.network, ports=tuple(args.publish),
     )
+    if args.detach:
+        from ember import cli_api
+
+        return cli_api.run_detached(args)
     return run(req, _progress(args))
 
 
@@ -218,6 +223,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="pass stdin through even when it is a terminal")
     r.add_argument("-t", "--tty", action="store_true", help="run on a guest pseudo-terminal")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    r.add_argument("-p", "--publish", action="append", default=[], metavar="[IP:]HOST:GUEST",
+                   help="publish a guest TCP port on the host (127.0.0.1 unless IP is given; "
+                   "GUEST alone picks a free host port); repeatable")
+    r.add_argument("--network", choices=("user", "none"), default="user",
+                   help="user: NAT with outbound access (default); none: no network at all")
+    r.add_argument("-d", "--detach", action="store_true",
+                   help="run as a background service under the daemon; print its name")
+    r.add_argument("--name", help="name of the machine (with -d)")
+    r.add_argument("--restart", choices=("no", "on-failure", "always"), default="no",
+                   help="restart policy (with -d)")
     r.add_argument("--boot-timeout", type=float, default=60.0, metavar="SECONDS",
                    help=argparse.SUPPRESS)
     r.add_argument("image", metavar="IMAGE")

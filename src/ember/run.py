@@ -51,11 +51,19 @@ class RunRequest:
     tty: bool = False
     hostname: str | None = None
     boot_timeout: float = 60.0
+    network: str = "user"
+    #: ``-p`` values as typed (``[IP:]HOST:GUEST`` or ``GUEST``)
+    ports: tuple[str, ...] = ()
 
 
 def prepare(req: RunRequest, progress: Progress) -> tuple[Machine, ProcessSpec, AccelChoice]:
     """Resolve the image, the guest bundle and the accelerator; create (not start) the machine."""
     require_qemu()
+    from ember.vmm.network import check_network, check_ports_free, parse_port
+
+    ports = tuple(parse_port(p) for p in req.ports)
+    check_network(req.network, ports)
+    check_ports_free(ports)
     accel = choose_accel(req.accel)
     store = ImageStore(paths.images_dir())
     if os.path.exists(req.image) and not _looks_like_ref(req.image, store):
@@ -72,7 +80,8 @@ def prepare(req: RunRequest, progress: Progress) -> tuple[Machine, ProcessSpec, 
     machine = Machine.create(
         machines_dir=paths.machines_dir(), guest=guest, rootfs=rootfs, accel=accel,
         config=MachineConfig(cpus=req.cpus, memory_mib=req.memory_mib,
-                             hostname=req.hostname, ephemeral=True),
+                             hostname=req.hostname, ephemeral=True, network=req.network,
+                             ports=ports),
     )
     return machine, process, accel
 

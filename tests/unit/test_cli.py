@@ -109,3 +109,15 @@ def test_hostnames_that_could_reach_the_kernel_command_line_are_refused(
     with pytest.raises(EmberError, match="invalid hostname"):
         MachineConfig(hostname=name)
     assert MachineConfig(hostname="web-1.local").hostname == "web-1.local"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["-p", "99999:80"], "host port 99999 is not between 1 and 65535"),
+    (["-p", "80:http"], "guest port 'http' is not a number"),
+    (["-p", "8080:80/udp"], "only tcp ports can be published"),
+    (["--network", "none", "-p", "80"], "ports cannot be published with network none"),
+])
+def test_bad_published_ports_fail_before_booting(tmp_path: Path, args: list[str],
+                                                 message: str) -> None:
+    proc = ember("run", *args, "sample", "--", "true", home=tmp_path)
+    assert message in one_line_error(proc)
