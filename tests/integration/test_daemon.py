@@ -390,3 +390,38 @@ def test_files_put_and_get_through_the_api(api: httpx.Client, service: str) -> N
     assert r.status_code == 404, r.text
     r = api.put(f"/v1/machines/{service}/files", params={"path": "/srv"}, content=b"not a tar")
     assert r.status_code in (400, 422), r.text
+
+
+def test_concurrent_actions_on_one_machine_are_serialised(api: httpx.Client,
+                                                          daemon: Daemon) -> None:
+    create(api, name="contended", cmd=["sleep", "3600"])
+    actions = [("POST", "start"), ("POST", "stop?timeout=0"), ("POST", "pause"),
+               ("POST", "resume"), ("POST", "kill"), ("EXEC", ""), ("GET", "")] * 4
+
+    def act(i: int) -> int:
+        method, what = actions[(i * 7) % len(actions)]
+        with daemon.http() as c:
+            if method == "EXEC":
+                r = c.post("/v1/machines/contended/exec", json={"cmd": ["true"]})
+            elif method == "GET":
+                r = c.get("/v1/machines/contended")
+            else:
+                r = c.post(f"/v1/machines/contended/{what}")
+        assert r.status_code in (200, 409), r.text
+        return r.status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(act, range(len(actions))))
+    assert 200 in codes
+    m = api.get("/v1/machines/contended").json()
+    assert m["state"] in ("running", "paused", "stopped")
+    # whatever the interleaving, the record matches reality
+    if m["state"] == "stopped":
+        assert m["pid"] is None
+    else:
+        os.kill(m["pid"], 0)
+    r = api.delete("/v1/machines/contended", params={"force": "true"})
+    assert r.status_code == 204
+    root = daemon.home / "machines" / "daemon"
+    assert not (root / m["id"]).exists()
+    assert not _qemus(root / m["id"])
