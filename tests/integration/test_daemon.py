@@ -425,3 +425,30 @@ def test_concurrent_actions_on_one_machine_are_serialised(api: httpx.Client,
     root = daemon.home / "machines" / "daemon"
     assert not (root / m["id"]).exists()
     assert not _qemus(root / m["id"])
+
+
+def test_interactive_exec_over_websocket(daemon: Daemon, service: str) -> None:
+    from websockets.sync.client import unix_connect
+
+    url = f"ws://ember/v1/machines/{service}/exec/ws"
+    with unix_connect(str(daemon.socket), url) as ws:
+        ws.send(json.dumps({"cmd": ["sh", "-c", "read x; echo got $x; tty; exit 7"],
+                            "tty": True}))
+        ws.send(json.dumps({"type": "resize", "rows": 30, "cols": 100}))
+        ws.send(b"hello\n")
+        out = b""
+        while isinstance(msg := ws.recv(timeout=30), bytes):
+            assert msg[0] == 1  # a terminal has one stream
+            out += msg[1:]
+    assert json.loads(msg) == {"type": "exit", "exit_code": 7, "signal": None,
+                               "timed_out": False}
+    assert out == b"hello\r\ngot hello\r\n/dev/pts/0\r\n"
+    # without a terminal: separate streams, and end-of-file on stdin
+    with unix_connect(str(daemon.socket), url) as ws:
+        ws.send(json.dumps({"cmd": ["sh", "-c", "cat; echo bye >&2"]}))
+        ws.send(b"abc")
+        ws.send(json.dumps({"type": "eof"}))
+        got: dict[int, bytes] = {1: b"", 2: b""}
+        while isinstance(msg := ws.recv(timeout=30), bytes):
+            got[msg[0]] += msg[1:]
+    assert got == {1: b"abc", 2: b"bye\n"} and json.loads(msg)["exit_code"] == 0
