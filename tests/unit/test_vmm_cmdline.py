@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from ember.errors import VMMError
-from ember.vmm.qemu import build_command
+from ember.vmm.qemu import TCG_TB_SIZE_MIB, build_command
 from ember.vmm.spec import DriveSpec, MachineSpec
 
 
@@ -43,8 +43,10 @@ def test_kernel_initrd_and_cmdline_are_passed_verbatim() -> None:
 
 
 def test_accelerator_flags() -> None:
-    assert opt_values(build_command(spec(accel="tcg")), "-accel") == ["tcg"]
-    assert opt_values(build_command(spec(accel="tcg", cpus=2)), "-accel") == ["tcg,thread=multi"]
+    tb = f"tb-size={TCG_TB_SIZE_MIB}"
+    assert opt_values(build_command(spec(accel="tcg")), "-accel") == [f"tcg,{tb}"]
+    assert opt_values(build_command(spec(accel="tcg", cpus=2)), "-accel") == [
+        f"tcg,thread=multi,{tb}"]
     kvm = build_command(spec(accel="kvm"))
     assert opt_values(kvm, "-accel") == ["kvm"] and opt_values(kvm, "-cpu") == ["host"]
 

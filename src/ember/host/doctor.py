@@ -8,6 +8,7 @@ from typing import Any
 from ember import __version__, paths
 from ember.errors import HostError
 from ember.guest.bundle import guest_status
+from ember.host.cgroup import probe as probe_cgroups
 from ember.host.probe import choose_accel, free_disk_bytes, kvm_status, qemu_path, qemu_version
 from ember.host.setup import missing_packages
 
@@ -23,6 +24,7 @@ def doctor_report(accel: str | None = None) -> dict[str, Any]:
     guest = guest_status(paths.cache_dir())
     data = paths.data_dir()
     missing = missing_packages()
+    cg = probe_cgroups()
     report: dict[str, Any] = {
         "ember": __version__,
         "qemu": {"path": qemu_path(), "version": qemu_version()},
@@ -35,6 +37,8 @@ def doctor_report(accel: str | None = None) -> dict[str, Any]:
         "cache_dir": str(paths.cache_dir()),
         "free_disk_bytes": free_disk_bytes(str(data)),
         "missing_packages": missing,
+        "resource_limits": {"cgroup_version": cg.version, "controllers": list(cg.controllers),
+                            "reason": cg.reason},
         "user": {"uid": os.getuid(), "root": os.getuid() == 0},
     }
     report["ok"] = bool(report["qemu"]["path"] and accel_info["name"] and not missing)
@@ -59,6 +63,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"data dir     {r['data_dir']}",
         f"cache dir    {r['cache_dir']}",
         f"free disk    {r['free_disk_bytes'] / 1e9:.1f} GB",
+        f"limits       {'' if r['resource_limits']['controllers'] else 'unavailable: '}"
+        f"{r['resource_limits']['reason']}",
     ]
     if r["missing_packages"]:
         lines.append(f"missing      {' '.join(r['missing_packages'])} (run `ember setup`)")

@@ -22,11 +22,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from ember.errors import MachineCrashed, VMMError
+from ember.errors import HostError, MachineCrashed, VMMError
+from ember.host.cgroup import MachineCgroup
 from ember.util import log
 from ember.vmm import console
 from ember.vmm.console import ConsoleRecorder
-from ember.vmm.qemu import build_command
+from ember.vmm.qemu import TCG_TB_SIZE_MIB, build_command
 from ember.vmm.spec import MachineSpec
 
 
@@ -34,11 +35,13 @@ class VMProcess:
     """A QEMU process running one ``MachineSpec``."""
 
     def __init__(self, spec: MachineSpec, popen: subprocess.Popen[bytes], dir_fd: int,
-                 console: ConsoleRecorder) -> None:
+                 console: ConsoleRecorder, cgroup: MachineCgroup | None = None) -> None:
         self.spec = spec
         self._popen = popen
         self._dir_fd = dir_fd
         self._console = console
+        #: The cgroup confining QEMU (``spec.limit_resources`` on a host that allows it).
+        self.cgroup = cgroup
 
     @property
     def pid(self) -> int:
@@ -53,6 +56,12 @@ class VMProcess:
         by SIGKILL (``PR_SET_PDEATHSIG``): right for ``ember run``, whose machine
         lives only as long as the command; wrong for machines a daemon re-adopts.
 
+        With ``spec.limit_resources`` QEMU runs in a cgroup of its own
+        (``memory_limit_mib``, ``spec.cpus`` CPUs): the child enters it between fork
+        and exec, so QEMU never runs, nor allocates, outside it. Where the host
+        has no usable cgroups the machine runs unconfined (logged; ``ember
+        doctor`` says why).
+
         Raises:
             VMMError: the state directory exists already, or QEMU cannot be started.
         """
@@ -65,20 +74,31 @@ class VMProcess:
         cmd = build_command(spec, qemu)
         log.debug("qemu: %s", " ".join(cmd))
         listener = console.listen(f"/proc/self/fd/{dir_fd}/{spec.CONSOLE_SOCKET}")
+        cgroup = (MachineCgroup.create(spec.name, spec.cpus, memory_limit_mib(spec))
+                  if spec.limit_resources else None)
+        procs_fds: list[int] = []
         try:
+            procs_fds = cgroup.open_procs() if cgroup else []
             with open(spec.path(spec.QEMU_LOG), "wb") as qlog:
                 popen = subprocess.Popen(
                     cmd, cwd=spec.state_dir, stdin=subprocess.DEVNULL, stdout=qlog,
                     stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-                    preexec_fn=_die_with(os.getpid()) if die_with_parent else None,
+                    preexec_fn=_preexec(os.getpid() if die_with_parent else None, procs_fds),
                 )
-        except OSError as exc:
+        except (OSError, subprocess.SubprocessError) as exc:
             listener.close()
             os.close(dir_fd)
-            raise VMMError(f"cannot start {qemu}: {exc.strerror}") from exc
+            why = exc.strerror if isinstance(exc, OSError) else "could not enter its cgroup"
+            if cgroup is not None:
+                with contextlib.suppress(HostError):
+                    cgroup.remove()
+            raise VMMError(f"cannot start {qemu}: {why}") from exc
+        finally:
+            for fd in procs_fds:
+                os.close(fd)
         spec.path(spec.PID_FILE).write_text(f"{popen.pid}\n")
         return cls(spec, popen, dir_fd,
-                   console.ConsoleRecorder(listener, spec.path(spec.CONSOLE_LOG)))
+                   console.ConsoleRecorder(listener, spec.path(spec.CONSOLE_LOG)), cgroup)
 
     def socket_path(self, name: str) -> str:
         """A short path to a socket in the state directory, valid in this process."""
@@ -182,13 +202,18 @@ class VMProcess:
         return self.wait()
 
     def close(self, remove_state: bool = False) -> None:
-        """Release the directory handle; with ``remove_state`` delete the state directory.
+        """Release the directory handle and the cgroup; ``remove_state`` deletes the state dir.
 
         QEMU must have exited (this kills it if not): nothing may keep using the
         directory once it is gone.
         """
         if self.poll() is None:
             self.kill()
+        if self.cgroup is not None:
+            try:
+                self.cgroup.remove()
+            except HostError as exc:
+                log.warning("%s", exc)
         self._console.stop()
         self._console.wait(2.0)
         if self._dir_fd >= 0:
@@ -203,6 +228,51 @@ class VMProcess:
     def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def memory_limit_mib(spec: MachineSpec) -> int:
+    """The cgroup memory limit for ``spec``'s QEMU, MiB: guest RAM plus QEMU's own overhead.
+
+    ``memory_mib + QEMU_BASE_OVERHEAD_MIB + memory_mib / 128``, plus
+    ``TCG_TB_SIZE_MIB`` under TCG. Measured under TCG (docs/benchmarks.md): a
+    guest that touched all its RAM leaves QEMU with about guest + 37 MiB of
+    anonymous memory for both 256 MiB / 1 vCPU and 1 GiB / 2 vCPUs, of which
+    ~25 MiB is translated code; guest + 32 MiB gets it OOM-killed, guest + 48
+    MiB does not. The limit therefore allows the translation cache its full
+    bound, the base covers QEMU's heap, its binary, libraries, kernel and
+    initramfs pages (charged to whichever QEMU reads them first) and a little
+    page cache; the per-GiB term covers page tables, which grow with the guest.
+    The rest of the charge -- page cache of the memory file and of the disks --
+    is clean and the kernel reclaims it at the limit instead of killing.
+    """
+    overhead = QEMU_BASE_OVERHEAD_MIB + spec.memory_mib // 128
+    if spec.accel == "tcg":
+        overhead += TCG_TB_SIZE_MIB
+    return spec.memory_mib + overhead
+
+
+#: QEMU's memory beyond guest RAM, page tables and the translation cache (see
+#: ``memory_limit_mib``).
+QEMU_BASE_OVERHEAD_MIB = 64
+
+
+def _preexec(parent: int | None, cgroup_fds: list[int]) -> Callable[[], None] | None:
+    """The ``preexec_fn`` for QEMU: join its cgroup; with ``parent``, die with it.
+
+    ``cgroup_fds`` are open ``cgroup.procs`` files; writing "0" moves the
+    writer, which is the child between fork and exec. A failed write raises,
+    which ``Popen`` reports as a ``SubprocessError``: QEMU is never run unconfined.
+    """
+    if parent is None and not cgroup_fds:
+        return None
+    arm = _die_with(parent) if parent is not None else None
+
+    def setup() -> None:
+        for fd in cgroup_fds:
+            os.write(fd, b"0")
+        if arm is not None:
+            arm()
+    return setup
 
 
 def _die_with(parent: int) -> Callable[[], None]:

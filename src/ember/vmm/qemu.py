@@ -38,6 +38,11 @@ from ember.vmm.spec import AGENT_PORT_NAME, MachineSpec
 #: the guest's APIC timer counts at this rate.
 APIC_BUS_HZ = 1_000_000_000
 
+#: TCG's translation cache, MiB. QEMU's default is 1 GiB, which a guest running
+#: varied code fills over time -- four times a 256 MiB guest's RAM, all resident.
+#: Bounded, a full cache is flushed and refilled instead (``process.memory_limit_mib``).
+TCG_TB_SIZE_MIB = 128
+
 
 def build_command(spec: MachineSpec, qemu: str = "qemu-system-x86_64") -> list[str]:
     """The argv that starts ``spec``; paths of state files are relative to its state dir."""
@@ -67,7 +72,8 @@ def build_command(spec: MachineSpec, qemu: str = "qemu-system-x86_64") -> list[s
     if spec.accel == "kvm":
         cmd += ["-accel", "kvm", "-cpu", "host"]
     else:
-        cmd += ["-accel", "tcg,thread=multi" if spec.cpus > 1 else "tcg"]
+        cmd += ["-accel", ("tcg,thread=multi" if spec.cpus > 1 else "tcg")
+                + f",tb-size={TCG_TB_SIZE_MIB}"]
     for i, drive in enumerate(spec.drives):
         ro = "on" if drive.readonly else "off"
         cmd += [

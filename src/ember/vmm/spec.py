@@ -53,6 +53,9 @@ class MachineSpec:
     network: str = NETWORK_NONE
     #: Guest TCP ports published on the host (``"user"`` network only).
     ports: tuple[PortMapping, ...] = field(default_factory=tuple)
+    #: Confine QEMU to a cgroup holding it to ``cpus`` CPUs and ``memory_mib`` plus
+    #: QEMU's overhead (``host/cgroup.py``), where the host allows.
+    limit_resources: bool = False
 
     def __post_init__(self) -> None:
         if not 1 <= self.cpus <= MAX_CPUS:
@@ -105,6 +108,7 @@ class MachineSpec:
                 ports=tuple(PortMapping(int(x["host_port"]), int(x["guest_port"]),
                                         x["host_ip"], x.get("protocol", "tcp"))
                             for x in d.get("ports", ())),
+                limit_resources=bool(d.get("limit_resources", False)),
             )
         except (EmberError, KeyError, TypeError, ValueError) as exc:
             raise VMMError(f"invalid machine spec: {exc}") from exc
