@@ -111,6 +111,9 @@ class MachineConfig:
     network: str = NETWORK_USER
     #: Guest TCP ports published on the host (``parse_port`` reads ``-p`` values).
     ports: tuple[PortMapping, ...] = ()
+    #: Confine QEMU to ``cpus`` CPUs and the guest's memory plus overhead in a
+    #: cgroup of its own, where the host allows it (``host/cgroup.py``).
+    limit_resources: bool = False
 
     def __post_init__(self) -> None:
         # The hostname travels on the kernel command line: anything beyond a
@@ -157,6 +160,7 @@ class Machine:
             memory_mib=config.memory_mib, accel=accel.name,
             drives=(DriveSpec(rootfs, readonly=True),),
             network=config.network, ports=config.ports,
+            limit_resources=config.limit_resources,
         )
         return cls(spec, ephemeral=config.ephemeral)
 

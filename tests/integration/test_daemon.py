@@ -452,3 +452,17 @@ def test_interactive_exec_over_websocket(daemon: Daemon, service: str) -> None:
         while isinstance(msg := ws.recv(timeout=30), bytes):
             got[msg[0]] += msg[1:]
     assert got == {1: b"abc", 2: b"bye\n"} and json.loads(msg)["exit_code"] == 0
+
+
+def test_vmm_is_confined_where_cgroups_allow(api: httpx.Client, service: str) -> None:
+    from ember.host.cgroup import probe
+
+    m = api.get(f"/v1/machines/{service}").json()
+    if not probe().ok:
+        assert m["limits"] == {}
+        pytest.skip(f"no usable cgroups here: {probe().reason}")
+    limits = m["limits"]
+    assert limits["cpus"] in ("2", "2.0")
+    assert int(limits["memory_max_bytes"]) > 256 << 20
+    procs = Path(limits["cgroup"]) / "cgroup.procs"
+    assert str(m["pid"]) in procs.read_text().split()

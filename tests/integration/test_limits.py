@@ -17,7 +17,7 @@ from ember.host.probe import choose_accel
 from ember.images import ImageStore
 from ember.machine import Machine, MachineConfig
 from ember.vmm import process
-from ember.vmm.process import memory_limit_mib
+from ember.vmm.process import cgroup_name, memory_limit_mib
 
 pytestmark = pytest.mark.vm
 
@@ -73,7 +73,7 @@ def test_qemu_runs_in_its_cgroup_with_the_limits_of_its_spec(machine: Machine) -
             where[c] = path
     for ctrl, d in cg.dirs.items():
         path = where["" if cg.version == 2 else ctrl]
-        assert path.endswith(f"/ember/{machine.name}") and str(d).endswith(path)
+        assert path.endswith(f"/ember/{cgroup_name(machine.spec)}") and str(d).endswith(path)
 
     limit = memory_limit_mib(machine.spec) << 20
     if cg.version == 2:
@@ -90,7 +90,7 @@ def test_qemu_runs_in_its_cgroup_with_the_limits_of_its_spec(machine: Machine) -
     assert cg.limits()["cpus"] == 2.0 and cg.limits()["memory_max_bytes"] == limit
 
     # A restarted daemon finds the same cgroup by the machine's name.
-    found = MachineCgroup.find(machine.name)
+    found = MachineCgroup.find(cgroup_name(machine.spec))
     assert found is not None and found.paths == cg.paths
 
 
@@ -124,5 +124,5 @@ def test_a_machine_whose_memory_limit_is_too_small_is_oom_killed_and_cleaned_up(
     finally:
         m.close()
     assert not any(p.exists() for p in cg.paths)
-    assert MachineCgroup.find(m.name) is None
+    assert MachineCgroup.find(cgroup_name(m.spec)) is None
 

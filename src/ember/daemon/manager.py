@@ -602,20 +602,21 @@ class Manager:
                                                     guest_port=p["guest_port"],
                                                     host_ip=p["host_ip"]) for p in ports)
         kwargs["limit_resources"] = True
-        import dataclasses
-
-        known = {f.name for f in dataclasses.fields(MachineConfig)}
-        return MachineConfig(**{k: v for k, v in kwargs.items() if k in known})
+        return MachineConfig(**kwargs)
 
     def limits_of(self, m: Machine) -> dict[str, str]:
-        vm = m.vm
-        fn = getattr(vm, "cgroup_limits", None)
-        if fn is None:
+        cg = m.vm.cgroup if m.vm is not None else None
+        if cg is None:
             return {}
         try:
-            return {str(k): str(v) for k, v in (fn() or {}).items()}
-        except Exception:
+            info = cg.limits()
+        except EmberError as exc:
+            log.debug("limits of %s: %s", m.name, exc)
             return {}
+        keep = ("version", "cpus", "memory_max_bytes")
+        out = {k: str(info[k]) for k in keep if k in info}
+        out["cgroup"] = str(cg.path)
+        return out
 
     def assign_ports(self, mm: Managed) -> list[dict[str, Any]]:
         """Concrete host ports for a boot: requested ones checked, 0 replaced by a free one."""

@@ -34,8 +34,9 @@ from ember.vmm.spec import MachineSpec
 class VMProcess:
     """A QEMU process running one ``MachineSpec``."""
 
-    def __init__(self, spec: MachineSpec, popen: subprocess.Popen[bytes], dir_fd: int,
-                 console: ConsoleRecorder, cgroup: MachineCgroup | None = None) -> None:
+    def __init__(self, spec: MachineSpec, popen: subprocess.Popen[bytes] | _Adopted,
+                 dir_fd: int, console: ConsoleRecorder,
+                 cgroup: MachineCgroup | None = None) -> None:
         self.spec = spec
         self._popen = popen
         self._dir_fd = dir_fd
@@ -71,10 +72,12 @@ class VMProcess:
             raise VMMError(f"machine state directory {spec.state_dir} exists already") from exc
         spec.save()
         dir_fd = os.open(spec.state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        cmd = build_command(spec, qemu)
+        # A machine that outlives this process (a daemon's) must get its console
+        # back when a restarted daemon listens again: QEMU then reconnects.
+        cmd = build_command(spec, qemu, console_reconnect=not die_with_parent)
         log.debug("qemu: %s", " ".join(cmd))
         listener = console.listen(f"/proc/self/fd/{dir_fd}/{spec.CONSOLE_SOCKET}")
-        cgroup = (MachineCgroup.create(spec.name, spec.cpus, memory_limit_mib(spec))
+        cgroup = (MachineCgroup.create(cgroup_name(spec), spec.cpus, memory_limit_mib(spec))
                   if spec.limit_resources else None)
         procs_fds: list[int] = []
         try:
@@ -98,6 +101,33 @@ class VMProcess:
                 os.close(fd)
         spec.path(spec.PID_FILE).write_text(f"{popen.pid}\n")
         return cls(spec, popen, dir_fd,
+                   console.ConsoleRecorder(listener, spec.path(spec.CONSOLE_LOG)), cgroup)
+
+    @classmethod
+    def adopt(cls, spec: MachineSpec) -> VMProcess:
+        """Take over the running QEMU of ``spec`` that an earlier process started.
+
+        The console recorder listens again (QEMU, started with a reconnecting
+        console, comes back within a second); the agent and QMP sockets are
+        QEMU's own and are simply connected to again.
+
+        Raises:
+            VMMError: no live QEMU of this state directory.
+        """
+        try:
+            pid = int(spec.path(spec.PID_FILE).read_text())
+        except (OSError, ValueError) as exc:
+            raise VMMError(f"machine {spec.name}: no QEMU pid recorded") from exc
+        if not is_running_in(pid, spec.state_dir):
+            raise VMMError(f"machine {spec.name}: QEMU (pid {pid}) is not running")
+        proc = _Adopted(pid)
+        dir_fd = os.open(spec.state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        name = f"/proc/self/fd/{dir_fd}/{spec.CONSOLE_SOCKET}"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+        listener = console.listen(name)
+        cgroup = MachineCgroup.find(cgroup_name(spec)) if spec.limit_resources else None
+        return cls(spec, proc, dir_fd,
                    console.ConsoleRecorder(listener, spec.path(spec.CONSOLE_LOG)), cgroup)
 
     def socket_path(self, name: str) -> str:
@@ -201,6 +231,18 @@ class VMProcess:
             os.killpg(self._popen.pid, signal.SIGKILL)
         return self.wait()
 
+    def release(self) -> None:
+        """Let go of a QEMU that must outlive this process (a daemon shutting down).
+
+        Stops recording the console (QEMU reconnects to the next recorder) and
+        closes the directory handle; QEMU itself is left running.
+        """
+        self._console.stop()
+        self._console.wait(2.0)
+        if self._dir_fd >= 0:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
+
     def close(self, remove_state: bool = False) -> None:
         """Release the directory handle and the cgroup; ``remove_state`` deletes the state dir.
 
@@ -228,6 +270,57 @@ class VMProcess:
     def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def cgroup_name(spec: MachineSpec) -> str:
+    """The cgroup of a machine: its name plus a hash of its state directory.
+
+    Names are unique within one data dir only; two data dirs (two users, a
+    test session beside a daemon) may both have a machine called ``web``.
+    """
+    import hashlib
+
+    digest = hashlib.sha256(str(spec.state_dir.resolve()).encode()).hexdigest()[:10]
+    return f"{spec.name}-{digest}"
+
+
+class _Adopted:
+    """The parts of ``Popen`` that VMProcess uses, for a QEMU that is not our child.
+
+    Its exit status cannot be known (only its parent can reap it): it reads as
+    ``ADOPTED_EXIT`` once the process is gone. A pidfd keeps the pid from being
+    mistaken for a recycled one.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._pidfd = os.pidfd_open(pid)
+
+    def poll(self) -> int | None:
+        if self.returncode is None and select.select([self._pidfd], [], [], 0)[0]:
+            self._exited()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            if not select.select([self._pidfd], [], [], timeout)[0]:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
+            self._exited()
+        assert self.returncode is not None
+        return self.returncode
+
+    def _exited(self) -> None:
+        # The pidfd stays open (other threads may be waiting on it) until we are collected.
+        self.returncode = ADOPTED_EXIT
+
+    def __del__(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._pidfd)
+
+
+#: The status of an adopted QEMU that exited (its real status went to its parent).
+ADOPTED_EXIT = 255
 
 
 def memory_limit_mib(spec: MachineSpec) -> int:

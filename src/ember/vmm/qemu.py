@@ -44,7 +44,8 @@ APIC_BUS_HZ = 1_000_000_000
 TCG_TB_SIZE_MIB = 128
 
 
-def build_command(spec: MachineSpec, qemu: str = "qemu-system-x86_64") -> list[str]:
+def build_command(spec: MachineSpec, qemu: str = "qemu-system-x86_64", *,
+                  console_reconnect: bool = False) -> list[str]:
     """The argv that starts ``spec``; paths of state files are relative to its state dir."""
     S = MachineSpec
     cmd = [
@@ -61,7 +62,8 @@ def build_command(spec: MachineSpec, qemu: str = "qemu-system-x86_64") -> list[s
         "-append", spec.cmdline,
         # QEMU connects to Ember's console recorder (vmm/console.py), which caps
         # the log: a chatty guest must not be able to fill the host's disk.
-        "-chardev", f"socket,id=console,path={S.CONSOLE_SOCKET},server=off",
+        "-chardev", (f"socket,id=console,path={S.CONSOLE_SOCKET},server=off"
+                     + (",reconnect=1" if console_reconnect else "")),
         "-serial", "chardev:console",
         "-chardev", f"socket,id=qmp,path={S.QMP_SOCKET},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
