@@ -170,7 +170,11 @@ class Managed:
         return self.state_dir / MachineSpec.CONSOLE_LOG
 
     def public(self) -> dict[str, Any]:
-        return {k: v for k, v in self.doc.items() if not k.startswith("_")}
+        # dict.copy() runs in C under the GIL: a consistent snapshot even while a
+        # lifecycle thread updates the record (readers never take the lock, which a
+        # boot holds for a second).
+        snapshot = self.doc.copy()
+        return {k: v for k, v in snapshot.items() if not k.startswith("_")}
 
     def save(self) -> None:
         self.mgr.db.put_machine(self.doc)
@@ -733,7 +737,7 @@ class Manager:
 
     def import_image(self, path: Path, tag: str | None) -> Image:
         if not path.exists():
-            raise Invalid(f"{path} does not exist on the daemon's host")
+            raise Invalid(f"{str(path)!r} does not exist on the daemon's host")
         with self._images_lock:
             try:
                 image = self.store.import_path(path, tag=tag)

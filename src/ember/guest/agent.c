@@ -1062,6 +1062,14 @@ static void child_exec(int errfd, char **argv, char **env, const char *path)
             buf[0] = 0;
         }
         if (buf[0]) {
+            struct stat st;
+            /* a failing execve copies argv and env into the kernel first: skip
+               the PATH entries that plainly do not hold the program */
+            if (stat(buf, &st) < 0 && (errno == ENOENT || errno == ENOTDIR)) {
+                if (!sep) break;
+                d = sep + 1;
+                continue;
+            }
             execve(buf, argv, env);
             if (errno == EACCES) eacces = 1;
             else if (errno != ENOENT && errno != ENOTDIR && errno != ENAMETOOLONG) {
