@@ -349,14 +349,21 @@ def create_app(mgr: Manager) -> FastAPI:
     @app.post("/v1/machines/{name}/exec", response_model=models.ExecResult, tags=["exec"])
     async def exec_buffered(name: str, body: models.ExecCreate) -> models.ExecResult:
         mm = mgr.get(name)
-        proc = await call(mm.exec, body)
         stdin = body.stdin.encode() if body.stdin is not None else None
+        started: list[Process] = []
+
+        def run() -> dict[str, Any]:  # one thread for start and wait: one hand-off
+            started.append(mm.exec(body))
+            return _finish(started[0], stdin, body.timeout)
+
         try:
-            end = await call(_finish, proc, stdin, body.timeout)
-        except BaseException:
-            with contextlib.suppress(AgentError):
-                proc.signal(signal.SIGKILL)
+            end = await call(run)
+        except asyncio.CancelledError:  # the client went away: so does the process
+            if started:
+                with contextlib.suppress(AgentError):
+                    started[0].signal(signal.SIGKILL)
             raise
+        proc = started[0]
         if end["type"] == "error":
             return models.ExecResult(exit_code=end["exit_code"], stdout="",
                                      stderr=end["message"] + "\n")
