@@ -7,6 +7,7 @@ socket (the SDK has its own tests), so these tests pin the contract itself.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -466,3 +467,30 @@ def test_vmm_is_confined_where_cgroups_allow(api: httpx.Client, service: str) ->
     assert int(limits["memory_max_bytes"]) > 256 << 20
     procs = Path(limits["cgroup"]) / "cgroup.procs"
     assert str(m["pid"]) in procs.read_text().split()
+
+
+def test_daemon_killed_during_a_start(api: httpx.Client, daemon: Daemon) -> None:
+    created = create(api, name="halfway", cmd=["sleep", "3600"])
+    root = daemon.home / "machines" / "daemon" / created["id"]
+
+    def start_it() -> None:
+        with daemon.http() as c, contextlib.suppress(httpx.TransportError):
+            c.post("/v1/machines/halfway/start")
+
+    t = threading.Thread(target=start_it)
+    t.start()
+    deadline = time.monotonic() + 20
+    while not _qemus(root):  # QEMU is up, the guest is still booting
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    daemon.stop(signal.SIGKILL)
+    t.join(30)
+    daemon.start()
+    with daemon.http() as c:
+        m = c.get("/v1/machines/halfway").json()
+        assert m["state"] == "crashed"
+        assert m["reason"] == "the daemon stopped while the machine was starting"
+        assert not _qemus(root)
+        start(c, "halfway")  # and it can be started again
+        assert run(c, "halfway", "echo", "ok")["stdout"] == "ok\n"
+        delete(c, "halfway")

@@ -519,6 +519,9 @@ class Managed:
         """Take the machine over from an earlier daemon, or record that it died meanwhile."""
         with self.lock:
             paused = bool(self.doc.get("_paused"))
+            if self.state in ("starting", "stopping"):
+                self._abandon()
+                return
             try:
                 m = Machine.adopt(self.state_dir, connect_agent=False)
             except (VMMError, OSError) as exc:
@@ -539,6 +542,31 @@ class Managed:
                 self.save()
                 return
             self._reconnect(m, gen)
+
+    def _abandon(self) -> None:
+        """A machine the last daemon left half started or half stopped: finish it off.
+
+        Its main process may never have been started (or its stop was under
+        way), so it is not re-adopted: its QEMU is killed, and a start that was
+        cut short counts as a crash (the restart policy applies).
+        """
+        was = self.state
+        try:
+            m = Machine.adopt(self.state_dir, connect_agent=False)
+        except (VMMError, OSError):
+            m = None
+        if m is not None:
+            m.kill()
+            m.close(remove_state=False)
+            self._free_memory(m)
+        if was == "starting":
+            reason = "the daemon stopped while the machine was starting"
+            self._set("crashed", detail=reason, reason=reason, pid=None, finished_at=now(),
+                      _main_channel=None, limits={})
+            self._maybe_restart(failed=True)
+        else:
+            self._set("stopped", detail="stopped by request", reason="stopped by request",
+                      pid=None, finished_at=now(), _main_channel=None, limits={})
 
     def _reconnect(self, m: Machine, gen: int) -> None:
         try:
@@ -765,6 +793,12 @@ class Manager:
             mm = Managed(self, doc)
             with self._lock:
                 self._machines[mm.id] = mm
+        known = {mm.id for mm in self.all()}
+        for entry in os.scandir(self.machines_root):
+            # a create cut short before its record was written
+            if entry.name not in known and entry.is_dir(follow_symlinks=False):
+                log.info("removing %s: no machine record", entry.path)
+                shutil.rmtree(entry.path, ignore_errors=True)
         for mm in self.all():
             if mm.state in ACTIVE:
                 try:
