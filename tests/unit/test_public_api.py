@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ember
 import ember.agent
 import ember.images
+import ember.sdk
 import ember.vmm
 
 
@@ -22,7 +24,18 @@ def test_vmm_public_names() -> None:
                                     "PortUnavailable", "VMProcess", "parse_port"}
 
 
+def test_sdk_public_names() -> None:
+    assert set(ember.sdk.__all__) == {
+        "Client", "AsyncClient", "Images", "Machines", "MachineHandle", "AsyncImages",
+        "AsyncMachines", "AsyncMachineHandle", "ExecEvent", "ExecSession", "parse_port",
+        "APIError", "NotFound", "Conflict", "InvalidRequest", "Unauthorized",
+        "DaemonUnavailable"}
+    assert ember.Client is ember.sdk.Client and ember.AsyncClient is ember.sdk.AsyncClient
+    assert issubclass(ember.sdk.APIError, ember.errors.EmberError)
+    assert issubclass(ember.sdk.DaemonUnavailable, ember.errors.EmberError)
+
+
 def test_every_public_name_exists() -> None:
-    for module in (ember.agent, ember.images, ember.vmm):
+    for module in (ember, ember.agent, ember.images, ember.sdk, ember.vmm):
         for name in module.__all__:
             assert hasattr(module, name), f"{module.__name__}.{name}"

@@ -1,0 +1,331 @@
+"""What the sync and async clients share: where the daemon is, request bodies, parsing.
+
+Nothing here does I/O, so :mod:`ember.sdk.client` and :mod:`ember.sdk.aio`
+differ only in how they send a request and wait for its answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import ipaddress
+import json
+import os
+import posixpath
+import tarfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from pydantic import ValidationError
+
+from ember import paths
+from ember.api import models
+from ember.errors import EmberError
+from ember.sdk.errors import APIError, InvalidRequest, error_for
+
+#: Seconds for a plain request (start waits for a boot; a busy TCG host boots slowly).
+DEFAULT_TIMEOUT = 300.0
+#: Seconds to connect: the daemon is local, so a slow connect means it is not there.
+CONNECT_TIMEOUT = 5.0
+#: The host part of URLs on the Unix socket (any name works; this one reads well in logs).
+UNIX_BASE_URL = "http://ember"
+
+PortLike = models.PortSpec | Mapping[str, Any] | str | int
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where the daemon listens: a Unix socket, or a TCP ``base_url`` with a bearer token."""
+
+    base_url: str
+    socket_path: Path | None = None
+    token: str | None = None
+
+    def describe(self) -> str:
+        return str(self.socket_path) if self.socket_path is not None else self.base_url
+
+    def headers(self) -> dict[str, str]:
+        if self.socket_path is None and self.token:
+            return {"Authorization": f"Bearer {self.token}"}
+        return {}
+
+    def ws_url(self, path: str) -> str:
+        base = UNIX_BASE_URL if self.socket_path is not None else self.base_url
+        scheme, rest = base.split("://", 1)
+        return ("wss" if scheme == "https" else "ws") + "://" + rest + path
+
+
+def default_socket() -> Path:
+    return paths.data_dir() / "ember.sock"
+
+
+def resolve_endpoint(socket_path: str | os.PathLike[str] | None, base_url: str | None,
+                     token: str | None) -> Endpoint:
+    """The daemon's address from the arguments, else ``EMBER_HOST``, else the default socket.
+
+    ``EMBER_HOST`` (or ``base_url``) is ``http://HOST:PORT``, ``HOST:PORT`` or
+    ``unix:///path/to/ember.sock``; the token defaults to ``EMBER_TOKEN``.
+    """
+    if socket_path is not None and base_url is not None:
+        raise ValueError("give socket_path or base_url, not both")
+    if socket_path is None and base_url is None:
+        base_url = os.environ.get("EMBER_HOST") or None
+    if base_url is not None and base_url.startswith("unix://"):
+        socket_path, base_url = base_url[len("unix://"):], None
+    if base_url is None:
+        sock = Path(os.path.abspath(socket_path)) if socket_path is not None else default_socket()
+        return Endpoint(UNIX_BASE_URL, sock, None)
+    url = base_url.rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"base_url {base_url!r}: expected http://HOST:PORT or unix:///PATH")
+    return Endpoint(url, None, token if token is not None else os.environ.get("EMBER_TOKEN"))
+
+
+# ------------------------------------------------------------ errors
+
+
+def api_error(status: int, body: bytes) -> APIError:
+    """The exception for a 4xx/5xx answer, carrying the API's own message."""
+    try:
+        err = json.loads(body)["error"]
+        code, message = str(err["code"]), str(err["message"])
+    except (ValueError, KeyError, TypeError):
+        code = "error"
+        text = body.decode(errors="replace").strip().splitlines()
+        message = text[0][:500] if text else f"the daemon answered HTTP {status}"
+    return error_for(status, code, message)
+
+
+def invalid(message: str) -> InvalidRequest:
+    """A request refused before it was sent, as the daemon would have refused it."""
+    return InvalidRequest(422, "invalid", message)
+
+
+def validation_message(exc: ValidationError) -> str:
+    parts = []
+    for e in exc.errors()[:3]:
+        loc = ".".join(str(x) for x in e.get("loc", ()))
+        msg = "unknown field" if e.get("type") == "extra_forbidden" else str(e.get("msg"))
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+# ------------------------------------------------------------ request bodies
+
+
+def quote_ref(ref: str) -> str:
+    """An image reference in a URL path: ``:`` and ``/`` stay (the route takes a path)."""
+    if not ref:
+        raise invalid("an image reference must not be empty")
+    return quote(ref, safe="/:@")
+
+
+def quote_name(name: str) -> str:
+    if not name:
+        raise invalid("a machine name must not be empty")
+    return quote(name, safe="")
+
+
+def parse_port(text: str) -> models.PortSpec:
+    """``-p`` syntax: ``HOST:GUEST``, ``IP:HOST:GUEST`` or ``GUEST`` (optionally ``/tcp``).
+
+    A missing or ``0`` host port lets the daemon pick a free one.
+
+    Raises:
+        InvalidRequest: malformed text, a port out of range, an address that is not IPv4,
+            or a protocol other than tcp.
+    """
+    spec = text.strip()
+    usage = "use HOST:GUEST, IP:HOST:GUEST or GUEST"
+    if not spec:
+        raise invalid(f"empty port mapping: {usage}")
+    if "/" in spec:
+        spec, proto = spec.rsplit("/", 1)
+        if proto.lower() != "tcp":
+            raise invalid(f"invalid port mapping {text!r}: only tcp ports can be published")
+    parts = spec.split(":")
+    if len(parts) > 3:
+        raise invalid(f"invalid port mapping {text!r}: {usage}")
+    guest = parts[-1]
+    host = parts[-2] if len(parts) >= 2 else ""
+    host_ip = (parts[0] if len(parts) == 3 else "") or "127.0.0.1"
+
+    def port(value: str, what: str, lo: int) -> int:
+        if not value.isascii() or not value.isdigit() or not lo <= int(value) <= 65535:
+            raise invalid(f"invalid port mapping {text!r}: {what} port {value!r} is not a "
+                          f"number from {lo} to 65535")
+        return int(value)
+
+    try:
+        ipaddress.IPv4Address(host_ip)
+    except ValueError:
+        raise invalid(f"invalid port mapping {text!r}: {host_ip!r} is not an IPv4 "
+                      "address") from None
+    return models.PortSpec(guest_port=port(guest, "guest", 1),
+                           host_port=port(host, "host", 0) if host else 0, host_ip=host_ip)
+
+
+def port_spec(value: PortLike) -> models.PortSpec:
+    if isinstance(value, models.PortSpec):
+        return value
+    if isinstance(value, bool):
+        raise invalid(f"invalid port {value!r}")
+    if isinstance(value, int):
+        return parse_port(str(value))
+    if isinstance(value, str):
+        return parse_port(value)
+    try:
+        return models.PortSpec.model_validate(dict(value))
+    except ValidationError as exc:
+        raise invalid(f"ports: {validation_message(exc)}") from None
+
+
+def _argv(value: Sequence[str] | None, what: str) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str | bytes):
+        raise invalid(f"{what} must be a list of strings, e.g. [\"sh\", \"-c\", \"...\"]")
+    return [str(a) for a in value]
+
+
+def machine_create_body(image: str, *, name: str | None, cpus: int, memory_mib: int,
+                        env: Mapping[str, str] | None, cmd: Sequence[str] | None,
+                        entrypoint: Sequence[str] | None, workdir: str | None,
+                        user: str | None, hostname: str | None,
+                        ports: Sequence[PortLike] | None, network: str,
+                        restart: str) -> dict[str, Any]:
+    """The JSON body of ``POST /v1/machines``, checked against the contract before sending."""
+    try:
+        body = models.MachineCreate(
+            image=image, name=name, cpus=cpus, memory_mib=memory_mib, env=dict(env or {}),
+            cmd=_argv(cmd, "cmd"), entrypoint=_argv(entrypoint, "entrypoint"),
+            workdir=workdir, user=user, hostname=hostname,
+            ports=[port_spec(p) for p in ports or ()],
+            network=models.NetworkMode(network), restart=models.RestartPolicy(restart))
+    except ValidationError as exc:
+        raise invalid(validation_message(exc)) from None
+    except ValueError as exc:  # an enum value
+        raise invalid(str(exc)) from None
+    return body.model_dump(mode="json", exclude_none=True)
+
+
+def exec_body(cmd: Sequence[str], *, env: Mapping[str, str] | None, workdir: str | None,
+              user: str | None, tty: bool, stdin: bytes | str | None,
+              timeout: float | None) -> dict[str, Any]:
+    """The JSON body of the exec endpoints (``ExecCreate``)."""
+    if isinstance(stdin, bytes | bytearray):
+        try:
+            stdin = bytes(stdin).decode()
+        except UnicodeDecodeError:
+            raise invalid("stdin must be UTF-8 text for exec (use exec_session for "
+                          "binary input)") from None
+    try:
+        body = models.ExecCreate(cmd=_argv(cmd, "cmd") or [], env=dict(env or {}),
+                                 workdir=workdir, user=user, tty=tty, stdin=stdin,
+                                 timeout=timeout)
+    except ValidationError as exc:
+        raise invalid(validation_message(exc)) from None
+    return body.model_dump(mode="json", exclude_none=True)
+
+
+def request_timeout(default: float | None, exec_timeout: float | None) -> float | None:
+    """An exec may run as long as it was allowed to, plus time to report."""
+    if default is None:
+        return None
+    if exec_timeout is None:
+        return None
+    return max(default, exec_timeout + 30.0)
+
+
+# ------------------------------------------------------------ responses
+
+
+@dataclass(frozen=True)
+class ExecEvent:
+    """One event of a streamed exec, with output decoded to bytes.
+
+    ``type`` is ``started`` (``pid``), ``stdout`` / ``stderr`` (``data``),
+    ``exit`` (``exit_code``, ``signal``, ``timed_out``; always the last) or
+    ``error`` (``message``, ``exit_code``: the process could not be run or the
+    machine went away).
+    """
+
+    type: str
+    data: bytes = b""
+    pid: int | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    timed_out: bool = False
+    message: str | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.type in ("exit", "error")
+
+
+def decode_exec_event(line: bytes | str) -> ExecEvent:
+    try:
+        ev = models.ExecEvent.model_validate_json(line)
+    except ValidationError as exc:
+        raise EmberError(f"the daemon sent a malformed exec event: "
+                         f"{validation_message(exc)}") from None
+    return ExecEvent(type=ev.type, data=base64.b64decode(ev.data) if ev.data else b"",
+                     pid=ev.pid, exit_code=ev.exit_code, signal=ev.signal,
+                     timed_out=bool(ev.timed_out), message=ev.message)
+
+
+def parse_list(model: type[models.Image] | type[models.Machine], data: bytes) -> list[Any]:
+    return [model.model_validate(x) for x in json.loads(data)]
+
+
+# ------------------------------------------------------------ files
+
+
+def single_file_tar(name: str, data: bytes, mode: int) -> bytes:
+    """A tar holding one regular file ``name``, owned by root (as ``docker cp`` makes it)."""
+    buf = io.BytesIO()
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = mode & 0o7777
+    info.mtime = int(time.time())
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def split_guest_path(path: str) -> tuple[str, str]:
+    """``/a/b/c`` -> (``/a/b``, ``c``); the guest path must name a file, not ``/``."""
+    norm = posixpath.normpath("/" + path.lstrip("/")) if path else ""
+    parent, name = posixpath.split(norm)
+    if not name:
+        raise invalid(f"{path!r} does not name a file")
+    return parent, name
+
+
+def guest_abs(path: str) -> str:
+    """Guest paths are absolute, or relative to ``/`` (as with ``docker cp``)."""
+    if not path:
+        raise invalid("the guest path must not be empty")
+    return path if path.startswith("/") else "/" + path
+
+
+def file_from_tar(tar_bytes: bytes, path: str) -> bytes:
+    """The one regular file in an archive from ``GET /files``."""
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes), mode="r:") as tf:
+        first = tf.next()
+        if first is None:
+            raise EmberError(f"{path}: the daemon sent an empty archive")
+        if first.isdir():
+            raise EmberError(f"{path} is a directory: use get_archive")
+        if first.issym():
+            raise EmberError(f"{path} is a symlink to {first.linkname}")
+        f = tf.extractfile(first)
+        if f is None:
+            raise EmberError(f"{path} is not a regular file")
+        return f.read()

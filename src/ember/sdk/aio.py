@@ -1,0 +1,339 @@
+"""The asynchronous client: :class:`AsyncClient`, the mirror of :class:`ember.Client`.
+
+Same names, same arguments, same results and errors; methods are coroutines
+and streams are async iterators::
+
+    async with ember.AsyncClient() as client:
+        async with await client.machines.create("app:1", cmd=["sleep", "600"]) as m:
+            res = await m.exec(["echo", "hi"])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import IO, Any, TypeVar
+
+import httpx
+
+from ember.api import models
+from ember.sdk import _common as c
+from ember.sdk._common import ExecEvent, PortLike
+from ember.sdk.client import DEFAULT, _Default, _unreachable
+from ember.sdk.errors import DaemonUnavailable, NotFound
+
+T = TypeVar("T")
+_UPLOAD_CHUNK = 1 << 20
+
+
+class AsyncClient:
+    """A connection to the Ember daemon for asyncio (or trio) code; see :class:`ember.Client`."""
+
+    def __init__(self, socket_path: str | os.PathLike[str] | None = None, *,
+                 base_url: str | None = None, token: str | None = None,
+                 timeout: float | None = c.DEFAULT_TIMEOUT, autostart: bool = False,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.endpoint = c.resolve_endpoint(socket_path, base_url, token)
+        self.timeout = timeout
+        self._autostart = autostart and self.endpoint.socket_path is not None
+        sock = self.endpoint.socket_path
+        if transport is None and sock is not None:
+            transport = httpx.AsyncHTTPTransport(uds=str(sock))
+        self._http = httpx.AsyncClient(
+            base_url=self.endpoint.base_url, headers=self.endpoint.headers(),
+            transport=transport,
+            timeout=httpx.Timeout(timeout, connect=c.CONNECT_TIMEOUT), trust_env=False)
+        self.images = AsyncImages(self)
+        self.machines = AsyncMachines(self)
+
+    @classmethod
+    async def connect_or_start(cls, socket_path: str | os.PathLike[str] | None = None, *,
+                               timeout: float | None = c.DEFAULT_TIMEOUT) -> AsyncClient:
+        """A client whose daemon answers: started now (detached) if none did."""
+        client = cls(socket_path, timeout=timeout, autostart=True)
+        try:
+            await client.version()
+        except BaseException:
+            await client.aclose()
+            raise
+        return client
+
+    async def version(self) -> models.Version:
+        resp = await self._request("GET", "/v1/version")
+        return models.Version.model_validate_json(resp.content)
+
+    async def events(self, since: int | None = None,
+                     follow: bool = True) -> AsyncIterator[models.Event]:
+        params: dict[str, Any] = {"follow": follow}
+        if since is not None:
+            params["since"] = since
+        async with self._stream("GET", "/v1/events", params=params) as resp:
+            async for line in resp.aiter_lines():
+                if line.strip():
+                    yield models.Event.model_validate_json(line)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"AsyncClient({self.endpoint.describe()!r})"
+
+    # --- transport
+
+    async def _call(self, send: Callable[[], Awaitable[T]]) -> T:
+        try:
+            try:
+                return await send()
+            except (httpx.ConnectError, httpx.ConnectTimeout):
+                if not self._autostart:
+                    raise
+                import anyio.to_thread
+
+                from ember.sdk.daemon import ensure_daemon
+
+                sock = self.endpoint.socket_path
+                assert sock is not None
+                await anyio.to_thread.run_sync(lambda: ensure_daemon(sock))
+                self._autostart = False
+                return await send()
+        except httpx.ConnectError as exc:
+            raise DaemonUnavailable(_unreachable(self.endpoint, exc)) from None
+        except httpx.TimeoutException:
+            raise DaemonUnavailable(f"the ember daemon at {self.endpoint.describe()} did not "
+                                    "answer in time") from None
+        except httpx.TransportError as exc:
+            raise DaemonUnavailable(f"lost the connection to the ember daemon at "
+                                    f"{self.endpoint.describe()}: {exc}") from None
+
+    async def _request(self, method: str, path: str, *,
+                       params: Mapping[str, Any] | None = None, json: Any = None,
+                       content: Any = None, headers: Mapping[str, str] | None = None,
+                       timeout: float | None | _Default = DEFAULT) -> httpx.Response:
+        kw: dict[str, Any] = {"params": params, "json": json, "content": content,
+                              "headers": headers}
+        if not isinstance(timeout, _Default):
+            kw["timeout"] = httpx.Timeout(timeout, connect=c.CONNECT_TIMEOUT)
+        resp = await self._call(lambda: self._http.request(method, path, **kw))
+        if resp.status_code >= 400:
+            raise c.api_error(resp.status_code, resp.content)
+        return resp
+
+    @contextlib.asynccontextmanager
+    async def _stream(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
+                      json: Any = None) -> AsyncIterator[httpx.Response]:
+        req = self._http.build_request(method, path, params=params, json=json,
+                                       timeout=httpx.Timeout(None, connect=c.CONNECT_TIMEOUT))
+        resp = await self._call(lambda: self._http.send(req, stream=True))
+        try:
+            if resp.status_code >= 400:
+                await resp.aread()
+                raise c.api_error(resp.status_code, resp.content)
+            yield resp
+        except httpx.TransportError as exc:
+            raise DaemonUnavailable(f"lost the connection to the ember daemon at "
+                                    f"{self.endpoint.describe()}: {exc}") from None
+        finally:
+            await resp.aclose()
+
+
+class AsyncImages:
+    """``client.images`` of an :class:`AsyncClient`."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def list(self) -> list[models.Image]:
+        resp = await self._c._request("GET", "/v1/images")
+        return c.parse_list(models.Image, resp.content)
+
+    async def get(self, ref: str) -> models.Image:
+        resp = await self._c._request("GET", f"/v1/images/{c.quote_ref(ref)}")
+        return models.Image.model_validate_json(resp.content)
+
+    async def import_path(self, path: str | os.PathLike[str],
+                          tag: str | None = None) -> models.Image:
+        body = {"path": os.path.abspath(path)} | ({"tag": tag} if tag is not None else {})
+        resp = await self._c._request("POST", "/v1/images/import", json=body, timeout=None)
+        return models.Image.model_validate_json(resp.content)
+
+    async def upload(self, source: str | os.PathLike[str] | IO[bytes] | bytes,
+                     tag: str | None = None) -> models.Image:
+        params = {"tag": tag} if tag is not None else None
+        headers = {"content-type": "application/x-tar"}
+        if isinstance(source, bytes):
+            content: Any = source
+            resp = await self._c._request("POST", "/v1/images/upload", params=params,
+                                          content=content, headers=headers, timeout=None)
+            return models.Image.model_validate_json(resp.content)
+        if isinstance(source, str | os.PathLike):
+            with open(source, "rb") as f:
+                return await self.upload(f, tag)
+        resp = await self._c._request("POST", "/v1/images/upload", params=params,
+                                      content=_achunks(source), headers=headers, timeout=None)
+        return models.Image.model_validate_json(resp.content)
+
+    async def remove(self, ref: str) -> None:
+        await self._c._request("DELETE", f"/v1/images/{c.quote_ref(ref)}")
+
+
+async def _achunks(f: IO[bytes]) -> AsyncIterator[bytes]:
+    import anyio.to_thread
+
+    while chunk := await anyio.to_thread.run_sync(f.read, _UPLOAD_CHUNK):
+        yield chunk
+
+
+class AsyncMachines:
+    """``client.machines`` of an :class:`AsyncClient`."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def create(self, image: str, *, name: str | None = None, cpus: int = 1,
+                     memory_mib: int = 256, env: Mapping[str, str] | None = None,
+                     cmd: Sequence[str] | None = None, entrypoint: Sequence[str] | None = None,
+                     workdir: str | None = None, user: str | None = None,
+                     hostname: str | None = None, ports: Sequence[PortLike] | None = None,
+                     network: str = "user", restart: str = "no", start: bool = True
+                     ) -> AsyncMachineHandle:
+        """See :meth:`ember.sdk.client.Machines.create`."""
+        body = c.machine_create_body(
+            image, name=name, cpus=cpus, memory_mib=memory_mib, env=env, cmd=cmd,
+            entrypoint=entrypoint, workdir=workdir, user=user, hostname=hostname, ports=ports,
+            network=network, restart=restart)
+        resp = await self._c._request("POST", "/v1/machines", json=body)
+        handle = AsyncMachineHandle(self._c, models.Machine.model_validate_json(resp.content))
+        if start:
+            try:
+                await handle.start()
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await handle.remove(force=True)
+                raise
+        return handle
+
+    async def list(self, all: bool = True) -> list[AsyncMachineHandle]:
+        resp = await self._c._request("GET", "/v1/machines", params={"all": all})
+        return [AsyncMachineHandle(self._c, m)
+                for m in c.parse_list(models.Machine, resp.content)]
+
+    async def get(self, name: str) -> AsyncMachineHandle:
+        resp = await self._c._request("GET", f"/v1/machines/{c.quote_name(name)}")
+        return AsyncMachineHandle(self._c, models.Machine.model_validate_json(resp.content))
+
+
+class AsyncMachineHandle:
+    """One machine, for async code; ``async with`` removes it (forcibly) on exit."""
+
+    def __init__(self, client: AsyncClient, info: models.Machine) -> None:
+        self._c = client
+        self.info = info
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def state(self) -> models.MachineState:
+        return self.info.state
+
+    @property
+    def ports(self) -> list[models.Port]:
+        return self.info.ports
+
+    def __repr__(self) -> str:
+        return f"<AsyncMachineHandle {self.name} ({self.info.state.value})>"
+
+    async def __aenter__(self) -> AsyncMachineHandle:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        with contextlib.suppress(NotFound):
+            await self.remove(force=True)
+
+    @property
+    def _path(self) -> str:
+        return f"/v1/machines/{c.quote_name(self.id)}"
+
+    def _update(self, resp: httpx.Response) -> models.Machine:
+        self.info = models.Machine.model_validate_json(resp.content)
+        return self.info
+
+    async def refresh(self) -> models.Machine:
+        return self._update(await self._c._request("GET", self._path))
+
+    async def start(self) -> models.Machine:
+        return self._update(await self._c._request("POST", f"{self._path}/start"))
+
+    async def stop(self, timeout: float = 10) -> models.Machine:
+        return self._update(await self._c._request(
+            "POST", f"{self._path}/stop", params={"timeout": timeout},
+            timeout=max(self._c.timeout, timeout + 60) if self._c.timeout else None))
+
+    async def kill(self) -> models.Machine:
+        return self._update(await self._c._request("POST", f"{self._path}/kill"))
+
+    async def pause(self) -> models.Machine:
+        return self._update(await self._c._request("POST", f"{self._path}/pause"))
+
+    async def resume(self) -> models.Machine:
+        return self._update(await self._c._request("POST", f"{self._path}/resume"))
+
+    async def remove(self, force: bool = False) -> None:
+        await self._c._request("DELETE", self._path, params={"force": force})
+
+    async def exec(self, cmd: Sequence[str], *, env: Mapping[str, str] | None = None,
+                   workdir: str | None = None, user: str | None = None, tty: bool = False,
+                   stdin: bytes | str | None = None, timeout: float | None = None
+                   ) -> models.ExecResult:
+        body = c.exec_body(cmd, env=env, workdir=workdir, user=user, tty=tty, stdin=stdin,
+                           timeout=timeout)
+        resp = await self._c._request("POST", f"{self._path}/exec", json=body,
+                                      timeout=c.request_timeout(self._c.timeout, timeout))
+        return models.ExecResult.model_validate_json(resp.content)
+
+    async def exec_stream(self, cmd: Sequence[str], *, env: Mapping[str, str] | None = None,
+                          workdir: str | None = None, user: str | None = None,
+                          tty: bool = False, stdin: bytes | str | None = None,
+                          timeout: float | None = None) -> AsyncIterator[ExecEvent]:
+        body = c.exec_body(cmd, env=env, workdir=workdir, user=user, tty=tty, stdin=stdin,
+                           timeout=timeout)
+        async with self._c._stream("POST", f"{self._path}/exec/stream", json=body) as resp:
+            async for line in resp.aiter_lines():
+                if line.strip():
+                    yield c.decode_exec_event(line)
+
+    async def logs(self, source: str = "output", follow: bool = False,
+                   tail: int = 0) -> AsyncIterator[bytes]:
+        params = {"source": source, "follow": follow, "tail": tail}
+        async with self._c._stream("GET", f"{self._path}/logs", params=params) as resp:
+            async for chunk in resp.aiter_bytes():
+                yield chunk
+
+    async def put_archive(self, dest_dir: str, tar_bytes: bytes) -> None:
+        await self._c._request("PUT", f"{self._path}/files",
+                               params={"path": c.guest_abs(dest_dir)}, content=tar_bytes,
+                               headers={"content-type": "application/x-tar"}, timeout=None)
+
+    async def get_archive(self, path: str) -> bytes:
+        resp = await self._c._request("GET", f"{self._path}/files",
+                                      params={"path": c.guest_abs(path)}, timeout=None)
+        return resp.content
+
+    async def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+        parent, name = c.split_guest_path(c.guest_abs(path))
+        await self.put_archive(parent, c.single_file_tar(name, data, mode))
+
+    async def get_file(self, path: str) -> bytes:
+        return c.file_from_tar(await self.get_archive(path), path)

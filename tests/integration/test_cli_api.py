@@ -1,0 +1,137 @@
+"""The daemon-backed CLI (`ember run -d`, ps, exec, cp, logs...) as a user types it."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from conftest import Daemon
+
+
+def ember(*args: str, stdin: bytes | None = None,
+          timeout: float = 120) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "ember", *args], capture_output=True,
+                          input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL,
+                          timeout=timeout, env=os.environ.copy())
+
+
+def ok(*args: str, stdin: bytes | None = None) -> str:
+    proc = ember(*args, stdin=stdin)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout.decode()
+
+
+@pytest.fixture(scope="module")
+def svc(daemon: Daemon) -> Iterator[str]:
+    """`ember run -d`: a running service machine for the module."""
+    name = ok("run", "-d", "--name", "cli-svc", "-p", "8080", "-e", "WHO=cli",
+              "sample:latest", "--", "sh", "-c", "echo service up; exec sleep 3600").strip()
+    assert name == "cli-svc"
+    yield name
+    ember("rm", "-f", name)
+
+
+def test_run_detached_shows_in_ps_and_port(svc: str) -> None:
+    assert svc in ok("ps").split()
+    (m,) = [m for m in json.loads(ok("ps", "--json")) if m["name"] == svc]
+    assert m["state"] == "running"
+    (port,) = json.loads(ok("port", svc, "--json"))
+    assert ok("port", svc).strip() == f"8080/tcp -> 127.0.0.1:{port['host_port']}"
+    assert json.loads(ok("inspect", svc))["env"] == {"WHO": "cli"}
+
+
+def test_exec_keeps_streams_apart_and_exits_with_the_commands_status(svc: str) -> None:
+    proc = ember("exec", svc, "--", "sh", "-c", "echo $WHO; echo err >&2; exit 7")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (7, b"cli\n", b"err\n")
+    proc = ember("exec", svc, "--", "wc", "-c", stdin=b"\xff\x00binary")
+    assert (proc.returncode, proc.stdout.split()[0]) == (0, b"8")
+    proc = ember("exec", svc, "--", "nosuch")
+    assert proc.returncode == 127 and proc.stderr.startswith(b"ember: error: ")
+
+
+def test_exec_it_gives_a_terminal(svc: str) -> None:
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: ember exec -it on a real terminal
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+        os.execv(sys.executable, [sys.executable, "-m", "ember", "exec", "-it", svc, "--",
+                                  "sh", "-c", "stty size; read x; echo got $x; exit 9"])
+    out = b""
+    sent = False
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            if not sent and b"30 100" in out:  # the guest terminal is up, with our size
+                os.write(fd, b"typed\r")
+                sent = True
+            if select.select([fd], [], [], 0.2)[0]:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                out += chunk
+    finally:
+        if time.monotonic() >= deadline:
+            os.kill(pid, signal.SIGKILL)
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 9, out
+    assert b"got typed" in out
+
+
+def test_logs(svc: str) -> None:
+    deadline = time.monotonic() + 10
+    while "service up" not in ok("logs", svc):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert ok("logs", "--tail", "1", svc) == "service up\n"
+
+
+def test_cp_both_ways(svc: str, tmp_path: Path) -> None:
+    src = tmp_path / "tree"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "f.txt").write_text("payload\n")
+    ok("cp", str(src), f"{svc}:/srv/")
+    assert ok("exec", svc, "--", "cat", "/srv/tree/sub/f.txt") == "payload\n"
+    ok("cp", str(src / "sub" / "f.txt"), f"{svc}:/srv/renamed.txt")
+    assert ok("exec", svc, "--", "cat", "/srv/renamed.txt") == "payload\n"
+    back = tmp_path / "back"
+    ok("cp", f"{svc}:/srv/tree", str(back))
+    assert (back / "sub" / "f.txt").read_text() == "payload\n"
+    ok("cp", f"{svc}:/etc/hostname", str(tmp_path))
+    assert (tmp_path / "hostname").read_text() == f"{svc}\n"
+    proc = ember("cp", f"{svc}:/no/such", str(tmp_path))
+    assert proc.returncode == 125 and len(proc.stderr.splitlines()) == 1
+
+
+def test_lifecycle_commands(daemon: Daemon) -> None:
+    name = ok("create", "--name", "cli-life", "sample:latest", "--", "sleep", "600").strip()
+    assert name == "cli-life"
+    assert "cli-life" not in ok("ps").split() and "cli-life" in ok("ps", "-a").split()
+    ok("start", name)
+    ok("pause", name)
+    assert json.loads(ok("inspect", name))["state"] == "paused"
+    ok("resume", name)
+    proc = ember("rm", name)
+    assert proc.returncode == 125 and b"running" in proc.stderr
+    ok("stop", "-t", "1", name)
+    assert json.loads(ok("inspect", "--json", name))["state"] == "stopped"
+    ok("rm", name)
+    proc = ember("inspect", name)
+    assert proc.returncode == 125 and proc.stderr.decode().startswith("ember: error: ")

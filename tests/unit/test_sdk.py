@@ -1,0 +1,427 @@
+"""The SDK against a scripted daemon (httpx.MockTransport): requests sent, answers parsed,
+errors mapped, machines cleaned up; and the on-demand start of the daemon, with a stub."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import ember
+from ember.sdk import (
+    APIError,
+    AsyncClient,
+    Client,
+    Conflict,
+    DaemonUnavailable,
+    InvalidRequest,
+    NotFound,
+    Unauthorized,
+    daemon,
+)
+
+MACHINE = {
+    "id": "abc123def456", "name": "web", "image": "sample:latest", "image_id": "sha256:00",
+    "state": "created", "cpus": 1, "memory_mib": 256, "env": {}, "cmd": ["sleep", "600"],
+    "entrypoint": None, "workdir": None, "user": None, "hostname": "web", "network": "user",
+    "ports": [], "restart": "no", "created_at": "2024-01-01T00:00:00Z",
+}
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+class Daemon:
+    """A scripted daemon: routes ``(METHOD, path)`` to answers, records every request."""
+
+    def __init__(self) -> None:
+        self.requests: list[httpx.Request] = []
+        self.routes: dict[tuple[str, str], Handler] = {}
+
+    def on(self, method: str, path: str, status: int = 200, body: Any = None, *,
+           content: bytes | None = None) -> None:
+        def answer(_: httpx.Request) -> httpx.Response:
+            if content is not None:
+                return httpx.Response(status, content=content)
+            return httpx.Response(status, json=body) if body is not None else \
+                httpx.Response(status)
+        self.routes[(method, path)] = answer
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        request.read()
+        self.requests.append(request)
+        route = self.routes.get((request.method, request.url.path))
+        if route is None:
+            return httpx.Response(404, json={"error": {"code": "not_found",
+                                                       "message": "no such route"}})
+        return route(request)
+
+    def client(self, **kw: Any) -> Client:
+        return Client(base_url="http://ember.test", transport=httpx.MockTransport(self.handle),
+                      **kw)
+
+    def aclient(self, **kw: Any) -> AsyncClient:
+        return AsyncClient(base_url="http://ember.test",
+                           transport=httpx.MockTransport(self.handle), **kw)
+
+    def sent(self, method: str, path: str) -> list[httpx.Request]:
+        return [r for r in self.requests if r.method == method and r.url.path == path]
+
+
+def err(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}
+
+
+@pytest.fixture
+def d() -> Daemon:
+    return Daemon()
+
+
+# ------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(("status", "code", "cls"), [
+    (404, "not_found", NotFound), (409, "conflict", Conflict), (422, "invalid", InvalidRequest),
+    (400, "bad_request", InvalidRequest), (401, "unauthorized", Unauthorized),
+    (500, "internal", APIError),
+])
+def test_api_errors_become_typed_exceptions_with_the_apis_message(
+        d: Daemon, status: int, code: str, cls: type[APIError]) -> None:
+    d.on("GET", "/v1/machines/web", status, err(code, f"message for {status}"))
+    with d.client() as c, pytest.raises(cls) as info:
+        c.machines.get("web")
+    assert (info.value.status, info.value.code, str(info.value)) == \
+        (status, code, f"message for {status}")
+    assert isinstance(info.value, ember.errors.EmberError)
+
+
+def test_an_error_without_the_error_body_still_has_one_line(d: Daemon) -> None:
+    d.on("GET", "/v1/version", 502, content=b"Bad gateway\n<html>...</html>")
+    with d.client() as c, pytest.raises(APIError) as info:
+        c.version()
+    assert str(info.value) == "Bad gateway" and info.value.status == 502
+
+
+def test_no_socket_is_daemon_unavailable_naming_the_socket(tmp_path: Path) -> None:
+    sock = tmp_path / "ember.sock"
+    with Client(sock) as c, pytest.raises(DaemonUnavailable, match=str(sock)):
+        c.machines.list()
+
+
+def test_tcp_requests_carry_the_token_and_the_socket_none(
+        d: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    d.on("GET", "/v1/version", 200, {"version": "0.1.0", "api": "v1", "accel": "tcg",
+                                     "accel_reason": "no kvm"})
+    monkeypatch.setenv("EMBER_TOKEN", "s3cret")
+    with d.client() as c:
+        assert c.version().accel == "tcg"
+    assert d.requests[-1].headers["authorization"] == "Bearer s3cret"
+    with Client("/tmp/x/ember.sock", transport=httpx.MockTransport(d.handle)) as c:
+        c.version()
+    assert "authorization" not in d.requests[-1].headers
+
+
+def test_ember_host_chooses_tcp_or_a_socket(monkeypatch: pytest.MonkeyPatch,
+                                            tmp_path: Path) -> None:
+    monkeypatch.setenv("EMBER_HOST", "127.0.0.1:7777")
+    with Client() as c:
+        assert c.endpoint.base_url == "http://127.0.0.1:7777" and c.endpoint.socket_path is None
+    monkeypatch.setenv("EMBER_HOST", f"unix://{tmp_path}/s.sock")
+    with Client() as c:
+        assert c.endpoint.socket_path == tmp_path / "s.sock"
+    monkeypatch.delenv("EMBER_HOST")
+    monkeypatch.setenv("EMBER_HOME", str(tmp_path))
+    with Client() as c:
+        assert c.endpoint.socket_path == tmp_path / "ember.sock"
+
+
+# ------------------------------------------------------------- request bodies
+
+
+def test_create_sends_the_contracts_body_then_starts(d: Daemon) -> None:
+    d.on("POST", "/v1/machines", 201, MACHINE)
+    d.on("POST", "/v1/machines/abc123def456/start", 200, {**MACHINE, "state": "running"})
+    with d.client() as c:
+        m = c.machines.create("sample:latest", name="web", cmd=["sleep", "600"],
+                              env={"A": "1"}, ports=["8080:80", 81, "10.0.0.1:9000:90"],
+                              memory_mib=512, restart="on-failure")
+    assert m.state == "running" and m.name == "web"
+    body = json.loads(d.sent("POST", "/v1/machines")[0].content)
+    assert body == {
+        "image": "sample:latest", "name": "web", "cpus": 1, "memory_mib": 512,
+        "env": {"A": "1"}, "cmd": ["sleep", "600"], "network": "user",
+        "restart": "on-failure", "ports": [
+            {"guest_port": 80, "host_port": 8080, "host_ip": "127.0.0.1", "protocol": "tcp"},
+            {"guest_port": 81, "host_port": 0, "host_ip": "127.0.0.1", "protocol": "tcp"},
+            {"guest_port": 90, "host_port": 9000, "host_ip": "10.0.0.1", "protocol": "tcp"}]}
+
+
+def test_a_machine_that_fails_to_boot_is_removed_again(d: Daemon) -> None:
+    d.on("POST", "/v1/machines", 201, MACHINE)
+    d.on("POST", "/v1/machines/abc123def456/start", 500,
+         err("machine_crashed", "QEMU exited unexpectedly"))
+    d.on("DELETE", "/v1/machines/abc123def456", 204)
+    with d.client() as c, pytest.raises(APIError, match="QEMU exited"):
+        c.machines.create("sample:latest")
+    (delete,) = d.sent("DELETE", "/v1/machines/abc123def456")
+    assert delete.url.params["force"] == "true"
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"ports": ["99999"]}, "guest port '99999'"),
+    ({"ports": ["1:2:3:4"]}, "IP:HOST:GUEST"),
+    ({"ports": ["localhost:80:80"]}, "not an IPv4"),
+    ({"ports": ["80/udp"]}, "only tcp"),
+    ({"cmd": "echo hi"}, "list of strings"),
+    ({"cpus": 0}, "cpus"),
+    ({"name": "../x"}, "name"),
+    ({"network": "bridge"}, "bridge"),
+])
+def test_bad_values_are_refused_before_anything_is_sent(d: Daemon, kwargs: dict[str, Any],
+                                                        message: str) -> None:
+    with d.client() as c, pytest.raises(InvalidRequest, match=message):
+        c.machines.create("sample:latest", **kwargs)
+    assert d.requests == []
+
+
+def test_exec_sends_stdin_and_returns_the_result(d: Daemon) -> None:
+    d.on("GET", "/v1/machines/web", 200, MACHINE)
+    d.on("POST", "/v1/machines/abc123def456/exec", 200,
+         {"exit_code": 3, "stdout": "out\n", "stderr": "", "signal": None})
+    with d.client() as c:
+        res = c.machines.get("web").exec(["sh", "-c", "cat; exit 3"], stdin=b"in",
+                                         env={"K": "V"}, timeout=5)
+    assert (res.exit_code, res.stdout) == (3, "out\n")
+    body = json.loads(d.sent("POST", "/v1/machines/abc123def456/exec")[0].content)
+    assert body == {"cmd": ["sh", "-c", "cat; exit 3"], "env": {"K": "V"}, "tty": False,
+                    "stdin": "in", "timeout": 5.0}
+
+
+def test_image_refs_with_slashes_and_colons_stay_in_the_path(d: Daemon) -> None:
+    d.on("DELETE", "/v1/images/reg.io/team/app:1.0", 204)
+    with d.client() as c:
+        c.images.remove("reg.io/team/app:1.0")
+    assert d.requests[0].url.raw_path == b"/v1/images/reg.io/team/app:1.0"
+
+
+def test_upload_streams_a_file_with_its_tag(d: Daemon, tmp_path: Path) -> None:
+    archive = tmp_path / "img.tar"
+    archive.write_bytes(b"x" * 3_000_000)
+    image = {"id": "sha256:1", "short_id": "1", "tags": ["app:1"], "size": 1, "created": "",
+             "layers": 1, "entrypoint": None, "cmd": None, "env": [], "workdir": "", "user": ""}
+    d.on("POST", "/v1/images/upload", 201, image)
+    with d.client() as c:
+        assert c.images.upload(archive, tag="app:1").tags == ["app:1"]
+    req = d.requests[0]
+    assert req.url.params["tag"] == "app:1" and req.content == archive.read_bytes()
+
+
+# ------------------------------------------------------------- streams
+
+
+def ndjson(*events: dict[str, Any]) -> bytes:
+    return b"".join(json.dumps(e).encode() + b"\n" for e in events)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_exec_stream_yields_decoded_bytes_and_the_exit(d: Daemon) -> None:
+    d.on("GET", "/v1/machines/web", 200, MACHINE)
+    d.on("POST", "/v1/machines/abc123def456/exec/stream", 200, content=ndjson(
+        {"type": "started", "pid": 7}, {"type": "stdout", "data": b64(b"\xffbin\n")},
+        {"type": "stderr", "data": b64(b"oops")},
+        {"type": "exit", "exit_code": 0, "signal": None, "timed_out": False}))
+    with d.client() as c:
+        events = list(c.machines.get("web").exec_stream(["cat"]))
+    assert [(e.type, e.data) for e in events] == [
+        ("started", b""), ("stdout", b"\xffbin\n"), ("stderr", b"oops"), ("exit", b"")]
+    assert events[0].pid == 7 and events[-1].exit_code == 0 and events[-1].final
+
+
+def test_events_and_logs_stream(d: Daemon) -> None:
+    d.on("GET", "/v1/events", 200, content=ndjson(
+        {"seq": 1, "time": "t", "machine_id": "a", "machine": "web", "type": "created"},
+        {"seq": 2, "time": "t", "machine_id": "a", "machine": "web", "type": "started"}))
+    d.on("GET", "/v1/machines/web", 200, MACHINE)
+    d.on("GET", "/v1/machines/abc123def456/logs", 200, content=b"line 1\nline 2\n")
+    with d.client() as c:
+        assert [e.type for e in c.events(since=0, follow=False)] == ["created", "started"]
+        assert b"".join(c.machines.get("web").logs(tail=2)) == b"line 1\nline 2\n"
+    assert d.sent("GET", "/v1/events")[0].url.params["since"] == "0"
+    assert d.sent("GET", "/v1/machines/abc123def456/logs")[0].url.params["tail"] == "2"
+
+
+def test_a_stream_refused_by_the_daemon_raises(d: Daemon) -> None:
+    d.on("GET", "/v1/machines/web", 200, MACHINE)
+    d.on("POST", "/v1/machines/abc123def456/exec/stream", 409,
+         err("conflict", "machine web is stopped"))
+    with d.client() as c, pytest.raises(Conflict, match="stopped"):
+        list(c.machines.get("web").exec_stream(["true"]))
+
+
+# ------------------------------------------------------------- files, cleanup
+
+
+def test_put_file_and_get_file_speak_tar(d: Daemon) -> None:
+    d.on("GET", "/v1/machines/web", 200, MACHINE)
+    d.on("PUT", "/v1/machines/abc123def456/files", 204)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        info = tarfile.TarInfo("hosts")
+        info.size = 5
+        tf.addfile(info, io.BytesIO(b"hello"))
+    d.on("GET", "/v1/machines/abc123def456/files", 200, content=buf.getvalue())
+    with d.client() as c:
+        m = c.machines.get("web")
+        m.put_file("etc/app/conf", b"data", mode=0o600)
+        assert m.get_file("/etc/hosts") == b"hello"
+    put = d.sent("PUT", "/v1/machines/abc123def456/files")[0]
+    assert put.url.params["path"] == "/etc/app"
+    with tarfile.open(fileobj=io.BytesIO(put.content)) as tf:
+        (member,) = tf.getmembers()
+        assert (member.name, member.mode, member.uid) == ("conf", 0o600, 0)
+        assert tf.extractfile(member).read() == b"data"  # type: ignore[union-attr]
+    assert d.sent("GET", "/v1/machines/abc123def456/files")[0].url.params["path"] == \
+        "/etc/hosts"
+
+
+def test_the_context_manager_removes_the_machine_even_on_error(d: Daemon) -> None:
+    d.on("POST", "/v1/machines", 201, MACHINE)
+    d.on("DELETE", "/v1/machines/abc123def456", 204)
+    with d.client() as c, pytest.raises(RuntimeError):
+        with c.machines.create("sample:latest", start=False):
+            raise RuntimeError("test body failed")
+    (delete,) = d.sent("DELETE", "/v1/machines/abc123def456")
+    assert delete.url.params["force"] == "true"
+
+
+def test_the_context_manager_accepts_a_machine_already_gone(d: Daemon) -> None:
+    d.on("POST", "/v1/machines", 201, MACHINE)
+    with d.client() as c, c.machines.create("sample:latest", start=False) as m:
+        assert m.id == "abc123def456"
+    assert len(d.sent("DELETE", "/v1/machines/abc123def456")) == 1  # 404: fine
+
+
+# ------------------------------------------------------------- async
+
+
+def test_the_async_client_mirrors_the_sync_one(d: Daemon) -> None:
+    d.on("POST", "/v1/machines", 201, MACHINE)
+    d.on("POST", "/v1/machines/abc123def456/start", 200, {**MACHINE, "state": "running"})
+    d.on("POST", "/v1/machines/abc123def456/exec/stream", 200, content=ndjson(
+        {"type": "stdout", "data": b64(b"hi\n")}, {"type": "exit", "exit_code": 4}))
+    d.on("POST", "/v1/machines/abc123def456/pause", 409, err("conflict", "not running"))
+    d.on("DELETE", "/v1/machines/abc123def456", 204)
+
+    async def main() -> list[tuple[str, bytes]]:
+        async with d.aclient() as c:
+            async with await c.machines.create("sample:latest") as m:
+                assert m.state == "running"
+                with pytest.raises(Conflict, match="not running"):
+                    await m.pause()
+                return [(e.type, e.data) async for e in m.exec_stream(["echo", "hi"])]
+
+    assert asyncio.run(main()) == [("stdout", b"hi\n"), ("exit", b"")]
+    assert len(d.sent("DELETE", "/v1/machines/abc123def456")) == 1
+
+
+# ------------------------------------------------------------- public names, start-up
+
+
+def test_import_ember_stays_light() -> None:
+    code = ("import sys, ember; assert 'httpx' not in sys.modules and 'ember.sdk' not in "
+            "sys.modules; assert ember.Client is __import__('ember.sdk').sdk.Client; "
+            "assert 'httpx' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+STUB = textwrap.dedent("""
+    # A stand-in for `ember serve`: answers /v1/version on the data dir's socket.
+    import http.server, os, socketserver, sys, time
+    home = os.environ["EMBER_HOME"]
+    with open(os.path.join(home, "spawns"), "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    if os.environ.get("STUB_FAIL"):
+        print("stub: cannot open the image store", file=sys.stderr)
+        sys.exit(3)
+    time.sleep(0.3)  # a daemon takes a moment: racing clients must not start another
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b'{"version": "0", "api": "v1", "accel": "tcg", "accel_reason": "stub"}'
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        def log_message(self, *a): pass
+        def address_string(self): return "unix"
+    class S(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+        daemon_threads = True
+    srv = S(os.path.join(home, "ember.sock"), H)
+    srv.timeout = 0.2
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        srv.handle_request()
+""")
+
+
+@pytest.fixture
+def stub_serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    script = tmp_path / "stub_serve.py"
+    script.write_text(STUB)
+    monkeypatch.setattr(daemon, "serve_argv", lambda: [sys.executable, str(script)])
+    home = tmp_path / "home"
+    monkeypatch.setenv("EMBER_HOME", str(home))
+    yield home
+    for line in (home / "spawns").read_text().split() if (home / "spawns").exists() else []:
+        try:
+            os.kill(int(line), 9)
+        except ProcessLookupError:
+            pass
+    for proc in daemon._spawned:
+        proc.wait(5)
+
+
+def test_connect_or_start_starts_one_daemon_for_racing_clients(stub_serve: Path) -> None:
+    versions: list[str] = []
+
+    def connect() -> None:
+        with Client.connect_or_start() as c:
+            versions.append(c.version().accel_reason)
+
+    threads = [threading.Thread(target=connect) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert versions == ["stub"] * 3
+    assert len((stub_serve / "spawns").read_text().split()) == 1
+    assert "started on demand" in (stub_serve / "daemon.log").read_text()
+
+
+def test_autostart_happens_on_the_first_request(stub_serve: Path) -> None:
+    with Client(autostart=True) as c:
+        assert c.version().accel == "tcg"
+
+
+def test_a_daemon_that_cannot_start_is_reported_with_its_log(
+        stub_serve: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STUB_FAIL", "1")
+    with pytest.raises(DaemonUnavailable) as info:
+        Client.connect_or_start()
+    msg = str(info.value)
+    assert "exited with status 3" in msg and "cannot open the image store" in msg
+    assert str(stub_serve / "daemon.log") in msg
