@@ -273,6 +273,10 @@ def _parser() -> argparse.ArgumentParser:
     rm = img.add_parser("rm", help="remove images")
     rm.add_argument("refs", nargs="+", metavar="IMAGE")
     rm.set_defaults(func=cmd_image_rm)
+
+    from ember import cli_api  # the daemon's commands (light: no httpx until used)
+
+    cli_api.register(sub)
     return p
 
 
