@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from ember.api import openapi
-from ember.api.app import create_app
+from ember.api.app import _error, create_app
 from ember.daemon.manager import Manager
 from ember.daemon.server import TokenAuth
 from ember.images import ImageStore
@@ -170,3 +170,37 @@ def test_token_auth_only_guards_tcp() -> None:
     call(("127.0.0.1", 7777), [])
     assert seen == ["/x", "/x"]
     assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [401, 401]
+
+
+def test_fuzz_findings_are_4xx_with_one_line_messages(client: TestClient) -> None:
+    # Found by tests/integration/test_api_fuzz.py: a seq beyond SQLite's INTEGER was a 500.
+    err(client.get("/v1/events", params={"since": 10**30, "follow": "false"}), 422, "invalid")
+    # A client's newline came back inside the message.
+    assert "'\\n' does not exist" in err(client.post("/v1/images/import", json={"path": "\n"}),
+                                         422, "invalid")
+    # And whatever else a message quotes, it leaves as one line.
+    assert json.loads(_error(409, "conflict", "a\nb\r\n c").body)["error"]["message"] == "a b c"
+
+
+@pytest.mark.parametrize("body", [
+    {"ports": [{"guest_port": 80, "host_ip": "999.999.999.999"}]},  # was a 201, failing at start
+    {"env": {"A": "x" * (128 << 10)}},                                 # E2BIG at start
+    {"cmd": ["echo", "x" * (128 << 10)]},
+])
+def test_values_the_guest_cannot_take_are_refused_at_create(client: TestClient,
+                                                            body: dict[str, Any]) -> None:
+    err(client.post("/v1/machines", json={"image": "sample:latest", **body}), 422, "invalid")
+
+
+def test_lone_surrogates_are_refused(client: TestClient) -> None:
+    # JSON may carry "\ud800", which no guest can take as UTF-8.
+    for raw in (b'{"image": "sample:latest", "cmd": ["\\ud800"]}',
+                b'{"image": "sample:latest", "env": {"A": "\\udc00"}}'):
+        r = client.post("/v1/machines", content=raw, headers={"content-type": "application/json"})
+        assert "not valid Unicode" in err(r, 422, "invalid")
+
+
+def test_import_of_an_impossible_path_is_422(client: TestClient) -> None:
+    # Found by the fuzz test: a name longer than 255 bytes made exists() raise, a 500.
+    msg = err(client.post("/v1/images/import", json={"path": "/" + "0" * 300}), 422, "invalid")
+    assert "File name too long" in msg

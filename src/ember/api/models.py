@@ -8,6 +8,7 @@ the field's name, not a silently ignored option.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from enum import StrEnum
 from typing import Annotated, Literal
@@ -22,6 +23,8 @@ API_VERSION = "v1"
 NAME_PATTERN = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$"
 _NAME_RE = re.compile(NAME_PATTERN)
 _ENV_KEY_RE = re.compile(r"^[^=\x00]+$")
+#: Linux's MAX_ARG_STRLEN: the longest argument or NAME=value execve takes, with its NUL.
+ARG_STRLEN = 128 << 10
 
 
 class _Request(BaseModel):
@@ -104,6 +107,15 @@ class PortSpec(_Request):
                          description="IPv4 address on the host to listen on.")
     protocol: Literal["tcp"] = "tcp"
 
+    @field_validator("host_ip")
+    @classmethod
+    def _ipv4(cls, value: str) -> str:
+        try:
+            ipaddress.IPv4Address(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IPv4 address") from None
+        return value
+
 
 class Port(_Response):
     guest_port: int
@@ -122,13 +134,24 @@ def _check_env(env: dict[str, str]) -> dict[str, str]:
                              "without '=' or NUL")
         if "\x00" in value:
             raise ValueError(f"environment variable {key} contains NUL")
+        if len(_utf8(f"{key}={value}", f"environment variable {key!r}")) >= ARG_STRLEN:
+            raise ValueError(f"environment variable {key!r} is longer than 128 KiB")
     return env
 
 
 def _check_argv(argv: list[str] | None) -> list[str] | None:
     if argv is not None and any("\x00" in a for a in argv):
         raise ValueError("arguments may not contain NUL")
+    if argv is not None and any(len(_utf8(a, "an argument")) >= ARG_STRLEN for a in argv):
+        raise ValueError("an argument is longer than 128 KiB")
     return argv
+
+
+def _utf8(text: str, what: str) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate, e.g. "\ud800" in the JSON
+        raise ValueError(f"{what} is not valid Unicode") from None
 
 
 class MachineCreate(_Request):

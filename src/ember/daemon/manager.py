@@ -764,7 +764,11 @@ class Manager:
             raise Invalid(str(exc)) from None
 
     def import_image(self, path: Path, tag: str | None) -> Image:
-        if not path.exists():
+        try:
+            exists = path.exists()
+        except OSError as exc:  # e.g. a name longer than 255 bytes
+            raise Invalid(f"{str(path)!r}: {exc.strerror or exc}") from None
+        if not exists:
             raise Invalid(f"{str(path)!r} does not exist on the daemon's host")
         with self._images_lock:
             try:
