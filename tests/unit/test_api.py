@@ -78,6 +78,8 @@ def test_bad_json_unknown_fields_and_ranges(client: TestClient) -> None:
     err(client.post("/v1/machines", json={"image": "sample", "cpus": 0}), 422)
     err(client.post("/v1/machines", json={"image": "sample", "cpus": 10**30}), 422)
     err(client.post("/v1/machines", json={"image": "sample", "cpus": "two"}), 422)
+    err(client.post("/v1/machines", json={"image": "sample", "cpus": True}), 422)
+    err(client.post("/v1/machines", json={"image": "sample", "cpus": 1.5}), 422)
     err(client.post("/v1/machines", json={"image": "sample", "memory_mib": 1}), 422)
     err(client.post("/v1/machines", json=[]), 422)
     err(client.post("/v1/machines", json={"image": "sample", "env": {"A=B": "x"}}), 422)

@@ -220,15 +220,15 @@ def create_app(mgr: Manager) -> FastAPI:
             return _error(404, "not_found", str(exc))
         if isinstance(exc, GuestNotADirectory):
             return _error(409, "conflict", str(exc))
-        return _error(422, "invalid", str(exc).splitlines()[0])
+        return _error(422, "invalid", str(exc))
 
     @app.exception_handler(MachineCrashed)
     async def _crashed(_: Request, exc: MachineCrashed) -> JSONResponse:
-        return _error(500, "machine_crashed", str(exc).splitlines()[0])
+        return _error(500, "machine_crashed", str(exc))
 
     @app.exception_handler(EmberError)
     async def _ember(_: Request, exc: EmberError) -> JSONResponse:
-        return _error(400, "failed", str(exc).splitlines()[0] if str(exc) else "failed")
+        return _error(400, "failed", str(exc))
 
     @app.exception_handler(Exception)
     async def _bug(_: Request, exc: Exception) -> JSONResponse:

@@ -13,7 +13,7 @@ import re
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
 from ember.vmm.spec import MAX_CPUS, MAX_MEMORY_MIB, MIN_MEMORY_MIB
 
@@ -100,8 +100,8 @@ class NetworkMode(StrEnum):
 
 
 class PortSpec(_Request):
-    guest_port: int = Field(ge=1, le=65535)
-    host_port: int = Field(default=0, ge=0, le=65535,
+    guest_port: StrictInt = Field(ge=1, le=65535)
+    host_port: StrictInt = Field(default=0, ge=0, le=65535,
                            description="0: the daemon picks a free port.")
     host_ip: str = Field(default="127.0.0.1", pattern=r"^[0-9.]{7,15}$",
                          description="IPv4 address on the host to listen on.")
@@ -159,8 +159,8 @@ class MachineCreate(_Request):
     name: str | None = Field(default=None, pattern=NAME_PATTERN,
                              description="Unique name; default: generated. Letters, digits, "
                                          "`_`, `.`, `-`; at most 63 characters.")
-    cpus: int = Field(default=1, ge=1, le=MAX_CPUS)
-    memory_mib: int = Field(default=256, ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)
+    cpus: StrictInt = Field(default=1, ge=1, le=MAX_CPUS)
+    memory_mib: StrictInt = Field(default=256, ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)
     env: Env = Field(default_factory=dict, description="Added to (or replacing) the image's.")
     cmd: list[str] | None = Field(
         default=None, max_length=4096,
