@@ -205,12 +205,17 @@ class Machine:
             self.agent = AgentClient(sock, first_channel=secrets.randbelow(1 << 30) + (1 << 30))
             self.ready = self.agent.hello(timeout=hello_timeout)
         except AgentError as exc:
-            self.state = MachineState.CRASHED
-            tail = self.vm.console_tail()
-            self.vm.kill()
-            raise MachineCrashed(f"machine {self.name}: the guest agent did not answer after "
-                                 f"re-adoption ({exc})", tail) from exc
+            raise self._give_up(f"the guest agent did not answer after re-adoption ({exc})") \
+                from exc
         return self.ready
+
+    def _give_up(self, why: str) -> MachineCrashed:
+        """Mark the machine crashed, kill QEMU, and say why with the console's tail."""
+        assert self.vm is not None
+        self.state = MachineState.CRASHED
+        tail = self.vm.console_tail()
+        self.vm.kill()
+        return MachineCrashed(f"machine {self.name}: {why}", tail)
 
     @require(MachineState.CREATED)
     def start(self, boot_timeout: float = 60.0) -> ReadyInfo:
@@ -239,11 +244,8 @@ class Machine:
             self.state = MachineState.CRASHED
             raise
         except AgentError as exc:
-            self.state = MachineState.CRASHED
-            tail = self.vm.console_tail()
-            self.vm.kill()
-            raise MachineCrashed(f"machine {self.name}: the guest agent did not answer "
-                                 f"within {boot_timeout:.0f} s ({exc})", tail) from exc
+            raise self._give_up(f"the guest agent did not answer within {boot_timeout:.0f} s "
+                                f"({exc})") from exc
         self.state = MachineState.RUNNING
         log.debug("machine %s ready: %s", self.name, self.ready)
         return self.ready
