@@ -46,7 +46,7 @@ R = TypeVar("R")
 BASE_CMDLINE = "console=ttyS0 reboot=t panic=-1 quiet"
 
 
-def guest_cmdline(guest: GuestBundle, extra: str = "") -> str:
+def guest_cmdline(guest: GuestBundle, extra: str = "", *, accel: str = "tcg") -> str:
     """The kernel command line for ``guest``: the base, the timer hint, ``extra``.
 
     ``lapic_timer_period`` (local APIC timer bus clocks per jiffy) is a parameter
@@ -56,6 +56,9 @@ def guest_cmdline(guest: GuestBundle, extra: str = "") -> str:
     parts = [BASE_CMDLINE]
     if guest.kernel_hz:
         parts.append(f"lapic_timer_period={APIC_BUS_HZ // guest.kernel_hz}")
+    if accel == "tcg" and guest.tsc_khz:
+        # the guest's TSC is the host's: no calibration, no watchdog (host/tsc.py)
+        parts.append(f"tsc_early_khz={guest.tsc_khz} tsc=reliable")
     if extra:
         parts.append(extra)
     return " ".join(parts)
@@ -151,9 +154,10 @@ class Machine:
         """A machine booting ``rootfs`` (read-only, with a writable overlay in guest memory)."""
         name = name or new_machine_id()
         net = guest_cmdline_param(config.network)
-        cmdline = guest_cmdline(guest, f"ember.root=/dev/vda ember.rootfstype=erofs "
-                                f"ember.hostname={config.hostname or name} "
-                                f"ember.port={AGENT_PORT_NAME}" + (f" {net}" if net else ""))
+        cmdline = guest_cmdline(
+            guest, f"ember.root=/dev/vda ember.rootfstype=erofs "
+            f"ember.hostname={config.hostname or name} "
+            f"ember.port={AGENT_PORT_NAME}" + (f" {net}" if net else ""), accel=accel.name)
         spec = MachineSpec(
             name=name, state_dir=machines_dir / name, kernel=guest.kernel,
             initramfs=guest.initramfs, cmdline=cmdline, cpus=config.cpus,

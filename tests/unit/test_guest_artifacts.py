@@ -151,3 +151,27 @@ def test_prune_keeps_the_current_builds_and_drops_stale_ones(tmp_path: Path) -> 
     assert sorted(prune_guest_cache(cache)) == sorted(stale)
     assert all(p.exists() for p in current) and building.exists()
     assert not any(p.exists() for p in stale)
+
+
+def test_guest_cmdline_states_the_host_tsc_rate_only_on_a_software_cpu() -> None:
+    from ember.guest.bundle import GuestBundle
+    from ember.machine import guest_cmdline
+
+    bundle = GuestBundle(Path("k"), Path("i"), kernel_hz=250, tsc_khz=2_100_000)
+    words = guest_cmdline(bundle, accel="tcg").split()
+    assert "tsc_early_khz=2100000" in words and "tsc=reliable" in words
+    assert "tsc_early_khz" not in guest_cmdline(bundle, accel="kvm")  # kvm-clock there
+    assert "tsc" not in guest_cmdline(GuestBundle(Path("k"), Path("i")), accel="tcg")
+
+
+def test_host_tsc_rate_is_measured_once_per_boot(tmp_path: Path) -> None:
+    from ember.host.tsc import host_tsc_khz
+
+    khz = host_tsc_khz(tmp_path)
+    if khz == 0:
+        pytest.skip("this host's TSC is not constant (or not x86-64)")
+    assert 100_000 <= khz <= 10_000_000
+    (cached,) = (tmp_path / "host").glob("tsc-khz-*")
+    assert int(cached.read_text()) == khz
+    cached.write_text("1234567\n")  # a second call reads the cache, measures nothing
+    assert host_tsc_khz(tmp_path) == 1234567

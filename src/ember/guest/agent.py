@@ -128,3 +128,8 @@ def build_agent(cache_dir: Path, progress: Progress | None = None) -> Path:
 def build_poweroff(cache_dir: Path, progress: Progress | None = None) -> Path:
     """A trivial init that powers the VM off at once (for boot benchmarks); cached."""
     return _build("poweroff.c", "ember-poweroff", "power-off init", cache_dir, progress)
+
+
+def build_tsc_probe(cache_dir: Path, progress: Progress | None = None) -> Path:
+    """A host tool printing the host's TSC rate in kHz (see ``ember.host.tsc``); cached."""
+    return _build("tsc-khz.c", "ember-tsc-khz", "TSC probe", cache_dir, progress)

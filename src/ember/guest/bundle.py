@@ -11,6 +11,7 @@ from ember.errors import EmberError
 from ember.guest.agent import agent_path, build_agent, build_poweroff, poweroff_path
 from ember.guest.initramfs import ensure_initramfs, initramfs_path
 from ember.guest.kernel import ensure_kernel, kernel_artifact
+from ember.host.tsc import host_tsc_khz
 from ember.util import Progress, no_progress
 
 
@@ -20,20 +21,24 @@ class GuestBundle:
     initramfs: Path
     #: The kernel's CONFIG_HZ (0 if unknown): the host states timer rates in jiffies.
     kernel_hz: int = 0
+    #: The host's TSC rate in kHz (0 if unknown): stated to guests on a software CPU.
+    tsc_khz: int = 0
 
 
 def ensure_guest(cache_dir: Path, progress: Progress = no_progress) -> GuestBundle:
     """Kernel and agent initramfs, building whichever is missing (progress shown)."""
     kernel = ensure_kernel(cache_dir, progress)
     agent = build_agent(cache_dir, progress)
-    return GuestBundle(kernel.vmlinux, ensure_initramfs(agent, cache_dir, "agent"), kernel.hz())
+    return GuestBundle(kernel.vmlinux, ensure_initramfs(agent, cache_dir, "agent"), kernel.hz(),
+                       host_tsc_khz(cache_dir))
 
 
 def ensure_baseline_guest(cache_dir: Path, progress: Progress = no_progress) -> GuestBundle:
     """The benchmark's floor: the same kernel, an init that powers off at once."""
     kernel = ensure_kernel(cache_dir, progress)
     init = build_poweroff(cache_dir, progress)
-    return GuestBundle(kernel.vmlinux, ensure_initramfs(init, cache_dir, "poweroff"), kernel.hz())
+    return GuestBundle(kernel.vmlinux, ensure_initramfs(init, cache_dir, "poweroff"), kernel.hz(),
+                       host_tsc_khz(cache_dir))
 
 
 def guest_status(cache_dir: Path) -> dict[str, dict[str, Any]]:
