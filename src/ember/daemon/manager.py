@@ -44,6 +44,7 @@ from ember.images.oci import ProcessSpec, resolve_process
 from ember.machine import Machine, MachineConfig
 from ember.util import log
 from ember.vmm import network
+from ember.vmm.process import kill_strays
 from ember.vmm.spec import MachineSpec
 
 if TYPE_CHECKING:
@@ -526,6 +527,8 @@ class Managed:
                 m = Machine.adopt(self.state_dir, connect_agent=False)
             except (VMMError, OSError) as exc:
                 log.info("machine %s: %s", self.name, exc)
+                if self.state_dir.exists():
+                    kill_strays(self.state_dir)
                 self._set("crashed", detail="QEMU exited while the daemon was down",
                           reason="QEMU exited while the daemon was down", pid=None,
                           finished_at=now(), _main_channel=None, limits={})
@@ -559,6 +562,8 @@ class Managed:
             m.kill()
             m.close(remove_state=False)
             self._free_memory(m)
+        elif self.state_dir.exists():
+            kill_strays(self.state_dir)  # spawned, but its pid never recorded
         if was == "starting":
             reason = "the daemon stopped while the machine was starting"
             self._set("crashed", detail=reason, reason=reason, pid=None, finished_at=now(),

@@ -382,6 +382,48 @@ def _die_with(parent: int) -> Callable[[], None]:
     return arm
 
 
+def kill_strays(state_dir: Path) -> list[int]:
+    """SIGKILL every process working in ``state_dir`` (a QEMU nobody knows the pid of).
+
+    A process killed between spawning QEMU and writing its pid file leaves one;
+    the working directory still tells it apart. Its cgroup is removed too.
+    Returns the pids killed.
+    """
+    import json
+
+    target = str(state_dir.resolve())
+    killed = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.readlink(f"/proc/{entry.name}/cwd") != target:
+                continue
+            os.kill(int(entry.name), signal.SIGKILL)
+            killed.append(int(entry.name))
+        except OSError:
+            continue
+    for pid in killed:
+        deadline = time.monotonic() + 5
+        while os.path.exists(f"/proc/{pid}/cwd") and time.monotonic() < deadline:
+            try:
+                if os.readlink(f"/proc/{pid}/cwd") != target:
+                    break
+            except OSError:
+                break
+            time.sleep(0.01)
+    try:
+        spec = MachineSpec.from_json(json.loads((state_dir / MachineSpec.SPEC_FILE).read_text()))
+    except (OSError, ValueError, VMMError):
+        return killed
+    if spec.limit_resources:
+        cg = MachineCgroup.find(cgroup_name(spec))
+        if cg is not None:
+            with contextlib.suppress(HostError):
+                cg.remove()
+    return killed
+
+
 def is_running_in(pid: int, state_dir: Path) -> bool:
     """Whether ``pid`` is a live QEMU of that state directory (not a recycled pid).
 
