@@ -128,7 +128,9 @@ def _create(c: Client, args: argparse.Namespace, *, start: bool) -> MachineHandl
 
     image = args.image
     if ("/" in image or image.endswith(".tar")) and os.path.exists(image):
-        image = c.images.import_path(image).id  # a path, as `ember run` takes it
+        # a path, as `ember run` takes it; the daemon reads it, so it goes absolute
+        imported = c.images.import_path(os.path.abspath(image))
+        image = imported.tags[0] if imported.tags else imported.short_id
     command = _command(args)
     m = c.machines.create(
         image, name=args.name, cpus=args.cpus, memory_mib=args.memory,

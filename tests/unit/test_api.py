@@ -178,8 +178,10 @@ def test_fuzz_findings_are_4xx_with_one_line_messages(client: TestClient) -> Non
     # Found by tests/integration/test_api_fuzz.py: a seq beyond SQLite's INTEGER was a 500.
     err(client.get("/v1/events", params={"since": 10**30, "follow": "false"}), 422, "invalid")
     # A client's newline came back inside the message.
-    assert "'\\n' does not exist" in err(client.post("/v1/images/import", json={"path": "\n"}),
-                                         422, "invalid")
+    assert "'/\\n' does not exist" in err(client.post("/v1/images/import",
+                                                   json={"path": "/\n"}), 422, "invalid")
+    assert "must be absolute" in err(client.post("/v1/images/import", json={"path": "rel/x"}),
+                                     422, "invalid")
     # And whatever else a message quotes, it leaves as one line.
     assert json.loads(_error(409, "conflict", "a\nb\r\n c").body)["error"]["message"] == "a b c"
 

@@ -769,6 +769,9 @@ class Manager:
             raise Invalid(str(exc)) from None
 
     def import_image(self, path: Path, tag: str | None) -> Image:
+        if not path.is_absolute():
+            raise Invalid(f"path {str(path)!r} must be absolute: the daemon reads it, "
+                          "from its own working directory")
         try:
             exists = path.exists()
         except OSError as exc:  # e.g. a name longer than 255 bytes
