@@ -135,3 +135,42 @@ def test_lifecycle_commands(daemon: Daemon) -> None:
     ok("rm", name)
     proc = ember("inspect", name)
     assert proc.returncode == 125 and proc.stderr.decode().startswith("ember: error: ")
+
+
+def test_the_cli_starts_one_daemon_by_itself(tmp_path: Path, guest: object) -> None:
+    """A new user's first command finds no daemon: it starts one (and racing CLIs, just one)."""
+    home = tmp_path / "h"
+    env = {**os.environ, "EMBER_HOME": str(home)}
+    procs = [subprocess.Popen([sys.executable, "-m", "ember", "ps", "-a", "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+             for _ in range(3)]
+    try:
+        outs = [p.communicate(timeout=60) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0], [e for _, e in outs]
+        assert all(json.loads(o) == [] for o, _ in outs)
+        pid = int((home / "daemon.pid").read_text())
+        os.kill(pid, 0)
+        servers = [p for p in Path("/proc").iterdir() if p.name.isdigit()
+                   and _environ_home(p) == str(home) and b"serve" in _cmdline(p)]
+        assert [int(p.name) for p in servers] == [pid]
+        assert (home / "ember.sock").stat().st_mode & 0o777 == 0o600
+    finally:
+        with open(home / "daemon.pid") as f:
+            os.kill(int(f.read()), signal.SIGTERM)
+
+
+def _cmdline(p: Path) -> bytes:
+    try:
+        return (p / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _environ_home(p: Path) -> str | None:
+    try:
+        for item in (p / "environ").read_bytes().split(b"\0"):
+            if item.startswith(b"EMBER_HOME="):
+                return item.split(b"=", 1)[1].decode()
+    except OSError:
+        pass
+    return None
