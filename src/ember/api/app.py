@@ -379,18 +379,30 @@ def create_app(mgr: Manager) -> FastAPI:
               response_class=StreamingResponse)
     async def exec_stream(name: str, body: models.ExecCreate) -> StreamingResponse:
         mm = mgr.get(name)
+        mm.check_running("exec")  # a 409 while a status can still be sent
         pipe = _Pipe(asyncio.get_running_loop())
-        proc = await call(mm.exec, body, on_stdout=pipe.writer("stdout"),
-                          on_stderr=pipe.writer("stderr"))
         stdin = body.stdin.encode() if body.stdin is not None else None
 
-        def waiter() -> None:
-            pipe.put("end", _finish(proc, stdin, body.timeout))
-
         async def events() -> AsyncIterator[bytes]:
-            threading.Thread(target=waiter, daemon=True, name="ember-exec-wait").start()
+            # The process starts here, once the response streams: a client gone
+            # before then never runs this generator, and nothing would read or
+            # stop a process started earlier.
             done = False
+            proc: Process | None = None
             try:
+                try:
+                    proc = await call(mm.exec, body, on_stdout=pipe.writer("stdout"),
+                                      on_stderr=pipe.writer("stderr"))
+                except ManagerError as exc:  # the machine stopped meanwhile
+                    done = True
+                    yield _line({"type": "error", "message": str(exc), "exit_code": 125})
+                    return
+                started = proc
+
+                def waiter() -> None:
+                    pipe.put("end", _finish(started, stdin, body.timeout))
+
+                threading.Thread(target=waiter, daemon=True, name="ember-exec-wait").start()
                 with contextlib.suppress(AgentError):
                     pid = await call(proc.wait_started, 30)
                     yield _line({"type": "started", "pid": pid})
@@ -403,7 +415,7 @@ def create_app(mgr: Manager) -> FastAPI:
                     yield _line({"type": kind, "data": base64.b64encode(item).decode()})
             finally:
                 pipe.close()
-                if not done:  # the client went away: the process goes too
+                if proc is not None and not done:  # the client went away: so does the process
                     with contextlib.suppress(AgentError):
                         proc.signal(signal.SIGKILL)
 
@@ -556,14 +568,13 @@ def create_app(mgr: Manager) -> FastAPI:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_offer, q, ev)
 
-        unsubscribe = mgr.events.subscribe(push) if follow else (lambda: None)
-        start = since if since is not None else mgr.db.last_event_seq()
-        backlog = await call(mgr.events.since, start) if since is not None else []
-
         async def stream() -> AsyncIterator[bytes]:
-            last = start
+            # Subscribed here, not before the response starts: a client that goes
+            # away before then never runs this generator, nor would its `finally`.
+            unsubscribe = mgr.events.subscribe(push) if follow else (lambda: None)
             try:
-                for ev in backlog:
+                last = since if since is not None else await call(mgr.db.last_event_seq)
+                for ev in await call(mgr.events.since, last) if since is not None else []:
                     last = ev["seq"]
                     yield _line(ev)
                 while follow:

@@ -508,6 +508,10 @@ class Managed:
             except AgentError as exc:
                 raise Conflict(f"machine {self.name}: {exc}") from exc
 
+    def check_running(self, action: str) -> None:
+        """Raise the 409 (404 once deleted) unless running; no lock: a hint, not a promise."""
+        self._require(action, "running")
+
     def running_machine(self, action: str) -> Machine:
         with self.lock:
             self._require(action, "running")
