@@ -21,6 +21,7 @@ import os
 import signal
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
@@ -51,6 +52,8 @@ T = TypeVar("T")
 MAX_UPLOAD = 2 << 30
 #: Output bytes an exec may have in flight to a slow client before the guest is slowed.
 STREAM_WINDOW = 4 << 20
+#: Seconds a stream's writer waits for a client that stopped reading before dropping its output.
+STREAM_STALL = 10.0
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": models.Error, "description": "Malformed request (e.g. invalid JSON)"},
@@ -94,21 +97,35 @@ def image_model(img: Image) -> models.Image:
 
 
 class _Pipe:
-    """Thread-to-coroutine byte queue with a window: writers block while it is full."""
+    """Thread-to-coroutine byte queue with a window: writers wait while it is full.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, window: int = STREAM_WINDOW) -> None:
+    The writer is the agent's reader thread, shared by every process of the
+    machine: a client that stops reading must not stall the others for long.
+    After ``stall`` seconds without room the pipe gives up on that client's
+    output (``overflowed``; later data is dropped, control items still pass).
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, window: int = STREAM_WINDOW,
+                 stall: float = STREAM_STALL) -> None:
         self._loop = loop
         self._q: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._cond = threading.Condition()
         self._pending = 0
         self._window = window
+        self._stall = stall
         self._closed = False
+        self.overflowed = False
 
     def put(self, kind: str, item: Any, size: int = 0) -> None:
         with self._cond:
-            while self._pending > self._window and not self._closed:
-                self._cond.wait(0.5)
-            if self._closed:
+            deadline = time.monotonic() + self._stall
+            while self._pending > self._window and not self._closed and not self.overflowed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self.overflowed = True
+                    break
+                self._cond.wait(min(left, 0.5))
+            if self._closed or (self.overflowed and size):
                 return
             self._pending += size
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody listens
@@ -410,6 +427,8 @@ def create_app(mgr: Manager) -> FastAPI:
                     kind, item = await pipe.get()
                     if kind == "end":
                         done = True
+                        if pipe.overflowed:
+                            item["truncated"] = True
                         yield _line(item)
                         return
                     yield _line({"type": kind, "data": base64.b64encode(item).decode()})
@@ -470,6 +489,8 @@ def create_app(mgr: Manager) -> FastAPI:
                 kind, item = await pipe.get()
                 if kind == "end":
                     done = True
+                    if pipe.overflowed:
+                        item["truncated"] = True
                     await ws.send_text(json.dumps(item))
                     break
                 await ws.send_bytes((b"\x01" if kind == "stdout" else b"\x02") + item)

@@ -252,6 +252,9 @@ class ExecEvent(_Response):
     exit_code: int | None = None
     signal: int | None = None
     timed_out: bool | None = None
+    truncated: bool | None = Field(default=None,
+                                   description="On exit: output was dropped because the "
+                                               "client stopped reading for too long.")
     message: str | None = None
 
 
