@@ -139,3 +139,9 @@ def daemon(ember_home: Path, store: ImageStore) -> Iterator[Daemon]:
         for m in c.get("/v1/machines").json():
             c.delete(f"/v1/machines/{m['id']}", params={"force": "true"})
     d.stop()
+    # a safety net: whatever a failed test left, no QEMU of this session outlives it
+    from ember.vmm.process import kill_strays
+
+    for state_dir in ember_home.glob("machines/daemon/*/*"):
+        if state_dir.is_dir():
+            kill_strays(state_dir)
