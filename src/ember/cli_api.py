@@ -19,17 +19,16 @@ import shutil
 import signal
 import stat
 import sys
-import tarfile
-import tempfile
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ember.errors import EmberError
 
 if TYPE_CHECKING:
+    import tarfile
+    from datetime import datetime
+
     from ember.api.models import Machine
     from ember.sdk import Client, ExecEvent, MachineHandle
 
@@ -198,6 +197,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def _ago(stamp: str | None, now: datetime | None = None) -> str:
+    from datetime import UTC, datetime
+
     if not stamp:
         return ""
     try:
@@ -358,6 +359,8 @@ def _exec_session(m: MachineHandle, command: list[str], opts: dict[str, Any], *,
     session = m.exec_session(command, tty=tty, **opts)
     with session, _raw_terminal(session if tty else None):
         if stdin:
+            import threading
+
             threading.Thread(target=_pump_stdin, args=(session, preread), daemon=True,
                              name="ember-stdin").start()
         return _exit_status(_write_events(session))
@@ -475,6 +478,8 @@ def copy_from_guest(tar_bytes: bytes, guest_path: str, dst: str) -> None:
     parent = dest.parent
     if not parent.is_dir():
         raise EmberError(f"{parent} is not a directory")
+    import tempfile
+
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=".ember-cp-"))
     try:
         extract_to_host(tar_bytes, tmp, allow_outside_symlinks=True)
@@ -498,6 +503,8 @@ def _owned_by_root(info: tarfile.TarInfo) -> tarfile.TarInfo:
 
 def host_tar(src: Path, arcname: str) -> bytes:
     """A tar of host file or directory ``src`` named ``arcname``, owned by root in the guest."""
+    import tarfile
+
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
         tf.add(src, arcname=arcname, recursive=True, filter=_owned_by_root)

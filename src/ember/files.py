@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from ember.agent.client import ExecFailed, ProcessTimeout
 from ember.agent.protocol import ExecRequest, ExitStatus
 from ember.errors import EmberError, HostError
+from ember.safepath import NotADirectory, PathEscapes, TooManySymlinks, resolve_inside
 
 if TYPE_CHECKING:
     from ember.agent.client import Process
@@ -395,8 +396,6 @@ def _check_entry(m: tarfile.TarInfo, allow_outside_symlinks: bool) -> tuple[str,
 class _HostTree:
     """Resolves paths inside ``root`` one component at a time, never leaving it."""
 
-    _MAX_HOPS = 40
-
     def __init__(self, root: Path) -> None:
         self.root = root
 
@@ -404,39 +403,15 @@ class _HostTree:
                 create: bool) -> tuple[Path, tuple[str, ...]] | None:
         """The real directory ``parts`` names (and its components), following symlinks
         that stay inside; missing ones are created (0700) when ``create``, else None."""
-        todo = list(parts)
-        done: list[str] = []
-        hops = 0
-        while todo:
-            comp = todo.pop(0)
-            if comp == "..":
-                if not done:
-                    raise UnsafeArchive(f"archive entry {entry!r} goes through a symlink "
-                                        "that leaves the destination")
-                done.pop()
-                continue
-            host = self.root.joinpath(*done, comp)
-            try:
-                st = os.lstat(host)
-            except FileNotFoundError:
-                if not create:
-                    return None
-                os.mkdir(host, 0o700)
-                done.append(comp)
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                done.append(comp)
-            elif stat.S_ISLNK(st.st_mode):
-                hops += 1
-                target = os.readlink(host)
-                if hops > self._MAX_HOPS or target.startswith("/"):
-                    raise UnsafeArchive(f"archive entry {entry!r} goes through a symlink "
-                                        "that leaves the destination")
-                todo = [t for t in target.split("/") if t not in ("", ".")] + todo
-            else:
-                raise CopyError(f"cannot extract {entry!r}: "
-                                f"{'/'.join((*done, comp))!r} is not a directory")
-        return self.root.joinpath(*done), tuple(done)
+        try:
+            done = resolve_inside(self.root, parts, create=create, mode=0o700)
+        except (PathEscapes, TooManySymlinks):
+            raise UnsafeArchive(f"archive entry {entry!r} goes through a symlink "
+                                "that leaves the destination") from None
+        except NotADirectory as exc:
+            raise CopyError(f"cannot extract {entry!r}: {exc.shown!r} is not a directory") \
+                from None
+        return None if done is None else (self.root.joinpath(*done), done)
 
 
 def extract_to_host(tar_bytes: bytes | BinaryIO, dest: Path, *,

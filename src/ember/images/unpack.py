@@ -36,12 +36,12 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from ember.errors import ImageError, UnsafeLayer
+from ember.safepath import NotADirectory, PathEscapes, TooManySymlinks, resolve_inside
 from ember.util import log
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_WHITEOUT = ".wh..wh..opq"
 
-_MAX_SYMLINK_HOPS = 40
 _CHUNK = 1 << 20
 
 LayerSource = Path | BinaryIO
@@ -251,41 +251,17 @@ class _Tree:
         ``None`` is returned for a missing one. A non-directory in the way
         raises ImageError.
         """
-        todo = list(parts)
-        done: list[str] = []  # real directories only, relative to root
-        hops = 0
-        while todo:
-            comp = todo.pop(0)
-            if comp == "..":  # only ever from a symlink target
-                if not done:
-                    raise self._escape(entry)
-                done.pop()
-                continue
-            host = self.root.joinpath(*done, comp)
-            try:
-                st = os.lstat(host)
-            except FileNotFoundError:
-                if not create:
-                    return None
-                os.mkdir(host, 0o755)
-                done.append(comp)
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                done.append(comp)
-            elif stat.S_ISLNK(st.st_mode):
-                hops += 1
-                if hops > _MAX_SYMLINK_HOPS:
-                    raise UnsafeLayer(f"entry {entry!r}: too many levels of symlinks")
-                target = os.readlink(host)
-                if target.startswith("/"):
-                    raise self._escape(entry)
-                todo = [t for t in target.split("/") if t not in ("", ".")] + todo
-            else:
-                shown = "/".join((*done, comp))
-                raise ImageError(
-                    f"layer {self.label}: entry {entry!r}: {shown!r} is not a directory"
-                )
-        return self.root.joinpath(*done)
+        try:
+            done = resolve_inside(self.root, parts, create=create, mode=0o755)
+        except PathEscapes:
+            raise self._escape(entry) from None
+        except TooManySymlinks:
+            raise UnsafeLayer(f"entry {entry!r}: too many levels of symlinks") from None
+        except NotADirectory as exc:
+            raise ImageError(
+                f"layer {self.label}: entry {entry!r}: {exc.shown!r} is not a directory"
+            ) from None
+        return None if done is None else self.root.joinpath(*done)
 
 
 def _remove(path: Path) -> None:

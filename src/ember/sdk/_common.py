@@ -329,3 +329,28 @@ def file_from_tar(tar_bytes: bytes, path: str) -> bytes:
         if f is None:
             raise EmberError(f"{path} is not a regular file")
         return f.read()
+
+
+class MachineRecord:
+    """What the sync and async machine handles share: the last record seen, ``info``."""
+
+    info: models.Machine
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def state(self) -> models.MachineState:
+        return self.info.state
+
+    @property
+    def ports(self) -> list[models.Port]:
+        return self.info.ports
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} ({self.info.state.value})>"

@@ -229,31 +229,12 @@ class AsyncMachines:
         return AsyncMachineHandle(self._c, models.Machine.model_validate_json(resp.content))
 
 
-class AsyncMachineHandle:
+class AsyncMachineHandle(c.MachineRecord):
     """One machine, for async code; ``async with`` removes it (forcibly) on exit."""
 
     def __init__(self, client: AsyncClient, info: models.Machine) -> None:
         self._c = client
         self.info = info
-
-    @property
-    def id(self) -> str:
-        return self.info.id
-
-    @property
-    def name(self) -> str:
-        return self.info.name
-
-    @property
-    def state(self) -> models.MachineState:
-        return self.info.state
-
-    @property
-    def ports(self) -> list[models.Port]:
-        return self.info.ports
-
-    def __repr__(self) -> str:
-        return f"<AsyncMachineHandle {self.name} ({self.info.state.value})>"
 
     async def __aenter__(self) -> AsyncMachineHandle:
         return self

@@ -269,7 +269,7 @@ class Machines:
         return MachineHandle(self._c, models.Machine.model_validate_json(resp.content))
 
 
-class MachineHandle:
+class MachineHandle(c.MachineRecord):
     """One machine: its last known record (``info``) and what can be done with it.
 
     As a context manager it removes the machine (forcibly) on exit.
@@ -278,25 +278,6 @@ class MachineHandle:
     def __init__(self, client: Client, info: models.Machine) -> None:
         self._c = client
         self.info = info
-
-    @property
-    def id(self) -> str:
-        return self.info.id
-
-    @property
-    def name(self) -> str:
-        return self.info.name
-
-    @property
-    def state(self) -> models.MachineState:
-        return self.info.state
-
-    @property
-    def ports(self) -> list[models.Port]:
-        return self.info.ports
-
-    def __repr__(self) -> str:
-        return f"<MachineHandle {self.name} ({self.info.state.value})>"
 
     def __enter__(self) -> MachineHandle:
         return self
