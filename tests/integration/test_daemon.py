@@ -173,7 +173,7 @@ def test_stop_is_graceful_then_forced(api: httpx.Client) -> None:
     t = time.monotonic()
     m = api.post("/v1/machines/stubborn/stop", params={"timeout": 1}).json()
     assert m["state"] == "stopped" and m["reason"] == "stopped by request"
-    assert 1.0 <= time.monotonic() - t < 15
+    assert time.monotonic() - t >= 1.0  # the grace period was honoured before the power-off
     assert m["pid"] is None
     delete(api, "stubborn")
 
@@ -447,6 +447,8 @@ def test_interactive_exec_over_websocket(daemon: Daemon, service: str) -> None:
     # without a terminal: separate streams, and end-of-file on stdin
     with unix_connect(str(daemon.socket), url) as ws:
         ws.send(json.dumps({"cmd": ["sh", "-c", "cat; echo bye >&2"]}))
+        ws.send("not json")  # malformed control messages are ignored
+        ws.send(json.dumps({"type": "resize"}))
         ws.send(b"abc")
         ws.send(json.dumps({"type": "eof"}))
         got: dict[int, bytes] = {1: b"", 2: b""}

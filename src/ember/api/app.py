@@ -473,14 +473,18 @@ def create_app(mgr: Manager) -> FastAPI:
                 if msg.get("bytes"):
                     await call(proc.write_stdin, msg["bytes"])
                 elif msg.get("text"):
-                    ctl = json.loads(msg["text"])
-                    kind = ctl.get("type")
-                    if kind == "eof":
-                        await call(proc.close_stdin)
-                    elif kind == "resize":
-                        await call(proc.resize, int(ctl["rows"]), int(ctl["cols"]))
-                    elif kind == "signal":
-                        await call(proc.signal, int(ctl["signal"]))
+                    try:
+                        ctl = json.loads(msg["text"])
+                        kind = ctl.get("type")
+                        if kind == "eof":
+                            await call(proc.close_stdin)
+                        elif kind == "resize":
+                            await call(proc.resize, int(ctl["rows"]), int(ctl["cols"]))
+                        elif kind == "signal":
+                            await call(proc.signal, int(ctl["signal"]))
+                    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                        # a malformed control message is ignored, the session goes on
+                        log.debug("exec ws: bad control message: %s", exc)
 
         reader = asyncio.create_task(pump_in())
         done = False
