@@ -11,26 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from ember import cli, cli_api
+from ember import cli
+from ember.cli import common, cp, machine
+from ember.cli import exec as cli_exec
 from ember.errors import EmberError
 from ember.files import UnsafeArchive
 from ember.sdk import ExecEvent, InvalidRequest, parse_port
 
 
-def ember(args: list[str], capsys: pytest.CaptureFixture[str],
-          monkeypatch: pytest.MonkeyPatch) -> tuple[int, str, str]:
-    """``ember ARGS`` in-process, with the API commands registered (once cli.py does it
-    itself, this adds nothing)."""
-    original = cli._parser
-
-    def parser() -> argparse.ArgumentParser:
-        p = original()
-        sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
-        if "create" not in sub.choices:
-            cli_api.register(sub)
-        return p
-
-    monkeypatch.setattr(cli, "_parser", parser)
+def ember(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """``ember ARGS`` in-process."""
     code = cli.main(args)
     out, err = capsys.readouterr()
     return code, out, err
@@ -82,9 +72,8 @@ def test_bad_publish_values_say_why(text: str, message: str) -> None:
 
 
 def test_bad_publish_is_one_line_and_125(capsys: pytest.CaptureFixture[str],
-                                         monkeypatch: pytest.MonkeyPatch,
                                          no_daemon: None) -> None:
-    code, out, err = ember(["create", "-p", "80:99999", "sample:latest"], capsys, monkeypatch)
+    code, out, err = ember(["create", "-p", "80:99999", "sample:latest"], capsys)
     assert "guest port '99999'" in one_line(code, err) and out == ""
 
 
@@ -92,42 +81,40 @@ def test_bad_publish_is_one_line_and_125(capsys: pytest.CaptureFixture[str],
 
 
 def test_memory_env_and_entrypoint_options() -> None:
-    assert [cli_api.parse_memory(v) for v in ("512", "512m", "2g", "1GiB", "64MB")] == \
+    assert [common.parse_memory(v) for v in ("512", "512m", "2g", "1GiB", "64MB")] == \
         [512, 512, 2048, 1024, 64]
     with pytest.raises(argparse.ArgumentTypeError):
-        cli_api.parse_memory("lots")
-    assert cli_api.parse_env(["A=1", "B", "C", "D=x=y", "E="], {"B": "from-host"}) == \
+        common.parse_memory("lots")
+    assert common.parse_env(["A=1", "B", "C", "D=x=y", "E="], {"B": "from-host"}) == \
         {"A": "1", "B": "from-host", "D": "x=y", "E": ""}
     with pytest.raises(EmberError, match="NAME=VALUE"):
-        cli_api.parse_env(["=x"], {})
-    assert cli_api.entrypoint_arg(None) is None
-    assert cli_api.entrypoint_arg("") == []
-    assert cli_api.entrypoint_arg("/bin/sh") == ["/bin/sh"]
+        common.parse_env(["=x"], {})
+    assert common.entrypoint_arg(None) is None
+    assert common.entrypoint_arg("") == []
+    assert common.entrypoint_arg("/bin/sh") == ["/bin/sh"]
 
 
 def test_exec_without_a_command_is_one_line(capsys: pytest.CaptureFixture[str],
-                                            monkeypatch: pytest.MonkeyPatch,
                                             no_daemon: None) -> None:
-    code, _, err = ember(["exec", "web", "--"], capsys, monkeypatch)
+    code, _, err = ember(["exec", "web", "--"], capsys)
     assert "needs a command" in one_line(code, err)
 
 
 def test_an_unreachable_daemon_is_one_line(capsys: pytest.CaptureFixture[str],
-                                           monkeypatch: pytest.MonkeyPatch,
                                            no_daemon: None) -> None:
-    code, _, err = ember(["ps"], capsys, monkeypatch)
+    code, _, err = ember(["ps"], capsys)
     assert "cannot reach the ember daemon at http://127.0.0.1:1" in one_line(code, err)
 
 
 def test_exec_exits_with_the_commands_status_or_says_why_it_could_not_run(
         capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli_api._exit_status(ExecEvent("exit", exit_code=3)) == 3
-    assert cli_api._exit_status(ExecEvent("exit", exit_code=137, signal=9)) == 137
-    assert cli_api._exit_status(ExecEvent("error", exit_code=127,
+    assert cli_exec._exit_status(ExecEvent("exit", exit_code=3)) == 3
+    assert cli_exec._exit_status(ExecEvent("exit", exit_code=137, signal=9)) == 137
+    assert cli_exec._exit_status(ExecEvent("error", exit_code=127,
                                           message="nosuch: command not found")) == 127
     assert capsys.readouterr().err == "ember: error: nosuch: command not found\n"
     with pytest.raises(EmberError, match="before the process exited"):
-        cli_api._exit_status(None)
+        cli_exec._exit_status(None)
 
 
 # ------------------------------------------------------------- cp
@@ -145,7 +132,7 @@ def test_exec_exits_with_the_commands_status_or_says_why_it_could_not_run(
     ("~/x", (None, "~/x")),
 ])
 def test_cp_arguments(arg: str, expected: tuple[str | None, str]) -> None:
-    assert cli_api.parse_cp_arg(arg) == expected
+    assert cp.parse_cp_arg(arg) == expected
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -155,9 +142,8 @@ def test_cp_arguments(arg: str, expected: tuple[str | None, str]) -> None:
 ])
 def test_bad_cp_arguments_are_one_line(args: list[str], message: str,
                                        capsys: pytest.CaptureFixture[str],
-                                       monkeypatch: pytest.MonkeyPatch,
                                        no_daemon: None) -> None:
-    code, _, err = ember(["cp", *args], capsys, monkeypatch)
+    code, _, err = ember(["cp", *args], capsys)
     assert message in one_line(code, err)
 
 
@@ -184,19 +170,19 @@ def tar_of(*entries: tuple[str, bytes | None, str]) -> bytes:
 
 def test_copy_from_guest_into_a_dir_or_as_a_new_name(tmp_path: Path) -> None:
     archive = tar_of(("conf", b"v=1\n", "file"))
-    cli_api.copy_from_guest(archive, "/etc/conf", str(tmp_path))
+    cp.copy_from_guest(archive, "/etc/conf", str(tmp_path))
     assert (tmp_path / "conf").read_bytes() == b"v=1\n"
-    cli_api.copy_from_guest(archive, "/etc/conf", str(tmp_path / "renamed"))
+    cp.copy_from_guest(archive, "/etc/conf", str(tmp_path / "renamed"))
     assert (tmp_path / "renamed").read_bytes() == b"v=1\n"
     (tmp_path / "renamed").write_bytes(b"old")
-    cli_api.copy_from_guest(archive, "/etc/conf", str(tmp_path / "renamed"))
+    cp.copy_from_guest(archive, "/etc/conf", str(tmp_path / "renamed"))
     assert (tmp_path / "renamed").read_bytes() == b"v=1\n"
     tree = tar_of(("app", None, "dir"), ("app/x", b"x", "file"))
-    cli_api.copy_from_guest(tree, "/srv/app", str(tmp_path / "copy"))
+    cp.copy_from_guest(tree, "/srv/app", str(tmp_path / "copy"))
     assert (tmp_path / "copy" / "x").read_bytes() == b"x"
     assert sorted(os.listdir(tmp_path)) == ["conf", "copy", "renamed"]  # no temp dir left
     with pytest.raises(EmberError, match="does not exist"):
-        cli_api.copy_from_guest(archive, "/etc/conf", str(tmp_path / "nodir") + "/")
+        cp.copy_from_guest(archive, "/etc/conf", str(tmp_path / "nodir") + "/")
 
 
 @pytest.mark.parametrize("entries", [
@@ -210,7 +196,7 @@ def test_copy_from_guest_refuses_hostile_archives(
     dest = tmp_path / "a" / "b" / "dest"
     dest.mkdir(parents=True)
     with pytest.raises(UnsafeArchive):
-        cli_api.copy_from_guest(tar_of(*entries), "/x", str(dest))
+        cp.copy_from_guest(tar_of(*entries), "/x", str(dest))
     # nothing outside dest; inside, at most the symlink (made as docker cp makes it)
     assert [p for p in tmp_path.rglob("*") if p.is_file() or p.is_char_device()] == []
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) in (
@@ -220,7 +206,7 @@ def test_copy_from_guest_refuses_hostile_archives(
 def test_host_tar_names_the_entry_and_gives_it_to_root(tmp_path: Path) -> None:
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "f").write_text("hi")
-    with tarfile.open(fileobj=io.BytesIO(cli_api.host_tar(tmp_path / "d", "target"))) as tf:
+    with tarfile.open(fileobj=io.BytesIO(cp.host_tar(tmp_path / "d", "target"))) as tf:
         members = {m.name: m for m in tf.getmembers()}
     assert set(members) == {"target", "target/f"}
     assert all(m.uid == 0 and m.gid == 0 and m.uname == "root" for m in members.values())
@@ -230,7 +216,7 @@ def test_ps_ages_read_like_docker() -> None:
     from datetime import UTC, datetime
 
     now = datetime(2024, 1, 2, 0, 0, 0, tzinfo=UTC)
-    assert cli_api._ago("2024-01-01T23:59:58Z", now) == "just now"
-    assert cli_api._ago("2024-01-01T23:59:30+00:00", now) == "30 seconds ago"
-    assert cli_api._ago("2024-01-01T23:58:00Z", now) == "2 minutes ago"
-    assert cli_api._ago("2024-01-01T00:00:00Z", now) == "1 day ago"
+    assert machine._ago("2024-01-01T23:59:58Z", now) == "just now"
+    assert machine._ago("2024-01-01T23:59:30+00:00", now) == "30 seconds ago"
+    assert machine._ago("2024-01-01T23:58:00Z", now) == "2 minutes ago"
+    assert machine._ago("2024-01-01T00:00:00Z", now) == "1 day ago"

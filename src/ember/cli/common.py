@@ -1,0 +1,159 @@
+"""What the command groups share: exit statuses, error lines, argument types, the client.
+
+Kept light: importing this module costs nothing but argparse and os; the SDK,
+rich and the engine are imported by the commands that use them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ember.errors import EmberError
+
+if TYPE_CHECKING:
+    from ember.sdk import Client
+    from ember.util import Progress
+
+#: Exit statuses of Ember itself, as Docker uses them: 125 when Ember fails,
+#: 126 when the command cannot be run, 127 when it is not found.
+EXIT_EMBER_FAILED = 125
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def error(msg: str) -> None:
+    print(f"ember: error: {msg}", file=sys.stderr)
+
+
+def progress(args: argparse.Namespace) -> Progress:
+    from ember.util import no_progress, stderr_progress
+
+    return no_progress if getattr(args, "quiet", False) else stderr_progress
+
+
+def client() -> Client:
+    """A client for the configured daemon; a local one is started on first use."""
+    from ember.sdk import Client
+
+    return Client(autostart=True)
+
+
+def command_args(args: argparse.Namespace) -> list[str]:
+    """The words after IMAGE or NAME, without the ``--`` that may separate them."""
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    return command
+
+
+def parse_env(entries: Iterable[str], environ: dict[str, str] | None = None) -> dict[str, str]:
+    """``-e K=V`` as given; ``-e K`` takes K's value from this environment (skipped if unset)."""
+    environ = dict(os.environ) if environ is None else environ
+    out: dict[str, str] = {}
+    for entry in entries:
+        key, sep, value = entry.partition("=")
+        if not key:
+            raise EmberError(f"-e {entry!r}: expected NAME=VALUE or NAME")
+        if sep:
+            out[key] = value
+        elif key in environ:
+            out[key] = environ[key]
+    return out
+
+
+def parse_memory(value: str) -> int:
+    """``-m``: MiB, or with a unit: ``512m``, ``2g``."""
+    text = value.strip().lower().removesuffix("ib").removesuffix("b")
+    scale = 1
+    if text[-1:] in ("m", "g"):
+        scale = 1024 if text[-1] == "g" else 1
+        text = text[:-1]
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r} is not a size in MiB (e.g. 512, 512m, 2g)")
+    return int(text) * scale
+
+
+def entrypoint_arg(value: str | None) -> list[str] | None:
+    """``--entrypoint X`` replaces the image's; ``--entrypoint ''`` clears it (as in Docker)."""
+    if value is None:
+        return None
+    return [value] if value else []
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def each(names: Sequence[str], action: Any) -> int:
+    """Apply ``action(client, name)`` to every name; errors are reported and counted."""
+    status = 0
+    with client() as c:
+        for name in names:
+            try:
+                action(c, name)
+            except EmberError as exc:
+                from ember.sdk import DaemonUnavailable
+
+                if isinstance(exc, DaemonUnavailable):
+                    raise
+                error(str(exc))
+                status = EXIT_EMBER_FAILED
+    return status
+
+
+def console() -> Any:
+    from rich.console import Console
+
+    # Piped output is for programs: no colour, and no wrapping at 80 columns.
+    return Console(width=None if sys.stdout.isatty() else 1000, highlight=False)
+
+
+def pipe_safe(func: Command) -> Command:
+    """``ember logs x | head``: a reader that goes away ends the command quietly."""
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # nothing left to flush at exit
+            os.close(devnull)
+            return 128 + signal.SIGPIPE
+    return run
+
+
+# ---------------------------------------------------------------- argument types
+
+
+def int_range(lo: int, hi: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+        if not lo <= n <= hi:
+            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}")
+        return n
+    return parse
+
+
+def count(value: str) -> int:
+    if not value.isascii() or not value.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number")
+    return int(value)
+
+
+def port_number(value: str) -> int:
+    n = count(value.removesuffix("/tcp"))
+    if not 1 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a port number (1-65535)")
+    return n

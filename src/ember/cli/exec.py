@@ -1,0 +1,150 @@
+"""``ember exec``: run more programs in a running machine, buffered, streamed or live."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import stat
+import sys
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from ember.cli.common import (
+    EXIT_EMBER_FAILED,
+    client,
+    command_args,
+    error,
+    parse_env,
+    pipe_safe,
+    write_all,
+)
+from ember.errors import EmberError
+
+if TYPE_CHECKING:
+    from ember.sdk import ExecEvent, MachineHandle
+
+
+def _stdin_is_data() -> bool:
+    """Piped or redirected stdin is input for the command; a terminal or /dev/null is not."""
+    try:
+        mode = os.fstat(0).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISREG(mode) or stat.S_ISSOCK(mode)
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    command = command_args(args)
+    if not command:
+        raise EmberError("exec needs a command: ember exec NAME -- CMD [ARGS...]")
+    opts = {"env": parse_env(args.env), "workdir": args.workdir, "user": args.user,
+            "timeout": args.timeout}
+    with client() as c:
+        m = c.machines.get(args.name)
+        if args.interactive or args.tty:
+            return _exec_session(m, command, opts, tty=args.tty, stdin=args.interactive)
+        stdin: bytes | None = sys.stdin.buffer.read() if _stdin_is_data() else None
+        if stdin is not None:
+            try:
+                stdin.decode()
+            except UnicodeDecodeError:  # the buffered body is text: binary goes over the socket
+                return _exec_session(m, command, opts, tty=False, stdin=True,
+                                     preread=stdin)
+        return _exit_status(_write_events(m.exec_stream(command, stdin=stdin, **opts)))
+
+
+def _write_events(events: Iterable[ExecEvent]) -> ExecEvent | None:
+    last = None
+    for ev in events:
+        if ev.type == "stdout":
+            write_all(1, ev.data)
+        elif ev.type == "stderr":
+            write_all(2, ev.data)
+        elif ev.final:
+            last = ev
+    return last
+
+
+def _exit_status(ev: ExecEvent | None) -> int:
+    if ev is None:
+        raise EmberError("the exec stream ended before the process exited")
+    if ev.type == "error":
+        error(ev.message or "exec failed")
+        return ev.exit_code if ev.exit_code is not None else EXIT_EMBER_FAILED
+    if ev.timed_out:
+        error("the command timed out and was killed")
+    return ev.exit_code if ev.exit_code is not None else EXIT_EMBER_FAILED
+
+
+def _exec_session(m: MachineHandle, command: list[str], opts: dict[str, Any], *, tty: bool,
+                  stdin: bool, preread: bytes | None = None) -> int:
+    """Interactive exec over the WebSocket: live stdin, a raw terminal with ``-t``."""
+    if tty and not os.isatty(0):
+        raise EmberError("the input device is not a TTY: drop -t (use -i to pipe stdin)")
+    session = m.exec_session(command, tty=tty, **opts)
+    with session, _raw_terminal(session if tty else None):
+        if stdin:
+            import threading
+
+            threading.Thread(target=_pump_stdin, args=(session, preread), daemon=True,
+                             name="ember-stdin").start()
+        return _exit_status(_write_events(session))
+
+
+def _pump_stdin(session: Any, preread: bytes | None) -> None:
+    if preread:
+        session.send(preread)
+    while True:
+        try:
+            data = os.read(0, 65536)
+        except OSError:
+            data = b""
+        if not data:
+            session.close_stdin()
+            return
+        session.send(data)
+
+
+@contextlib.contextmanager
+def _raw_terminal(session: Any) -> Iterator[None]:
+    """Local terminal in raw mode, its size sent now and on every SIGWINCH; restored after."""
+    if session is None:
+        yield
+        return
+    import termios
+    import tty
+
+    def resize(*_: object) -> None:
+        with contextlib.suppress(OSError):
+            size = os.get_terminal_size(0)
+            if size.lines and size.columns:  # a fresh pty may not know its size
+                session.resize(size.lines, size.columns)
+
+    saved = termios.tcgetattr(0)
+    old_handler = signal.signal(signal.SIGWINCH, resize)
+    resize()
+    tty.setraw(0, termios.TCSANOW)  # not TCSAFLUSH: keep what was typed ahead
+    try:
+        yield
+    finally:
+        termios.tcsetattr(0, termios.TCSADRAIN, saved)
+        signal.signal(signal.SIGWINCH, old_handler)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("exec", help="run a command in a running machine",
+                       description="Run CMD in machine NAME; exit with its status. Piped "
+                       "stdin is passed to it; -i streams stdin live, -t gives it a terminal.")
+    p.add_argument("-i", "--interactive", action="store_true", help="stream stdin live")
+    p.add_argument("-t", "--tty", action="store_true", help="run on a guest pseudo-terminal")
+    p.add_argument("-e", "--env", action="append", default=[], metavar="K[=V]",
+                   help="set an environment variable (repeatable)")
+    p.add_argument("-w", "--workdir", metavar="DIR", help="working directory in the guest")
+    p.add_argument("-u", "--user", metavar="USER[:GROUP]", help="user to run as")
+    p.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="kill the command after this many seconds")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    p.set_defaults(func=pipe_safe(cmd_exec))
