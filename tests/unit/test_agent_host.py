@@ -667,6 +667,28 @@ def test_builder_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     assert list(first.parent.iterdir()) == [first]  # no temp files left behind
 
 
+def test_builder_key_covers_every_agent_source_and_header(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = tmp_path / "src" / agent_builder.AGENT_SOURCES
+    shutil.copytree(agent_builder._SOURCE_DIR / agent_builder.AGENT_SOURCES, src)
+    monkeypatch.setattr(agent_builder, "_SOURCE_DIR", src.parent)
+    cache = tmp_path / "cache"
+    first = agent_builder.agent_path(cache)
+    files = sorted(src.iterdir())
+    assert {"agent.h", "main.c"} <= {f.name for f in files}
+    seen = {first}
+    for f in files:  # a change to any of them is a new key
+        original = f.read_bytes()
+        f.write_bytes(original + b"\n")
+        key = agent_builder.agent_path(cache)
+        assert key not in seen, f.name
+        seen.add(key)
+        f.write_bytes(original)
+    assert agent_builder.agent_path(cache) == first
+    (src / "later.c").write_bytes(b"")  # and so is a file added
+    assert agent_builder.agent_path(cache) not in seen
+
+
 def test_builder_poweroff(tmp_path: Path) -> None:
     binary = agent_builder.build_poweroff(tmp_path)
     assert binary.name == "ember-poweroff"

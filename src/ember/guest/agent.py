@@ -1,10 +1,13 @@
 """Build the guest agent (and the trivial power-off init) with the host's gcc.
 
-Both are one C file next to this module, compiled into a static binary. The
-result is cached under ``cache_dir/agent/<key>/`` where the key hashes the
-source, the compiler's identity (path, size, mtime) and the flags: a second call costs a hash, not
-a compile. Binaries are written under a temporary name and renamed, so a
-reader never sees half of one.
+The agent is the C files of ``agent_src/`` (with ``agent.h``, the header they
+share); the power-off init and the TSC probe are one C file each next to this
+module. Each is compiled by one gcc call into a static binary. The result is
+cached under ``cache_dir/agent/<key>/`` where the key hashes the source (for the
+agent every .c and .h file, by name and content), the compiler's identity (path,
+size, mtime) and the flags: a second call costs a hash, not a compile. Binaries
+are written under a temporary name and renamed, so a reader never sees half of
+one.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from ember.util import Progress, no_progress, run
 CFLAGS = ("-static", "-Os", "-s", "-Wall", "-Wextra")
 
 _SOURCE_DIR = Path(__file__).resolve().parent
+
+#: The agent's sources, a directory next to this module (not a Python package).
+AGENT_SOURCES = "agent_src"
 
 
 def _gcc() -> str:
@@ -59,12 +65,29 @@ def _compiler_identity(gcc: str) -> str:
     return "\n".join(parts)
 
 
-def _source(source_name: str, what: str) -> tuple[Path, bytes]:
+def _source(source_name: str, what: str) -> tuple[list[Path], bytes]:
+    """The C files to compile, and what of them goes into the cache key.
+
+    ``source_name`` is one C file (its content is the key material) or a directory:
+    then every .c and .h file in it, each by name and content, so that a change to
+    any of them (or one added, removed or renamed) rebuilds.
+    """
     source = _SOURCE_DIR / source_name
     try:
-        return source, source.read_bytes()
+        if not source.is_dir():
+            return [source], source.read_bytes()
+        files = sorted(p for p in source.iterdir() if p.suffix in (".c", ".h") and p.is_file())
+        h = hashlib.sha256()
+        for f in files:
+            for part in (f.name.encode(), f.read_bytes()):
+                h.update(len(part).to_bytes(8, "big"))
+                h.update(part)
     except OSError as exc:
         raise BuildError(f"cannot read the {what} source {source}: {exc.strerror}") from exc
+    c_files = [f for f in files if f.suffix == ".c"]
+    if not c_files:
+        raise BuildError(f"cannot read the {what} source {source}: no C files in it")
+    return c_files, h.digest()
 
 
 def _target(code: bytes, gcc: str, binary_name: str, cache_dir: Path) -> Path:
@@ -78,7 +101,7 @@ def _target(code: bytes, gcc: str, binary_name: str, cache_dir: Path) -> Path:
 
 def agent_path(cache_dir: Path) -> Path:
     """Where ``build_agent`` puts (or has put) the agent; builds nothing."""
-    _, code = _source("agent.c", "guest agent")
+    _, code = _source(AGENT_SOURCES, "guest agent")
     return _target(code, _gcc(), "ember-agent", cache_dir)
 
 
@@ -91,7 +114,7 @@ def poweroff_path(cache_dir: Path) -> Path:
 def _build(source_name: str, binary_name: str, what: str, cache_dir: Path,
            progress: Progress | None) -> Path:
     progress = progress or no_progress
-    source, code = _source(source_name, what)
+    sources, code = _source(source_name, what)
     gcc = _gcc()
     target = _target(code, gcc, binary_name, cache_dir)
     out_dir = target.parent
@@ -104,7 +127,7 @@ def _build(source_name: str, binary_name: str, what: str, cache_dir: Path,
     tmp = Path(tmp_name)
     try:
         try:
-            run([gcc, *CFLAGS, "-o", tmp, source], timeout=300)
+            run([gcc, *CFLAGS, "-o", tmp, *sources], timeout=300)
         except SubprocessFailed as exc:
             raise BuildError(f"compiling the {what} failed: {exc}") from exc
         os.chmod(tmp, 0o755)
@@ -122,7 +145,7 @@ def build_agent(cache_dir: Path, progress: Progress | None = None) -> Path:
         HostError: gcc is not installed.
         BuildError: the compile failed (e.g. no static libc: install libc6-dev).
     """
-    return _build("agent.c", "ember-agent", "guest agent", cache_dir, progress)
+    return _build(AGENT_SOURCES, "ember-agent", "guest agent", cache_dir, progress)
 
 
 def build_poweroff(cache_dir: Path, progress: Progress | None = None) -> Path:

@@ -1,0 +1,212 @@
+/*
+ * ember-agent: the boot as PID 1 (API filesystems, the initramfs -> overlay root
+ * switch, hostname, then network and the port) and unmounting at shutdown.
+ */
+#include "agent.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+/* ------------------------------------------------------------------- boot */
+
+void mkdirs(const char *path, mode_t mode)
+{
+    char buf[PATH_MAX];
+    snprintf(buf, sizeof buf, "%s", path);
+    for (char *s = buf + 1; *s; s++) {
+        if (*s == '/') {
+            *s = 0;
+            mkdir(buf, mode);
+            *s = '/';
+        }
+    }
+    mkdir(buf, mode);
+}
+
+static void do_mount(const char *src, const char *dst, const char *type, unsigned long flags,
+                     const char *data, int fatal)
+{
+    mkdirs(dst, 0755);
+    if (mount(src, dst, type, flags, data) == 0 || errno == EBUSY) return;
+    if (fatal) die("mount %s on %s: %s", type ? type : src, dst, strerror(errno));
+    logmsg("mount %s on %s: %s", type ? type : src, dst, strerror(errno));
+}
+
+void write_file(const char *path, const char *data)
+{
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0) {
+        logmsg("write %s: %s", path, strerror(errno));
+        return;
+    }
+    if (write(fd, data, strlen(data)) < 0) logmsg("write %s: %s", path, strerror(errno));
+    close(fd);
+}
+
+/* Mount the API filesystems of the root at prefix ("" = the current root). */
+static void mount_inner(const char *prefix, int with_basics)
+{
+    char p[PATH_MAX];
+#define AT(rel) (snprintf(p, sizeof p, "%s%s", prefix, rel), p)
+    if (with_basics) {
+        do_mount("proc", AT("/proc"), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL, 1);
+        do_mount("sysfs", AT("/sys"), "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL, 1);
+        do_mount("devtmpfs", AT("/dev"), "devtmpfs", MS_NOSUID, "mode=0755", 1);
+    }
+    do_mount("devpts", AT("/dev/pts"), "devpts", MS_NOSUID | MS_NOEXEC,
+             "newinstance,ptmxmode=0666,mode=0620,gid=5", 1);
+    unlink(AT("/dev/ptmx"));
+    if (symlink("pts/ptmx", AT("/dev/ptmx")) < 0) die("symlink /dev/ptmx: %s", strerror(errno));
+    symlink("/proc/self/fd", AT("/dev/fd"));
+    symlink("/proc/self/fd/0", AT("/dev/stdin"));
+    symlink("/proc/self/fd/1", AT("/dev/stdout"));
+    symlink("/proc/self/fd/2", AT("/dev/stderr"));
+    do_mount("tmpfs", AT("/dev/shm"), "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777", 0);
+    do_mount("tmpfs", AT("/run"), "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755", 0);
+#undef AT
+}
+
+/* Make sure fds 0-2 are open, so that no pipe of ours is ever one of them. */
+void std_fds(const char *dev)
+{
+    for (int fd = 0; fd < 3; fd++) {
+        if (fcntl(fd, F_GETFD) >= 0) continue;
+        int n = open(dev, O_RDWR | O_NOCTTY);
+        if (n < 0) n = open("/dev/null", O_RDWR);
+        if (n >= 0 && n != fd) {
+            dup2(n, fd);
+            close(n);
+        }
+    }
+}
+
+static int cmdline_get(const char *cmdline, const char *key, char *out, size_t outlen)
+{
+    size_t k = strlen(key);
+    const char *s = cmdline;
+    while (*s) {
+        while (*s == ' ' || *s == '\n') s++;
+        if (!strncmp(s, key, k) && s[k] == '=') {
+            size_t n = 0;
+            s += k + 1;
+            while (s[n] && s[n] != ' ' && s[n] != '\n') n++;
+            if (n >= outlen) n = outlen - 1;
+            memcpy(out, s, n);
+            out[n] = 0;
+            return 1;
+        }
+        while (*s && *s != ' ' && *s != '\n') s++;
+    }
+    return 0;
+}
+
+void boot(void)
+{
+    char cmdline[4096] = "", root[256] = "", fstype[64] = "erofs", host[65] = "ember";
+    char port[128] = "ember.agent", net[128] = "";
+    int fd;
+    ssize_t n;
+
+    umask(022);
+    do_mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755", 1);
+    std_fds("/dev/console");
+    do_mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL, 1);
+    do_mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL, 1);
+
+    fd = open("/proc/cmdline", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) die("open /proc/cmdline: %s", strerror(errno));
+    n = read(fd, cmdline, sizeof cmdline - 1);
+    close(fd);
+    if (n > 0) cmdline[n] = 0;
+    cmdline_get(cmdline, "ember.root", root, sizeof root);
+    cmdline_get(cmdline, "ember.rootfstype", fstype, sizeof fstype);
+    cmdline_get(cmdline, "ember.hostname", host, sizeof host);
+    cmdline_get(cmdline, "ember.port", port, sizeof port);
+    cmdline_get(cmdline, "ember.net", net, sizeof net);
+
+    if (root[0]) {
+        struct stat st;
+        long long end = now_ms(CLOCK_MONOTONIC) + 5000;
+        while (stat(root, &st) < 0) {
+            if (now_ms(CLOCK_MONOTONIC) > end) die("root device %s: %s", root, strerror(errno));
+            sleep_ms(10);
+        }
+        do_mount(root, "/ember/lower", fstype, MS_RDONLY, NULL, 1);
+        do_mount("tmpfs", "/ember/rw", "tmpfs", 0, "mode=0755", 1);
+        mkdirs("/ember/rw/upper", 0755);
+        mkdirs("/ember/rw/work", 0755);
+        do_mount("overlay", "/ember/root", "overlay", 0,
+                 "lowerdir=/ember/lower,upperdir=/ember/rw/upper,workdir=/ember/rw/work", 1);
+        mount_inner("/ember/root", 1);
+        /* the initramfs's own API mounts are not needed any more */
+        umount2("/dev", MNT_DETACH);
+        umount2("/proc", MNT_DETACH);
+        umount2("/sys", MNT_DETACH);
+        if (chdir("/ember/root") < 0) die("chdir /ember/root: %s", strerror(errno));
+        if (mount(".", "/", NULL, MS_MOVE, NULL) < 0) die("move root: %s", strerror(errno));
+        if (chroot(".") < 0) die("chroot: %s", strerror(errno));
+        if (chdir("/") < 0) die("chdir /: %s", strerror(errno));
+    } else {
+        mount_inner("", 0);
+    }
+
+    if (sethostname(host, strlen(host)) < 0) logmsg("sethostname: %s", strerror(errno));
+    mkdirs("/etc", 0755);
+    {
+        char buf[256];
+        snprintf(buf, sizeof buf, "%s\n", host);
+        write_file("/etc/hostname", buf);
+        if (access("/etc/hosts", F_OK) < 0) {
+            snprintf(buf, sizeof buf, "127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\t%s\n",
+                     host);
+            write_file("/etc/hosts", buf);
+        }
+    }
+    if (mkdir("/tmp", 01777) == 0) chmod("/tmp", 01777);
+    loopback_up();
+    if (net[0]) net_up(net);
+    g_port = open_port(port);
+}
+
+/* ---------------------------------------------------------------- unmounting */
+
+void umount_all(void)
+{
+    FILE *f = fopen("/proc/self/mounts", "re");
+    char *lines[256];
+    int n = 0;
+    char *line = NULL;
+    size_t cap = 0;
+    if (f) {
+        while (n < 256 && getline(&line, &cap, f) > 0) {
+            char mnt[PATH_MAX], *s, *d = mnt;
+            s = strchr(line, ' ');
+            if (!s) continue;
+            s++;
+            while (*s && *s != ' ' && d < mnt + sizeof mnt - 1) {
+                if (s[0] == '\\' && s[1] >= '0' && s[1] <= '3' && s[2] && s[3]) {
+                    *d++ = (char)(((s[1] - '0') << 6) | ((s[2] - '0') << 3) | (s[3] - '0'));
+                    s += 4;
+                } else {
+                    *d++ = *s++;
+                }
+            }
+            *d = 0;
+            if (strcmp(mnt, "/") != 0) lines[n++] = strdup(mnt);
+        }
+        free(line);
+        fclose(f);
+    }
+    while (n-- > 0) {
+        if (lines[n]) umount2(lines[n], MNT_DETACH);
+        free(lines[n]);
+    }
+    mount(NULL, "/", NULL, MS_REMOUNT | MS_RDONLY, NULL);
+}
