@@ -36,8 +36,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ember import __version__
 from ember.api import models
+from ember.daemon.errors import Invalid, ManagerError
 from ember.daemon.logs import read_tail
-from ember.daemon.manager import ACTIVE, Invalid, Managed, Manager, ManagerError
+from ember.daemon.managed import Managed
+from ember.daemon.manager import Manager
+from ember.daemon.states import ACTIVE
 from ember.errors import AgentError, EmberError, MachineCrashed
 from ember.files import CopyError
 from ember.util import log
