@@ -17,6 +17,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +41,14 @@ R = TypeVar("R")
 
 #: Guest kernel command line. ``reboot=t``: a reboot triple-faults, which QEMU's
 #: ``-no-reboot`` turns into exit (our power-off). ``panic=-1``: reboot at once on
-#: a panic, so a broken guest ends instead of hanging. ``quiet``: the 8250 UART is
-#: slow under TCG and every console line costs boot time (the log stays readable
-#: after boot through ``console.log`` at the default loglevel for errors).
-BASE_CMDLINE = "console=ttyS0 reboot=t panic=-1 quiet"
+#: a panic, so a broken guest ends instead of hanging. Not ``quiet``: the kernel's
+#: boot messages (about 7 KB) are what ``ember logs --console`` and the error of a
+#: failed boot show, and measured under TCG they cost no boot time we could see
+#: (docs/benchmarks.md).
+BASE_CMDLINE = "console=ttyS0 reboot=t panic=-1"
+
+#: Seconds of boot after which a caller's progress hears what the boot waits for.
+SLOW_BOOT = 5.0
 
 
 def guest_cmdline(guest: GuestBundle, extra: str = "", *, accel: str = "tcg") -> str:
@@ -222,12 +227,16 @@ class Machine:
         return MachineCrashed(f"machine {self.name}: {why}", tail)
 
     @require(MachineState.CREATED)
-    def start(self, boot_timeout: float = 60.0) -> ReadyInfo:
+    def start(self, boot_timeout: float = 60.0,
+              progress: Callable[[str], None] | None = None) -> ReadyInfo:
         """Start QEMU and wait for the agent's READY.
+
+        A boot still waiting after :data:`SLOW_BOOT` seconds is reported once to
+        ``progress``, with what it waits for and the console's last line.
 
         Raises:
             MachineCrashed: QEMU exited during boot, or the guest did not answer within
-                ``boot_timeout`` (then QEMU is killed); the message has the console's tail.
+                ``boot_timeout`` (then QEMU is killed); it carries the console's tail.
         """
         self.state = MachineState.BOOTING
         self.vm = VMProcess.start(self.spec, die_with_parent=self.ephemeral)
@@ -237,6 +246,11 @@ class Machine:
         # client's modules cost ~20 ms that need not delay QEMU's start.
         from ember.agent.client import AgentClient
 
+        slow = threading.Timer(SLOW_BOOT, self._report_slow_boot, args=(progress,)) \
+            if progress is not None else None
+        if slow is not None:
+            slow.daemon = True
+            slow.start()
         try:
             sock = self.vm.connect(MachineSpec.AGENT_SOCKET, timeout=10.0)
             self.agent = AgentClient(sock)
@@ -248,11 +262,25 @@ class Machine:
             self.state = MachineState.CRASHED
             raise
         except AgentError as exc:
-            raise self._give_up(f"the guest agent did not answer within {boot_timeout:.0f} s "
-                                f"({exc})") from exc
+            hint = (" (this host's KVM may not run the guest kernel: try --accel tcg)"
+                    if self.spec.accel == "kvm" else "")
+            raise self._give_up(f"the guest agent did not answer within {boot_timeout:.0f} s"
+                                f"{hint}") from exc
+        finally:
+            if slow is not None:
+                slow.cancel()
         self.state = MachineState.RUNNING
         log.debug("machine %s ready: %s", self.name, self.ready)
         return self.ready
+
+    def _report_slow_boot(self, progress: Callable[[str], None]) -> None:
+        if self.state is not MachineState.BOOTING or self.vm is None:
+            return
+        lines = self.vm.console_tail(1).strip().splitlines()
+        seen = f"its console's last line: {lines[-1].strip()[:160]}" if lines \
+            else "its console is still empty"
+        progress(f"machine {self.name}: still waiting for the guest agent to answer after "
+                 f"{SLOW_BOOT:.0f} s on {self.spec.accel} ({seen})")
 
     def _crash_error(self) -> MachineCrashed:
         assert self.vm is not None

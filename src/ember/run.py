@@ -3,8 +3,9 @@
 The guest's stdout and stderr are written to the host's fds 1 and 2 as they
 arrive (raw bytes, unmixed); the host's stdin is forwarded when it is not a
 terminal, or with ``-i``; ``-t`` runs the command on a guest pseudo-terminal
-with the host terminal in raw mode. The first Ctrl-C (SIGINT) is passed to
-the guest command; a second one, or SIGTERM, stops the machine at once.
+with the host terminal in raw mode. The first SIGINT (Ctrl-C) or SIGTERM is
+passed on to the guest command, as ``docker run`` passes signals on; a second
+one stops the machine at once (SIGKILL of ``ember run`` takes QEMU with it).
 Whatever happens, QEMU is gone and the machine's state directory deleted on
 return.
 """
@@ -54,13 +55,21 @@ class RunRequest:
     network: str = "user"
     #: ``-p`` values as typed (``[IP:]HOST:GUEST`` or ``GUEST``)
     ports: tuple[str, ...] = ()
+    #: The machine's name (its state directory, default hostname); default: generated.
+    name: str | None = None
+    #: Say everything (the accelerator's reason every time, not once per host).
+    verbose: bool = False
 
 
 def prepare(req: RunRequest, progress: Progress) -> tuple[Machine, ProcessSpec, AccelChoice]:
     """Resolve the image, the guest bundle and the accelerator; create (not start) the machine."""
     require_qemu()
+    from ember.host.resources import check_machine_shape
     from ember.vmm.network import check_network, check_ports_free, parse_port
 
+    check_machine_shape(req.cpus, req.memory_mib)
+    if req.name is not None:
+        _check_name(req.name)
     ports = tuple(parse_port(p) for p in req.ports)
     check_network(req.network, ports)
     check_ports_free(ports)
@@ -77,11 +86,15 @@ def prepare(req: RunRequest, progress: Progress) -> tuple[Machine, ProcessSpec, 
     rootfs = store.rootfs(image, progress=progress)
     guest = ensure_guest(paths.cache_dir(), progress)
     reap_stale_ephemeral(paths.machines_dir())
+    if req.name is not None and (paths.machines_dir() / req.name).exists():
+        raise EmberError(f"a machine named {req.name} is running (ember run --name): "
+                         "choose another name")
     machine = Machine.create(
         machines_dir=paths.machines_dir(), guest=guest, rootfs=rootfs, accel=accel,
         config=MachineConfig(cpus=req.cpus, memory_mib=req.memory_mib,
                              hostname=req.hostname, ephemeral=True, network=req.network,
                              ports=ports),
+        name=req.name,
     )
     return machine, process, accel
 
@@ -104,11 +117,13 @@ def exec_request(req: RunRequest, process: ProcessSpec) -> ExecRequest:
 def run(req: RunRequest, progress: Progress) -> int:
     """Run ``req`` to completion; return the guest command's exit code (128+N for signal N)."""
     machine, process, accel = prepare(req, progress)
+    why = f" ({accel.reason})" if req.verbose or _first_time(f"{accel.name}: {accel.reason}") \
+        else ""
     progress(f"microVM {machine.name}: {req.cpus} vCPU, {req.memory_mib} MiB, "
-             f"accelerator {accel.name} ({accel.reason})")
+             f"accelerator {accel.name}{why}")
     try:
         with _signals() as set_proc:
-            machine.start(boot_timeout=req.boot_timeout)
+            machine.start(boot_timeout=req.boot_timeout, progress=progress)
             exec_req = exec_request(req, process)
             with _terminal_raw(req.tty):
                 proc = machine.exec(exec_req, on_stdout=_writer(1), on_stderr=_writer(2))
@@ -130,6 +145,38 @@ def _entrypoint(value: str | None) -> list[str] | None:
     if value is None:
         return None
     return [value] if value else []
+
+
+def _check_name(name: str) -> None:
+    import re
+
+    from ember.vmm.spec import NAME_PATTERN
+
+    if not re.match(NAME_PATTERN, name):
+        raise EmberError(f"invalid machine name {name!r}: letters, digits, '_', '.', '-', "
+                         "at most 63 characters, starting with a letter or digit")
+
+
+def _first_time(note: str) -> bool:
+    """Whether ``note`` is new since this host booted (then it is remembered).
+
+    The accelerator's reason (a paragraph on a PVM host) is said once, not on
+    every run; ``-v`` says it always.
+    """
+    import hashlib
+
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    key = hashlib.sha256(f"{boot}\n{note}".encode()).hexdigest()[:16]
+    mark = paths.cache_dir() / "notes" / key
+    if mark.exists():
+        return False
+    with contextlib.suppress(OSError):
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.touch()
+    return True
 
 
 def _looks_like_ref(value: str, store: ImageStore) -> bool:
@@ -171,29 +218,26 @@ def _forward_stdin(proc: Process) -> None:
 
 @contextlib.contextmanager
 def _signals() -> Iterator[Callable[[Process], None]]:
-    """First SIGINT goes to the guest command; a second one (or SIGTERM) stops everything.
+    """The first SIGINT or SIGTERM goes to the guest command; a second one stops everything.
 
     Yields the function that names the guest command once it runs.
     """
     current: list[Process] = []
     interrupted = threading.Event()
 
-    def on_sigint(signum: int, frame: FrameType | None) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
         if current and not interrupted.is_set():
             interrupted.set()
             with contextlib.suppress(AgentError):
-                current[0].signal(signal.SIGINT)
+                current[0].signal(signum)
             return
-        raise KeyboardInterrupt
-
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     if threading.current_thread() is not threading.main_thread():
         yield current.append
         return
-    old_int = signal.signal(signal.SIGINT, on_sigint)
-    old_term = signal.signal(signal.SIGTERM, on_sigterm)
+    old_int = signal.signal(signal.SIGINT, on_signal)
+    old_term = signal.signal(signal.SIGTERM, on_signal)
     old_winch = signal.getsignal(signal.SIGWINCH)
 
     def on_winch(signum: int, frame: FrameType | None) -> None:

@@ -80,3 +80,25 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
             os.unlink(tmp)
         raise
 
+
+
+def parse_signal(text: str | int) -> int:
+    """A signal by number (``15``) or name (``SIGTERM``, ``TERM``, ``term``), as ``kill -s``.
+
+    Raises:
+        ValueError: no such signal (the message says so in one line).
+    """
+    import signal
+
+    if isinstance(text, int) or (isinstance(text, str) and text.isascii() and text.isdigit()):
+        n = int(text)
+        if 1 <= n < signal.NSIG:
+            return n
+        raise ValueError(f"signal {text} is not between 1 and {signal.NSIG - 1}")
+    name = text.strip().upper()
+    if not name.startswith("SIG"):
+        name = "SIG" + name
+    sig = getattr(signal, name, None)
+    if not isinstance(sig, signal.Signals) or name.startswith("SIG_"):
+        raise ValueError(f"unknown signal {text!r} (e.g. SIGTERM, TERM or 15)")
+    return int(sig)

@@ -93,11 +93,48 @@ def test_image_ls_rm_and_missing_refs(tmp_path: Path) -> None:
     assert proc.returncode == 1 and proc.stderr.startswith("ember: error:")
 
 
-@pytest.mark.parametrize("args", [["run", "--cpus", "0", "x"], ["run", "-m", "lots", "x"],
-                                  ["run", "--accel", "hvf", "x"], ["run"]])
-def test_bad_flags_are_usage_errors(tmp_path: Path, args: list[str]) -> None:
-    proc = ember(*args, home=tmp_path)
-    assert proc.returncode == 2 and "usage:" in proc.stderr
+@pytest.mark.parametrize(("args", "message"), [
+    (["run", "--cpus", "x", "img"], "argument --cpus: 'x' is not a whole number"),
+    (["run", "-m", "lots", "img"], "argument -m/--memory: 'lots' is not a size"),
+    (["run", "--accel", "hvf", "img"], "argument --accel: invalid choice: 'hvf'"),
+    (["run"], "the following arguments are required: IMAGE"),
+    (["ps", "--bogus"], "unrecognized arguments: --bogus"),
+    (["nosuchcommand"], "argument COMMAND: invalid choice: 'nosuchcommand'"),
+    (["kill", "-s", "SIGNOPE", "web"], "unknown signal 'SIGNOPE'"),
+])
+def test_bad_flags_are_one_line_and_125_naming_the_help(tmp_path: Path, args: list[str],
+                                                        message: str) -> None:
+    line = one_line_error(ember(*args, home=tmp_path))
+    assert message in line and "--help`)" in line and "usage:" not in line
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["run", "--cpus", "0", "img"], "cpus: 0 is not between 1 and 64"),
+    (["run", "--cpus", "999", "img"], "cpus: 999 is not between 1 and 64"),
+    (["run", "--cpus", str((os.cpu_count() or 1) + 1), "img"], "more than the host's"),
+    (["run", "-m", "200g", "img"], "MiB is more than the host's"),
+    (["run", "-m", "32", "img"], "memory: 32 MiB is not between 64"),
+    (["run", "--restart", "always", "img"], "--restart is for machines under the daemon"),
+    (["run", "--rm", "--restart", "always", "-d", "img"], "--rm and --restart exclude"),
+    (["run", "--name", "bad name", "img"], "invalid machine name 'bad name'"),
+    (["run", "-d", "--accel", "tcg", "img"], "the daemon chooses the accelerator"),
+])
+def test_run_checks_the_machine_before_anything_else(tmp_path: Path, args: list[str],
+                                                     message: str) -> None:
+    """The same check for the foreground and the daemon path, before an image is looked
+    up or QEMU started (a daemon is never reached: EMBER_HOST points nowhere)."""
+    env = {"EMBER_HOST": "http://127.0.0.1:1"}
+    proc = subprocess.run([sys.executable, "-m", "ember.cli", *args], capture_output=True,
+                          text=True, env={**os.environ, "EMBER_HOME": str(tmp_path), **env},
+                          timeout=120, stdin=subprocess.DEVNULL)
+    assert message in one_line_error(proc)
+
+
+def test_a_command_group_alone_shows_its_help(tmp_path: Path) -> None:
+    proc = ember("image", home=tmp_path)
+    assert proc.returncode == 0 and "usage: ember image" in proc.stdout
+    proc = ember(home=tmp_path)
+    assert proc.returncode == 0 and "usage: ember" in proc.stdout
 
 
 @pytest.mark.parametrize("name", ["bad name", "x ember.root=/dev/vdb", "-lead", "a" * 64, "é"])

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ember import cli
-from ember.cli import common, cp, machine
+from ember.cli import common, cp, ps
 from ember.cli import exec as cli_exec
 from ember.errors import EmberError
 from ember.files import UnsafeArchive
@@ -216,7 +216,7 @@ def test_ps_ages_read_like_docker() -> None:
     from datetime import UTC, datetime
 
     now = datetime(2024, 1, 2, 0, 0, 0, tzinfo=UTC)
-    assert machine._ago("2024-01-01T23:59:58Z", now) == "just now"
-    assert machine._ago("2024-01-01T23:59:30+00:00", now) == "30 seconds ago"
-    assert machine._ago("2024-01-01T23:58:00Z", now) == "2 minutes ago"
-    assert machine._ago("2024-01-01T00:00:00Z", now) == "1 day ago"
+    assert ps._ago("2024-01-01T23:59:58Z", now) == "just now"
+    assert ps._ago("2024-01-01T23:59:30+00:00", now) == "30 seconds ago"
+    assert ps._ago("2024-01-01T23:58:00Z", now) == "2 minutes ago"
+    assert ps._ago("2024-01-01T00:00:00Z", now) == "1 day ago"

@@ -162,7 +162,7 @@ def test_create_sends_the_contracts_body_then_starts(d: Daemon) -> None:
     assert body == {
         "image": "sample:latest", "name": "web", "cpus": 1, "memory_mib": 512,
         "env": {"A": "1"}, "cmd": ["sleep", "600"], "network": "user",
-        "restart": "on-failure", "ports": [
+        "restart": "on-failure", "auto_remove": False, "ports": [
             {"guest_port": 80, "host_port": 8080, "host_ip": "127.0.0.1", "protocol": "tcp"},
             {"guest_port": 81, "host_port": 0, "host_ip": "127.0.0.1", "protocol": "tcp"},
             {"guest_port": 90, "host_port": 9000, "host_ip": "10.0.0.1", "protocol": "tcp"}]}

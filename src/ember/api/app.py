@@ -37,13 +37,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ember import __version__
 from ember.api import models
 from ember.daemon.errors import Invalid, ManagerError
-from ember.daemon.logs import read_tail
+from ember.daemon.logs import LogFollower, LogView
 from ember.daemon.managed import Managed
 from ember.daemon.manager import Manager
 from ember.daemon.states import ACTIVE
 from ember.errors import AgentError, EmberError, MachineCrashed
 from ember.files import CopyError
-from ember.util import log
+from ember.util import log, parse_signal
 
 if TYPE_CHECKING:
     from ember.agent.client import Process
@@ -347,8 +347,59 @@ def create_app(mgr: Manager) -> FastAPI:
         return await action(name, lambda mm: mm.stop(timeout))
 
     @app.post("/v1/machines/{name}/kill", response_model=models.Machine, tags=["machines"])
-    async def kill_machine(name: str) -> models.Machine:
-        return await action(name, lambda mm: mm.kill())
+    async def kill_machine(
+        name: str,
+        signal: Annotated[str, Query(max_length=16, pattern=r"^[A-Za-z0-9]+$",
+                                     description="SIGKILL (default) powers the machine off "
+                                                 "at once (exit code 137); any other signal "
+                                                 "(a name or number) goes to the main "
+                                                 "process.")] = "SIGKILL",
+    ) -> models.Machine:
+        try:
+            signum = parse_signal(signal)
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+        return await action(name, lambda mm: mm.kill(signum))
+
+    @app.post("/v1/machines/{name}/restart", response_model=models.Machine, tags=["machines"])
+    async def restart_machine(
+        name: str,
+        timeout: Annotated[float, Query(ge=0, le=3600,
+                                        description="As for stop.")] = 10.0,
+    ) -> models.Machine:
+        return await action(name, lambda mm: mm.restart(timeout))
+
+    @app.post("/v1/machines/{name}/rename", response_model=models.Machine, tags=["machines"])
+    async def rename_machine(name: str, body: models.MachineRename) -> models.Machine:
+        return await action(name, lambda mm: mgr.rename(mm, body.name))
+
+    @app.post("/v1/machines/{name}/wait", response_model=models.WaitResult, tags=["machines"])
+    async def wait_machine(name: str, request: Request) -> models.WaitResult:
+        """Wait until the machine is not starting, running, paused or stopping (at once
+        if it is not); how it ended. The wait ends with the client's connection."""
+        mm = mgr.get(name)
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+
+        def push(ev: dict[str, Any]) -> None:
+            if ev["machine_id"] == mm.id:
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(changed.set)
+
+        unsubscribe = mgr.events.subscribe(push)
+        try:
+            while True:
+                doc = mm.public()  # read after subscribing: no change goes unseen
+                if mm.deleted or doc["state"] not in ACTIVE:
+                    return models.WaitResult(state=doc["state"], exit_code=doc["exit_code"],
+                                             reason=doc["reason"])
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), 1.0)
+                changed.clear()
+                if await request.is_disconnected():  # nobody waits any more
+                    raise asyncio.CancelledError
+        finally:
+            unsubscribe()
 
     @app.post("/v1/machines/{name}/pause", response_model=models.Machine, tags=["machines"])
     async def pause_machine(name: str) -> models.Machine:
@@ -522,25 +573,33 @@ def create_app(mgr: Manager) -> FastAPI:
         source: Literal["output", "console"] = "output",
         follow: bool = False,
         tail: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+        since: Annotated[float | None, Query(ge=0, le=1e11,
+                                             description="Only lines that arrived at or "
+                                                         "after this time (Unix seconds); "
+                                                         "output only.")] = None,
+        timestamps: Annotated[bool, Query(description="Prefix each line with the time it "
+                                                      "arrived (RFC 3339, UTC); output "
+                                                      "only.")] = False,
     ) -> StreamingResponse:
         mm = mgr.get(name)
+        if source == "console" and (since is not None or timestamps):
+            raise Invalid("since and timestamps are for source=output: the console log "
+                          "records no times")
         path = mm.output_path if source == "output" else mm.console_path
+        view = LogView(since_ns=int(since * 1e9) if since is not None else None,
+                       timestamps=timestamps, tail=tail)
 
         async def stream() -> AsyncIterator[bytes]:
-            data = await call(read_tail, path, tail)
+            follower = LogFollower(path, view)
+            data = await call(follower.history)  # up to where following starts
             if data:
                 yield data
             if not follow:
                 return
-            pos = _size(path)
-            ino = _inode(path)
             while True:
                 await asyncio.sleep(0.2)
-                if _inode(path) != ino or _size(path) < pos:  # rotated or a new boot
-                    ino, pos = _inode(path), 0
-                chunk = await call(_read_from, path, pos)
+                chunk = await call(follower.poll)
                 if chunk:
-                    pos += len(chunk)
                     yield chunk
                 elif mm.deleted or mm.state not in ACTIVE:
                     return
@@ -558,7 +617,7 @@ def create_app(mgr: Manager) -> FastAPI:
         from ember import files
 
         mm = mgr.get(name)
-        m = await call(mm.running_machine, "get files")
+        m = await call(mm.running_machine, "copying files from it")
         data = await call(files.get_archive, m, path)
         return Response(content=data, media_type="application/x-tar")
 
@@ -573,7 +632,7 @@ def create_app(mgr: Manager) -> FastAPI:
         body = await request.body()
         if len(body) > MAX_UPLOAD:
             raise ManagerError(f"archive larger than {MAX_UPLOAD >> 20} MiB")
-        m = await call(mm.running_machine, "put files")
+        m = await call(mm.running_machine, "copying files into it")
         await call(files.put_archive, m, path, body)
         return Response(status_code=204)
 
@@ -650,27 +709,3 @@ def _offer(q: asyncio.Queue[dict[str, Any]], ev: dict[str, Any]) -> None:
 
 def _line(obj: dict[str, Any]) -> bytes:
     return (json.dumps({k: v for k, v in obj.items() if v is not None}) + "\n").encode()
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
-
-
-def _inode(path: Path) -> int:
-    try:
-        return path.stat().st_ino
-    except OSError:
-        return 0
-
-
-def _read_from(path: Path, pos: int, limit: int = 1 << 20) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            f.seek(pos)
-            return f.read(limit)
-    except OSError:
-        return b""
-

@@ -15,12 +15,10 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
-from ember.vmm.spec import MAX_CPUS, MAX_MEMORY_MIB, MIN_MEMORY_MIB
+from ember.vmm.spec import MAX_CPUS, MAX_MEMORY_MIB, MIN_MEMORY_MIB, NAME_PATTERN
 
 API_VERSION = "v1"
 
-#: Machine names: what Docker allows for container names. No '/', no '..'.
-NAME_PATTERN = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$"
 _NAME_RE = re.compile(NAME_PATTERN)
 _ENV_KEY_RE = re.compile(r"^[^=\x00]+$")
 #: Linux's MAX_ARG_STRLEN: the longest argument or NAME=value execve takes, with its NUL.
@@ -177,6 +175,9 @@ class MachineCreate(_Request):
     ports: list[PortSpec] = Field(default_factory=list, max_length=64)
     network: NetworkMode = NetworkMode.user
     restart: RestartPolicy = RestartPolicy.no
+    auto_remove: bool = Field(default=False,
+                              description="Remove the machine when it stops (`run --rm`); "
+                                          "not with a restart policy.")
 
     _env = field_validator("env")(_check_env)
     _argv = field_validator("cmd", "entrypoint")(_check_argv)
@@ -197,8 +198,12 @@ class Machine(_Response):
     user: str | None
     hostname: str
     network: NetworkMode
-    ports: list[Port]
+    ports: list[Port] = Field(description="Ports published now (while the machine is active).")
+    publish: list[Port] = Field(default_factory=list,
+                                description="Ports asked for at create (host_port 0: any free "
+                                            "port, chosen at each start).")
     restart: RestartPolicy
+    auto_remove: bool = False
     restart_count: int = 0
     created_at: str
     started_at: str | None = None
@@ -211,8 +216,22 @@ class Machine(_Response):
     pid: int | None = Field(default=None, description="The VMM's host pid while it runs.")
     accel: str | None = None
     limits: dict[str, str] = Field(default_factory=dict,
-                                   description="Host-side limits applied to the VMM "
-                                               "(cgroup), empty when not applied.")
+                                   description="Host-side limits applied to the VMM at its "
+                                               "last boot (cgroup; `cgroup` is its path "
+                                               "while it runs), empty when never applied.")
+
+
+class MachineRename(_Request):
+    name: str = Field(pattern=NAME_PATTERN, description="The new name.")
+
+
+class WaitResult(_Response):
+    """How the machine's run ended (`POST /machines/{name}/wait`)."""
+
+    state: MachineState
+    exit_code: int | None = Field(description="The main process's, as in the record; null "
+                                              "when it has none (a crash, an idle machine).")
+    reason: str | None = None
 
 
 # --- exec --------------------------------------------------------------------
@@ -269,7 +288,8 @@ class Event(_Response):
     machine_id: str
     machine: str
     type: str = Field(description="created, starting, started, paused, resumed, stopping, "
-                                  "stopped, crashed, restarting, deleted, exited.")
+                                  "stopped, crashed, restarting, deleted, exited, renamed, "
+                                  "signalled.")
     detail: str | None = None
 
 

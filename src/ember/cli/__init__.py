@@ -1,7 +1,7 @@
 """The ``ember`` command line: arguments in, library calls, output formatting out.
 
-One module per command group (``run``, ``image``, ``machine``, ``exec``,
-``cp``, ``system``), each with a ``register(subparsers)``. Kept thin and quick
+One module per command group (``run``, ``image``, ``machine``, ``ps``,
+``logs``, ``exec``, ``cp``, ``system``), each with a ``register(subparsers)``. Kept thin and quick
 to start: heavy modules are imported inside the command that needs them, so
 ``ember run`` pays only for what it uses.
 """
@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from ember import __version__
-from ember.cli.common import EXIT_EMBER_FAILED, error
+from ember.cli.common import EXIT_EMBER_FAILED, Parser, error, help_command
 from ember.errors import EmberError, MachineCrashed
 
 __all__ = ["EXIT_EMBER_FAILED", "main"]
@@ -27,9 +27,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="ember: %(levelname)s: %(message)s",
     )
-    if not hasattr(args, "func"):
-        parser.print_help()
-        return 2
     try:
         return int(args.func(args))
     except MachineCrashed as exc:
@@ -52,13 +49,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from ember.cli import cp, exec, image, machine, run, system
+    from ember.cli import cp, exec, image, logs, machine, ps, run, system
 
-    p = argparse.ArgumentParser(
-        prog="ember", description="Run OCI images as micro virtual machines.")
+    p = Parser(prog="ember", description="Run OCI images as micro virtual machines.")
+    p.set_defaults(func=help_command(p))
     p.add_argument("--version", action="version", version=f"ember {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     sub = p.add_subparsers(metavar="COMMAND")
-    for group in (run, system, image, machine, exec, cp):
+    for group in (run, system, image, machine, ps, logs, exec, cp):
         group.register(sub)
     return p

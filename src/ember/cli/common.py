@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from ember.errors import EmberError
 
@@ -25,6 +25,25 @@ if TYPE_CHECKING:
 EXIT_EMBER_FAILED = 125
 
 Command = Callable[[argparse.Namespace], int]
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors like every other failure of Ember's: one line on stderr, exit 125.
+
+    (argparse's own way is the whole usage block and exit 2.) Sub-parsers are
+    made by ``add_subparsers`` with the parent's class, so this covers them all.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_EMBER_FAILED, f"ember: error: {message} (see `{self.prog} --help`)\n")
+
+
+def help_command(parser: argparse.ArgumentParser) -> Command:
+    """A command group named without an action (``ember image``): its help, exit 0."""
+    def show(_: argparse.Namespace) -> int:
+        parser.print_help()
+        return 0
+    return show
 
 
 def error(msg: str) -> None:

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from ember.cli.common import error, progress
+from ember.cli.common import error, help_command, progress
 from ember.errors import EmberError
 
 
@@ -80,7 +80,9 @@ def cmd_image_rm(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    img = sub.add_parser("image", help="manage images").add_subparsers(metavar="ACTION")
+    group = sub.add_parser("image", help="manage images")
+    group.set_defaults(func=help_command(group))
+    img = group.add_subparsers(metavar="ACTION")
     i = img.add_parser("import", help="import an OCI layout or a docker-save tarball")
     i.add_argument("path")
     i.add_argument("--tag", "-t", help="name:tag to give the image")

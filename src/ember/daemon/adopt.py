@@ -58,6 +58,7 @@ class Adoption:
         @staticmethod
         def _free_memory(m: Machine) -> None: ...
         def _maybe_restart(self, failed: bool) -> None: ...
+        def _ended(self) -> None: ...
 
     def adopt(self) -> None:
         """Take the machine over from an earlier daemon, or record that it died meanwhile."""
@@ -74,8 +75,9 @@ class Adoption:
                     kill_strays(self.state_dir)
                 self._set("crashed", detail="QEMU exited while the daemon was down",
                           reason="QEMU exited while the daemon was down", pid=None,
-                          finished_at=now(), _main_channel=None, limits={})
+                          finished_at=now(), _main_channel=None, limits={}, ports=[])
                 self._maybe_restart(failed=True)
+                self._ended()
                 return
             self.machine = m
             self.boot += 1
@@ -110,11 +112,12 @@ class Adoption:
         if was == "starting":
             reason = "the daemon stopped while the machine was starting"
             self._set("crashed", detail=reason, reason=reason, pid=None, finished_at=now(),
-                      _main_channel=None, limits={})
+                      _main_channel=None, limits={}, ports=[])
             self._maybe_restart(failed=True)
         else:
             self._set("stopped", detail="stopped by request", reason="stopped by request",
-                      pid=None, finished_at=now(), _main_channel=None, limits={})
+                      pid=None, finished_at=now(), _main_channel=None, limits={}, ports=[])
+        self._ended()
 
     def _reconnect(self, m: Machine, gen: int) -> None:
         try:
@@ -134,6 +137,7 @@ class Adoption:
             if isinstance(live, list) and channel not in live:
                 self._power_off(gen, "stopped", "main process exited while the daemon was down")
                 self._maybe_restart(failed=True)
+                self._ended()
                 return
             req = ExecRequest(argv=saved[0], env=saved[1], cwd=saved[2], user=saved[3])
             out = self._output()

@@ -84,7 +84,8 @@ class Managed(Adoption, RestartPolicy):
 
     @property
     def state_dir(self) -> Path:
-        return self.root / self.name
+        # Named at boot: a machine renamed while it runs keeps its QEMU's directory.
+        return self.root / str(self.doc.get("_vm_name") or self.name)
 
     @property
     def output_path(self) -> Path:
@@ -148,7 +149,10 @@ class Managed(Adoption, RestartPolicy):
     # --- lifecycle (callers hold no lock; these take it)
 
     def start(self) -> None:
+        """Boot the machine; a running one is left as it is (as ``docker start``)."""
         with self.lock:
+            if self.state == "running" and not self.deleted:
+                return
             self._require("start", "created", "stopped", "crashed")
             self._cancel_restart()
             self.doc["_user_stopped"] = False
@@ -164,13 +168,15 @@ class Managed(Adoption, RestartPolicy):
             process = self.process(image)
             ports = self.mgr.assign_ports(self)
             config = self.mgr.machine_config(self.doc, ports)
-            if self.state_dir.exists():
+            if self.state_dir.exists():  # the last boot's, maybe under an older name
                 shutil.rmtree(self.state_dir)
+            self.doc["_vm_name"] = self.name
             self.root.mkdir(parents=True, exist_ok=True)
             m = Machine.create(machines_dir=self.root, guest=self.mgr.guest(), rootfs=rootfs,
                                accel=self.mgr.accel, config=config, name=self.name)
             self.machine = m
-            m.start(boot_timeout=self.mgr.boot_timeout)
+            m.start(boot_timeout=self.mgr.boot_timeout,
+                    progress=lambda msg: log.warning("%s", msg))
         except (EmberError, OSError) as exc:
             detail = str(exc)
             if isinstance(exc, MachineCrashed) and m is not None:
@@ -187,7 +193,8 @@ class Managed(Adoption, RestartPolicy):
                 self._free_memory(m)
             self.machine = None
             state = "crashed" if isinstance(exc, MachineCrashed) else "stopped"
-            self._set(state, detail=detail, reason=detail, pid=None, finished_at=now())
+            self._set(state, detail=detail, reason=detail, pid=None, finished_at=now(),
+                      ports=[])
             if isinstance(exc, ManagerError):
                 raise
             if isinstance(exc, MachineCrashed):
@@ -249,6 +256,7 @@ class Managed(Adoption, RestartPolicy):
             self._power_off(gen, "stopped", f"main process exited with code {status.exit_code}",
                             exit_code=status.exit_code)
             self._maybe_restart(failed=status.exit_code != 0)
+            self._ended()
 
     def _watch_vm(self, m: Machine, gen: int) -> None:
         assert m.vm is not None
@@ -260,6 +268,7 @@ class Managed(Adoption, RestartPolicy):
             reason = str(m.vm.crashed())
             self._finalize(gen, "crashed", reason)
             self._maybe_restart(failed=True)
+            self._ended()
 
     def _power_off(self, gen: int, state: str, reason: str, exit_code: int | None = None,
                    grace: float = 0.0) -> None:
@@ -296,7 +305,8 @@ class Managed(Adoption, RestartPolicy):
         self.machine = None
         self.main = None
         fields: dict[str, Any] = {"pid": None, "finished_at": now(), "reason": reason,
-                                  "_main_channel": None, "limits": {}}
+                                  "_main_channel": None, "ports": [],
+                                  "limits": stopped_limits(self.doc.get("limits"))}
         if exit_code is not None:
             fields["exit_code"] = exit_code
         self._set(state, detail=reason, **fields)
@@ -307,11 +317,20 @@ class Managed(Adoption, RestartPolicy):
             m.spec.path(MachineSpec.MEMORY_FILE).unlink()
 
     def stop(self, timeout: float) -> None:
+        """Stop the machine; one already stopped is left as it is (as ``docker stop``)."""
         with self.lock:
-            self._cancel_restart()
+            self._stop(timeout)
+            self._ended()
+
+    def _stop(self, timeout: float) -> None:
+        with self.lock:
+            pending = self._cancel_restart()
             self.doc["_user_stopped"] = True
             if self.state not in ACTIVE:
-                self.save()
+                if pending:  # it was waiting to be restarted: now it is stopped for good
+                    self._set("stopped", detail="stopped by request", reason="stopped by request")
+                else:
+                    self.save()
                 return
             m = self.machine
             assert m is not None
@@ -321,13 +340,33 @@ class Managed(Adoption, RestartPolicy):
                 self.doc["_paused"] = False
             self._power_off(self.boot, "stopped", "stopped by request", grace=timeout)
 
-    def kill(self) -> None:
+    def kill(self, signum: int = signal.SIGKILL) -> None:
+        """SIGKILL (the default): power off at once, exit code 137 as Docker records it.
+
+        Any other signal goes to the main process, which decides what happens
+        (its exit then ends the machine as usual).
+        """
         with self.lock:
+            self._require("kill", "running", "paused")
+            if signum != signal.SIGKILL:
+                if self.main is None or self.main.done():
+                    raise Conflict(f"machine {self.name} has no main process to signal "
+                                   "(kill it with SIGKILL, or stop it)")
+                if self.state == "paused":
+                    raise Conflict(f"machine {self.name} is paused: resume it to deliver "
+                                   f"signal {signum}")
+                try:
+                    self.main.signal(signum)
+                except AgentError as exc:
+                    raise Conflict(f"machine {self.name}: {exc}") from None
+                self.mgr.events.publish(self.id, self.name, "signalled", f"signal {signum}")
+                return
             self._cancel_restart()
             self.doc["_user_stopped"] = True
-            self._require("kill", "running", "paused")
             self.doc["_paused"] = False
-            self._finalize(self.boot, "stopped", "killed by request")
+            self._finalize(self.boot, "stopped", "killed by request",
+                           exit_code=128 + signal.SIGKILL)
+            self._ended()
 
     def pause(self) -> None:
         with self.lock:
@@ -360,8 +399,21 @@ class Managed(Adoption, RestartPolicy):
             if self.state in ACTIVE:
                 if not force:
                     raise Conflict(f"machine {self.name} is {self.state}: stop it first, "
-                                   "or delete with force")
+                                   f"or remove it by force (ember rm -f {self.name}; "
+                                   "API: force=true)")
                 self._finalize(self.boot, "stopped", "deleted")
+            self._delete()
+
+    def _ended(self) -> None:
+        """A boot's end is recorded: a machine created with ``auto_remove`` goes now,
+        unless its restart policy is about to boot it again. Lock held."""
+        if self.doc.get("auto_remove") and self.restart_timer is None and not self.deleted \
+                and self.state not in ACTIVE:
+            self._delete()
+
+    def _delete(self) -> None:
+        """Forget the machine: its record, its directory, its pending restart. Lock held."""
+        with self.lock:
             self._cancel_restart()
             self.deleted = True
             if self.output is not None:
@@ -371,6 +423,24 @@ class Managed(Adoption, RestartPolicy):
             self.mgr.forget(self)
             self.mgr.events.publish(self.id, self.name, "deleted")
 
+
+    def rename(self, new: str) -> None:
+        """Give the machine another name (the manager checks it is free). Its hostname,
+        set at create, stays, as with ``docker rename``."""
+        with self.lock:
+            if self.deleted:
+                raise NotFound(f"no machine named {self.name}")
+            old = self.name
+            self.doc.setdefault("_vm_name", old)  # its QEMU's directory keeps the old name
+            self.doc["name"] = new
+            self.save()
+            self.mgr.events.publish(self.id, new, "renamed", f"from {old}")
+
+    def restart(self, timeout: float) -> None:
+        """Stop (SIGTERM, ``timeout``, power off) if active, then start: ``docker restart``."""
+        with self.lock:
+            self._stop(timeout)  # not an end: an auto-remove machine stays
+            self.start()
 
     # --- exec
 
@@ -408,3 +478,8 @@ class Managed(Adoption, RestartPolicy):
             self._require(action, "running")
             assert self.machine is not None
             return self.machine
+
+
+def stopped_limits(limits: dict[str, str] | None) -> dict[str, str]:
+    """The limits of a boot that ended: what was applied (and will be again), no cgroup."""
+    return {k: v for k, v in (limits or {}).items() if k != "cgroup"}

@@ -26,6 +26,7 @@ from ember.daemon.states import ACTIVE
 from ember.errors import EmberError, ImageError, ImageNotFound
 from ember.guest.bundle import GuestBundle, ensure_guest
 from ember.host.probe import AccelChoice, choose_accel
+from ember.host.resources import ShapeError, check_machine_shape
 from ember.images import ImageStore
 from ember.machine import Machine, MachineConfig
 from ember.util import log
@@ -122,13 +123,25 @@ class Manager:
             for mm in self._machines.values():
                 if mm.name == ref or mm.id == ref:
                     return mm
-            hits = [mm for mm in self._machines.values() if mm.id.startswith(ref)] \
-                if len(ref) >= 4 else []
+            # any unique prefix of an id, as Docker takes them
+            hits = [mm for mm in self._machines.values() if ref and mm.id.startswith(ref)]
         if len(hits) == 1:
             return hits[0]
         if len(hits) > 1:
-            raise Conflict(f"machine id prefix {ref!r} is ambiguous")
+            raise Conflict(f"machine id prefix {ref!r} is ambiguous ({len(hits)} machines "
+                           "match): give more of the id, or the name")
         raise NotFound(f"no machine named {ref!r}")
+
+    def rename(self, mm: Managed, new: str) -> None:
+        if not models.valid_name(new):
+            raise Invalid(f"invalid machine name {new!r}: letters, digits, '_', '.', '-', "
+                          "at most 63 characters, starting with a letter or digit")
+        # Lock order as everywhere: the machine's, then the manager's (a boot holds its
+        # machine's lock while it asks the manager for ports).
+        with mm.lock, self._lock:
+            if any(x.name == new and x is not mm for x in self._machines.values()):
+                raise Conflict(f"a machine named {new} exists already")
+            mm.rename(new)
 
     def all(self) -> list[Managed]:
         with self._lock:
@@ -147,13 +160,13 @@ class Manager:
             raise NotFound(str(exc)) from None
         except ImageError as exc:
             raise Invalid(str(exc)) from None
-        ncpu = os.cpu_count() or 1
-        if body.cpus > ncpu:
-            raise Invalid(f"cpus: {body.cpus} is more than the host's {ncpu} CPUs")
-        host_mib = _host_memory_mib()
-        if host_mib and body.memory_mib > host_mib:
-            raise Invalid(f"memory_mib: {body.memory_mib} is more than the host's "
-                          f"{host_mib} MiB")
+        try:
+            check_machine_shape(body.cpus, body.memory_mib)
+        except ShapeError as exc:
+            raise Invalid(str(exc)) from None
+        if body.auto_remove and body.restart != models.RestartPolicy.no:
+            raise Invalid("auto_remove and a restart policy exclude each other: a machine "
+                          "that is removed when it stops cannot be restarted")
         if body.network == models.NetworkMode.none and body.ports:
             raise Invalid("ports cannot be published with network none")
         seen = set()
@@ -168,8 +181,8 @@ class Manager:
             "state": "created", "cpus": body.cpus, "memory_mib": body.memory_mib,
             "env": dict(body.env), "cmd": body.cmd, "entrypoint": body.entrypoint,
             "workdir": body.workdir, "user": body.user, "hostname": body.hostname or name,
-            "network": body.network.value,
-            "ports": [p.model_dump() for p in body.ports],
+            "network": body.network.value, "ports": [],
+            "publish": [p.model_dump() for p in body.ports], "auto_remove": body.auto_remove,
             "restart": body.restart.value, "restart_count": 0, "created_at": now(),
             "started_at": None, "finished_at": None, "exit_code": None, "reason": None,
             "pid": None, "accel": None, "limits": {},
@@ -271,14 +284,3 @@ class Manager:
                 if mm.output is not None:
                     mm.output.close()
         self.db.close()
-
-
-def _host_memory_mib() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) // 1024
-    except (OSError, ValueError):
-        pass
-    return 0

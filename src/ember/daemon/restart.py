@@ -69,7 +69,10 @@ class RestartPolicy:
                 log.warning("restart of %s failed: %s", self.name, exc)
                 self._maybe_restart(failed=True)
 
-    def _cancel_restart(self) -> None:
-        if self.restart_timer is not None:
-            self.restart_timer.cancel()
-            self.restart_timer = None
+    def _cancel_restart(self) -> bool:
+        """Cancel a pending restart; whether there was one."""
+        if self.restart_timer is None:
+            return False
+        self.restart_timer.cancel()
+        self.restart_timer = None
+        return True

@@ -16,6 +16,7 @@ import tarfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -199,7 +200,7 @@ def machine_create_body(image: str, *, name: str | None, cpus: int, memory_mib: 
                         entrypoint: Sequence[str] | None, workdir: str | None,
                         user: str | None, hostname: str | None,
                         ports: Sequence[PortLike] | None, network: str,
-                        restart: str) -> dict[str, Any]:
+                        restart: str, auto_remove: bool = False) -> dict[str, Any]:
     """The JSON body of ``POST /v1/machines``, checked against the contract before sending."""
     try:
         body = models.MachineCreate(
@@ -207,7 +208,8 @@ def machine_create_body(image: str, *, name: str | None, cpus: int, memory_mib: 
             cmd=_argv(cmd, "cmd"), entrypoint=_argv(entrypoint, "entrypoint"),
             workdir=workdir, user=user, hostname=hostname,
             ports=[port_spec(p) for p in ports or ()],
-            network=models.NetworkMode(network), restart=models.RestartPolicy(restart))
+            network=models.NetworkMode(network), restart=models.RestartPolicy(restart),
+            auto_remove=auto_remove)
     except ValidationError as exc:
         raise invalid(validation_message(exc)) from None
     except ValueError as exc:  # an enum value
@@ -232,6 +234,24 @@ def exec_body(cmd: Sequence[str], *, env: Mapping[str, str] | None, workdir: str
     except ValidationError as exc:
         raise invalid(validation_message(exc)) from None
     return body.model_dump(mode="json", exclude_none=True)
+
+
+def logs_params(source: str, follow: bool, tail: int, since: float | datetime | None,
+                timestamps: bool) -> dict[str, Any]:
+    """The query of ``GET /logs``; ``since`` is Unix seconds or an aware datetime."""
+    params: dict[str, Any] = {"source": source, "follow": follow, "tail": tail}
+    if since is not None:
+        params["since"] = since.timestamp() if isinstance(since, datetime) else float(since)
+    if timestamps:
+        params["timestamps"] = True
+    return params
+
+
+def signal_param(sig: int | str) -> str:
+    """A signal for ``POST /kill``: a number or a name, as the API takes them."""
+    import signal as signals
+
+    return sig.name if isinstance(sig, signals.Signals) else str(sig)
 
 
 def request_timeout(default: float | None, exec_timeout: float | None) -> float | None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from datetime import datetime
 from typing import IO, Any, TypeVar
 
 import httpx
@@ -201,13 +202,13 @@ class AsyncMachines:
                      cmd: Sequence[str] | None = None, entrypoint: Sequence[str] | None = None,
                      workdir: str | None = None, user: str | None = None,
                      hostname: str | None = None, ports: Sequence[PortLike] | None = None,
-                     network: str = "user", restart: str = "no", start: bool = True
-                     ) -> AsyncMachineHandle:
+                     network: str = "user", restart: str = "no", auto_remove: bool = False,
+                     start: bool = True) -> AsyncMachineHandle:
         """See :meth:`ember.sdk.client.Machines.create`."""
         body = c.machine_create_body(
             image, name=name, cpus=cpus, memory_mib=memory_mib, env=env, cmd=cmd,
             entrypoint=entrypoint, workdir=workdir, user=user, hostname=hostname, ports=ports,
-            network=network, restart=restart)
+            network=network, restart=restart, auto_remove=auto_remove)
         resp = await self._c._request("POST", "/v1/machines", json=body)
         handle = AsyncMachineHandle(self._c, models.Machine.model_validate_json(resp.content))
         if start:
@@ -262,8 +263,24 @@ class AsyncMachineHandle(c.MachineRecord):
             "POST", f"{self._path}/stop", params={"timeout": timeout},
             timeout=max(self._c.timeout, timeout + 60) if self._c.timeout else None))
 
-    async def kill(self) -> models.Machine:
-        return self._update(await self._c._request("POST", f"{self._path}/kill"))
+    async def kill(self, signal: int | str = "SIGKILL") -> models.Machine:
+        """See :meth:`ember.sdk.client.MachineHandle.kill`."""
+        return self._update(await self._c._request(
+            "POST", f"{self._path}/kill", params={"signal": c.signal_param(signal)}))
+
+    async def restart(self, timeout: float = 10) -> models.Machine:
+        return self._update(await self._c._request(
+            "POST", f"{self._path}/restart", params={"timeout": timeout},
+            timeout=max(self._c.timeout, timeout + 120) if self._c.timeout else None))
+
+    async def rename(self, name: str) -> models.Machine:
+        return self._update(await self._c._request("POST", f"{self._path}/rename",
+                                                   json={"name": name}))
+
+    async def wait(self) -> models.WaitResult:
+        """See :meth:`ember.sdk.client.MachineHandle.wait`."""
+        resp = await self._c._request("POST", f"{self._path}/wait", timeout=None)
+        return models.WaitResult.model_validate_json(resp.content)
 
     async def pause(self) -> models.Machine:
         return self._update(await self._c._request("POST", f"{self._path}/pause"))
@@ -295,9 +312,10 @@ class AsyncMachineHandle(c.MachineRecord):
                 if line.strip():
                     yield c.decode_exec_event(line)
 
-    async def logs(self, source: str = "output", follow: bool = False,
-                   tail: int = 0) -> AsyncIterator[bytes]:
-        params = {"source": source, "follow": follow, "tail": tail}
+    async def logs(self, source: str = "output", follow: bool = False, tail: int = 0,
+                   since: float | datetime | None = None, timestamps: bool = False
+                   ) -> AsyncIterator[bytes]:
+        params = c.logs_params(source, follow, tail, since, timestamps)
         async with self._c._stream("GET", f"{self._path}/logs", params=params) as resp:
             async for chunk in resp.aiter_bytes():
                 yield chunk

@@ -11,6 +11,7 @@ import json
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import datetime
 from typing import IO, Any, TypeVar
 
 import httpx
@@ -229,14 +230,15 @@ class Machines:
                cmd: Sequence[str] | None = None, entrypoint: Sequence[str] | None = None,
                workdir: str | None = None, user: str | None = None,
                hostname: str | None = None, ports: Sequence[PortLike] | None = None,
-               network: str = "user", restart: str = "no", start: bool = True
-               ) -> MachineHandle:
+               network: str = "user", restart: str = "no", auto_remove: bool = False,
+               start: bool = True) -> MachineHandle:
         """Create a machine from ``image`` and (unless ``start=False``) boot it.
 
         ``cmd``/``entrypoint`` replace the image's; with neither, and none in
         the image, the machine idles until stopped (a sandbox to exec into).
         ``ports``: ``"8080:80"``, ``"127.0.0.1:8080:80"``, ``80`` (any free host
-        port), or :class:`~ember.api.models.PortSpec`. If the boot fails the
+        port), or :class:`~ember.api.models.PortSpec`. ``auto_remove``: the
+        machine is removed when it stops (``run --rm``). If the boot fails the
         machine is removed again, so no half-made machine is left behind.
 
         Raises:
@@ -246,7 +248,7 @@ class Machines:
         body = c.machine_create_body(
             image, name=name, cpus=cpus, memory_mib=memory_mib, env=env, cmd=cmd,
             entrypoint=entrypoint, workdir=workdir, user=user, hostname=hostname, ports=ports,
-            network=network, restart=restart)
+            network=network, restart=restart, auto_remove=auto_remove)
         resp = self._c._request("POST", "/v1/machines", json=body)
         handle = MachineHandle(self._c, models.Machine.model_validate_json(resp.content))
         if start:
@@ -309,8 +311,28 @@ class MachineHandle(c.MachineRecord):
             "POST", f"{self._path}/stop", params={"timeout": timeout},
             timeout=max(self._c.timeout or 0, timeout + 60) if self._c.timeout else None))
 
-    def kill(self) -> models.Machine:
-        return self._update(self._c._request("POST", f"{self._path}/kill"))
+    def kill(self, signal: int | str = "SIGKILL") -> models.Machine:
+        """SIGKILL (default): power off at once (exit code 137). Another signal (a number
+        or a name such as ``"SIGTERM"``) goes to the main process."""
+        return self._update(self._c._request("POST", f"{self._path}/kill",
+                                             params={"signal": c.signal_param(signal)}))
+
+    def restart(self, timeout: float = 10) -> models.Machine:
+        """Stop (as :meth:`stop`) if it runs, then start."""
+        return self._update(self._c._request(
+            "POST", f"{self._path}/restart", params={"timeout": timeout},
+            timeout=max(self._c.timeout or 0, timeout + 120) if self._c.timeout else None))
+
+    def rename(self, name: str) -> models.Machine:
+        """Give the machine a new name (its hostname stays). Raises Conflict if taken."""
+        return self._update(self._c._request("POST", f"{self._path}/rename",
+                                             json={"name": name}))
+
+    def wait(self) -> models.WaitResult:
+        """Block until the machine is no longer running (at once if it is not); how it
+        ended: state, exit code, reason."""
+        resp = self._c._request("POST", f"{self._path}/wait", timeout=None)
+        return models.WaitResult.model_validate_json(resp.content)
 
     def pause(self) -> models.Machine:
         return self._update(self._c._request("POST", f"{self._path}/pause"))
@@ -362,14 +384,17 @@ class MachineHandle(c.MachineRecord):
 
     # --- logs and files
 
-    def logs(self, source: str = "output", follow: bool = False,
-             tail: int = 0) -> Iterator[bytes]:
+    def logs(self, source: str = "output", follow: bool = False, tail: int = 0,
+             since: float | datetime | None = None, timestamps: bool = False
+             ) -> Iterator[bytes]:
         """The main process's output (``source="console"``: the serial console), raw bytes.
 
         ``tail``: only the last N lines (0: all). ``follow``: keep streaming
-        until the machine stops (or the iterator is closed).
+        until the machine stops (or the iterator is closed). ``since`` (Unix
+        seconds or a datetime): only lines that arrived then or later;
+        ``timestamps``: each line prefixed with its RFC 3339 arrival time.
         """
-        params = {"source": source, "follow": follow, "tail": tail}
+        params = c.logs_params(source, follow, tail, since, timestamps)
         with self._c._stream("GET", f"{self._path}/logs", params=params) as resp:
             yield from resp.iter_bytes()
 

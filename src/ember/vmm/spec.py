@@ -19,6 +19,8 @@ from ember.vmm.network import NETWORK_NONE, PortMapping, check_network
 MIN_MEMORY_MIB = 64
 MAX_MEMORY_MIB = 256 * 1024
 MAX_CPUS = 64
+#: Machine names: what Docker allows for container names. No '/', no '..'.
+NAME_PATTERN = r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$"
 AGENT_PORT_NAME = "ember.agent"
 
 

@@ -170,6 +170,7 @@ void umount_all(void);
 /* --------------------------------------------------------------- network.c */
 
 void loopback_up(void);
+void net_sysctls(void);
 void net_up(const char *val);
 
 #endif

@@ -171,6 +171,7 @@ void boot(void)
     }
     if (mkdir("/tmp", 01777) == 0) chmod("/tmp", 01777);
     loopback_up();
+    net_sysctls();
     if (net[0]) net_up(net);
     g_port = open_port(port);
 }

@@ -33,6 +33,18 @@ void loopback_up(void)
 }
 
 /*
+ * What Docker sets for every container: any user may bind ports below 1024 (an
+ * image whose app runs as a non-root user and listens on 80 just works) and
+ * open ICMP echo sockets (ping without privileges). The guest is the app's
+ * alone, so the privileged-port rule protects nothing here.
+ */
+void net_sysctls(void)
+{
+    write_file("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0\n");
+    write_file("/proc/sys/net/ipv4/ping_group_range", "0 2147483647\n");
+}
+
+/*
  * ember.net=ADDR/PREFIX,GATEWAY,DNS: configure eth0 statically (no DHCP client,
  * no wait for a lease): address and netmask, up, default route, resolv.conf.
  * The host only passes it when the machine has a NIC; any failure is fatal, so

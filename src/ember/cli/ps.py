@@ -1,0 +1,214 @@
+"""Looking at machines: ``ember ps`` (filters, formats), ``ember inspect``, ``ember port``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ember.cli.common import client, console, each, pipe_safe, port_number
+from ember.errors import EmberError
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from ember.api.models import Machine
+    from ember.sdk import Client
+
+
+def _ago(stamp: str | None, now: datetime | None = None) -> str:
+    from datetime import UTC, datetime
+
+    if not stamp:
+        return ""
+    try:
+        then = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return stamp
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=UTC)
+    secs = int(((now or datetime.now(UTC)) - then).total_seconds())
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if secs >= size:
+            n = secs // size
+            return f"{n} {unit}{'s' if n != 1 else ''} ago"
+    return "just now" if secs < 5 else f"{secs} seconds ago"
+
+
+def format_ports(info: Machine) -> str:
+    return ", ".join(f"{p.host_ip}:{p.host_port}->{p.guest_port}/{p.protocol}"
+                     for p in info.ports)
+
+
+def _state(info: Machine) -> str:
+    state = info.state.value
+    if info.exit_code is not None and state in ("stopped", "crashed"):
+        return f"{state} ({info.exit_code})"
+    return state
+
+
+def _command_text(info: Machine, width: int = 40) -> str:
+    argv = [*(info.entrypoint or []), *(info.cmd or [])]
+    text = " ".join(argv) if argv else "(image default)"
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+# ---------------------------------------------------------------- --filter
+
+
+#: Docker's container states, as Ember names them (``exited`` is ``stopped``).
+_STATUS_ALIASES = {"exited": "stopped", "dead": "crashed", "up": "running"}
+_FILTER_KEYS = ("name", "id", "status", "ancestor", "restart")
+
+
+def parse_filters(values: Sequence[str]) -> dict[str, list[str]]:
+    """``--filter KEY=VALUE`` (repeatable): the same key twice is OR, different keys AND."""
+    out: dict[str, list[str]] = {}
+    for v in values:
+        key, sep, value = v.partition("=")
+        key = key.strip().lower()
+        if not sep or key not in _FILTER_KEYS:
+            raise EmberError(f"--filter {v!r}: expected KEY=VALUE with KEY one of "
+                             f"{', '.join(_FILTER_KEYS)}")
+        out.setdefault(key, []).append(value.strip())
+    return out
+
+
+def matches(m: Machine, filters: dict[str, list[str]]) -> bool:
+    tests: dict[str, Callable[[str], bool]] = {
+        "name": lambda v: v in m.name,
+        "id": lambda v: m.id.startswith(v),
+        "status": lambda v: m.state.value == _STATUS_ALIASES.get(v, v),
+        "ancestor": lambda v: v in (m.image, m.image_id) or m.image_id.removeprefix(
+            "sha256:").startswith(v.removeprefix("sha256:")),
+        "restart": lambda v: m.restart.value == v,
+    }
+    return all(any(tests[k](v) for v in vs) for k, vs in filters.items())
+
+
+# ---------------------------------------------------------------- --format
+
+_PLACEHOLDER = re.compile(r"\{\{\s*\.(\w+)\s*\}\}")
+
+
+def _fields(m: Machine) -> dict[str, str]:
+    return {"ID": m.id[:12], "FullID": m.id, "Names": m.name, "Name": m.name,
+            "Image": m.image, "Command": _command_text(m, 80), "CreatedAt": m.created_at,
+            "RunningFor": _ago(m.created_at), "Ports": format_ports(m), "Status": _state(m),
+            "State": m.state.value, "ExitCode": "" if m.exit_code is None else str(m.exit_code),
+            "Restarts": str(m.restart_count)}
+
+
+def render(template: str, m: Machine) -> str:
+    """A Go-template-like ``--format``: ``{{.Names}}\\t{{.Status}}`` (Docker's field names)."""
+    fields = _fields(m)
+
+    def field(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in fields:
+            raise EmberError(f"--format: unknown field .{name} (fields: "
+                             f"{', '.join(sorted(fields))})")
+        return fields[name]
+
+    return _PLACEHOLDER.sub(field, template.replace("\\t", "\t").replace("\\n", "\n"))
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    filters = parse_filters(args.filter)
+    with client() as c:
+        machines = [m.info for m in c.machines.list(all=args.all or bool(filters.get("status")))]
+    machines = [m for m in machines if matches(m, filters)]
+    fmt = args.format
+    if args.json or fmt == "json":
+        if fmt == "json":  # Docker: one object per line
+            for m in machines:
+                print(json.dumps(m.model_dump(mode="json")))
+        else:
+            print(json.dumps([m.model_dump(mode="json") for m in machines], indent=2))
+        return 0
+    if args.quiet:
+        for m in machines:
+            print(m.id[:12])
+        return 0
+    if fmt:
+        header = fmt.startswith("table")
+        template = fmt.removeprefix("table").strip() if header else fmt
+        if header:
+            print(_PLACEHOLDER.sub(lambda x: x.group(1).upper(),
+                                   template.replace("\\t", "\t")))
+        for m in machines:
+            print(render(template, m))
+        return 0
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for col in ("NAME", "ID", "IMAGE", "STATE", "CREATED", "PORTS", "COMMAND"):
+        table.add_column(col, no_wrap=True, overflow="fold")
+    for m in machines:
+        table.add_row(m.name, m.id[:12], m.image, _state(m), _ago(m.created_at),
+                      format_ports(m), _command_text(m))
+    out = console()
+    with out.capture() as captured:
+        out.print(table)
+    for line in captured.get().splitlines():
+        print(line.rstrip())
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """The records as a JSON array, always (as ``docker inspect``), even for one name."""
+    found: list[dict[str, Any]] = []
+
+    def get(c: Client, name: str) -> None:
+        found.append(c.machines.get(name).info.model_dump(mode="json"))
+
+    status = each(args.names, get)
+    if args.json or not sys.stdout.isatty():
+        print(json.dumps(found, indent=2))
+    else:
+        console().print_json(data=found)
+    return status
+
+
+def cmd_port(args: argparse.Namespace) -> int:
+    with client() as c:
+        info = c.machines.get(args.name).info
+    ports = [p for p in info.ports if args.port is None or p.guest_port == args.port]
+    if args.port is not None and not ports:
+        state = info.state.value
+        raise EmberError(f"machine {info.name} does not publish guest port {args.port}"
+                         + ("" if state == "running" else f" (it is {state})"))
+    if args.json:
+        print(json.dumps([p.model_dump(mode="json") for p in ports], indent=2))
+    else:
+        for p in ports:
+            print(f"{p.guest_port}/{p.protocol} -> {p.host_ip}:{p.host_port}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("ps", help="list machines")
+    p.add_argument("-a", "--all", action="store_true", help="also stopped and created ones")
+    p.add_argument("-q", "--quiet", action="store_true", help="ids only (12 characters)")
+    p.add_argument("-f", "--filter", action="append", default=[], metavar="KEY=VALUE",
+                   help="name=, id=, status=, ancestor= (image), restart=; repeatable: the "
+                   "same key twice is OR, different keys AND")
+    p.add_argument("--format", metavar="TEMPLATE",
+                   help="json (one object per line), or a template of Docker's fields: "
+                   "'{{.Names}}\\t{{.Status}}' ('table ...' adds a header)")
+    p.add_argument("--json", action="store_true", help="a JSON array")
+    p.set_defaults(func=pipe_safe(cmd_ps))
+
+    p = sub.add_parser("inspect", help="show machines' records (a JSON array)")
+    p.add_argument("--json", action="store_true", help="plain JSON (the default when piped)")
+    p.add_argument("names", nargs="+", metavar="NAME")
+    p.set_defaults(func=pipe_safe(cmd_inspect))
+
+    p = sub.add_parser("port", help="list a machine's published ports")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("port", nargs="?", type=port_number, metavar="GUEST_PORT")
+    p.set_defaults(func=pipe_safe(cmd_port))
