@@ -264,7 +264,7 @@ class Machine:
         except AgentError as exc:
             hint = (" (this host's KVM may not run the guest kernel: try --accel tcg)"
                     if self.spec.accel == "kvm" else "")
-            raise self._give_up(f"the guest agent did not answer within {boot_timeout:.0f} s"
+            raise self._give_up(f"the guest agent did not answer within {boot_timeout:g} s"
                                 f"{hint}") from exc
         finally:
             if slow is not None:
@@ -280,7 +280,7 @@ class Machine:
         seen = f"its console's last line: {lines[-1].strip()[:160]}" if lines \
             else "its console is still empty"
         progress(f"machine {self.name}: still waiting for the guest agent to answer after "
-                 f"{SLOW_BOOT:.0f} s on {self.spec.accel} ({seen})")
+                 f"{SLOW_BOOT:g} s on {self.spec.accel} ({seen})")
 
     def _crash_error(self) -> MachineCrashed:
         assert self.vm is not None

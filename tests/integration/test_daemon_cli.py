@@ -52,7 +52,7 @@ def test_run_detached_shows_in_ps_and_port(svc: str) -> None:
     assert m["state"] == "running"
     (port,) = json.loads(ok("port", svc, "--json"))
     assert ok("port", svc).strip() == f"8080/tcp -> 127.0.0.1:{port['host_port']}"
-    assert json.loads(ok("inspect", svc))["env"] == {"WHO": "cli"}
+    assert json.loads(ok("inspect", svc))[0]["env"] == {"WHO": "cli"}
 
 
 def test_exec_keeps_streams_apart_and_exits_with_the_commands_status(svc: str) -> None:
@@ -126,12 +126,12 @@ def test_lifecycle_commands(daemon: Daemon) -> None:
     assert "cli-life" not in ok("ps").split() and "cli-life" in ok("ps", "-a").split()
     ok("start", name)
     ok("pause", name)
-    assert json.loads(ok("inspect", name))["state"] == "paused"
+    assert json.loads(ok("inspect", name))[0]["state"] == "paused"
     ok("resume", name)
     proc = ember("rm", name)
     assert proc.returncode == 125 and b"running" in proc.stderr
     ok("stop", "-t", "1", name)
-    assert json.loads(ok("inspect", "--json", name))["state"] == "stopped"
+    assert json.loads(ok("inspect", "--json", name))[0]["state"] == "stopped"
     ok("rm", name)
     proc = ember("inspect", name)
     assert proc.returncode == 125 and proc.stderr.decode().startswith("ember: error: ")

@@ -133,8 +133,8 @@ def cmd_rename(args: argparse.Namespace) -> int:
 
 
 #: What ``ember wait`` prints for a machine that ended without an exit code of its
-#: main process (its QEMU crashed, or it had no main process and was stopped).
-NO_EXIT_CODE = {"crashed": 255, "stopped": 0}
+#: main process (its QEMU crashed, it had no main process, it never ran).
+NO_EXIT_CODE = {"crashed": 255, "stopped": 0, "created": 0}
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
