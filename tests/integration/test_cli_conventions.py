@@ -312,3 +312,43 @@ def test_a_boot_that_hangs_says_what_it_waits_for_then_fails_with_the_console(
     (note,) = heard
     assert "still waiting for the guest agent to answer after 3 s" in note
     assert "console" in note
+
+
+def test_errors_name_what_to_type(daemon: Daemon) -> None:
+    name = ok("create", "--name", "conv-msg", "sample:latest", "--", "sleep", "600").strip()
+    try:
+        assert "copying files into it needs it running" in fails("cp", "/etc/hostname",
+                                                                 f"{name}:/tmp/")
+        assert "copying files from it needs it running" in fails("cp", f"{name}:/etc/hosts",
+                                                                 "-")
+        ok("start", name)
+        assert f"ember rm -f {name}" in fails("rm", name)
+    finally:
+        ember("rm", "-f", name)
+
+
+def test_stop_during_a_restart_backoff_stops_it_for_good(daemon: Daemon) -> None:
+    import ember
+
+    with ember.Client() as client:
+        events = client.events()
+        m = client.machines.create("sample:latest", name="conv-backoff", restart="on-failure",
+                                   cmd=["sh", "-c", "exit 1"], start=False)
+        m.start()
+        # wait for a backoff long enough to stop in (0.1 s doubling: 0.8 s is the 4th)
+        for ev in events:
+            if ev.machine == "conv-backoff" and ev.type == "restarting" and \
+                    float(str(ev.detail).split()[1]) >= 0.8:
+                break
+        info = m.stop(timeout=1)
+        assert (info.state.value, info.reason) == ("stopped", "stopped by request")
+        count = info.restart_count
+        # no boot comes after it: its next events are the ones the stop and rm cause
+        m.remove()
+        seen = []
+        for ev in events:
+            if ev.machine == "conv-backoff":
+                seen.append(ev.type)
+                if ev.type == "deleted":
+                    break
+        assert seen == ["stopped", "deleted"] and count >= 4
