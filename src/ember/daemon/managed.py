@@ -347,6 +347,13 @@ class Managed(Adoption, RestartPolicy):
         (its exit then ends the machine as usual).
         """
         with self.lock:
+            if signum == signal.SIGKILL:
+                pending = self._cancel_restart()
+                if pending and self.state not in ACTIVE:  # killed while waiting to restart
+                    self.doc["_user_stopped"] = True
+                    self._set("stopped", detail="killed by request", reason="killed by request")
+                    self._ended()
+                    return
             self._require("kill", "running", "paused")
             if signum != signal.SIGKILL:
                 if self.main is None or self.main.done():
@@ -361,7 +368,6 @@ class Managed(Adoption, RestartPolicy):
                     raise Conflict(f"machine {self.name}: {exc}") from None
                 self.mgr.events.publish(self.id, self.name, "signalled", f"signal {signum}")
                 return
-            self._cancel_restart()
             self.doc["_user_stopped"] = True
             self.doc["_paused"] = False
             self._finalize(self.boot, "stopped", "killed by request",
