@@ -299,28 +299,6 @@ def test_daemon_restart_readopts_running_machines(api: httpx.Client, daemon: Dae
         delete(c, "doomed")
 
 
-def test_tcp_needs_the_token(daemon: Daemon) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    daemon.stop()
-    daemon.start("--tcp", f"127.0.0.1:{port}", "--token", "s3cret")
-    try:
-        base = f"http://127.0.0.1:{port}"
-        r = httpx.get(f"{base}/v1/version")
-        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
-        r = httpx.get(f"{base}/v1/version", headers={"Authorization": "Bearer wrong"})
-        assert r.status_code == 401
-        r = httpx.get(f"{base}/v1/version", headers={"Authorization": "Bearer s3cret"})
-        assert r.status_code == 200 and r.json()["api"] == "v1"
-        with daemon.http() as c:  # the owner's Unix socket needs none
-            assert c.get("/v1/version").status_code == 200
-        assert oct(daemon.socket.stat().st_mode & 0o777) == "0o600"
-    finally:
-        daemon.stop()
-        daemon.start()
-
-
 def _count_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
