@@ -216,7 +216,7 @@ def test_events_stream_lifecycle(api: httpx.Client, daemon: Daemon) -> None:
 
     def listen() -> None:
         with daemon.http() as c, c.stream("GET", "/v1/events") as r:
-            ready.set()
+            ready.set()  # the headers are here: every later event is in the stream
             for line in r.iter_lines():
                 ev = json.loads(line)
                 if ev["machine"] == "evt":
@@ -226,13 +226,13 @@ def test_events_stream_lifecycle(api: httpx.Client, daemon: Daemon) -> None:
 
     t = threading.Thread(target=listen, daemon=True)
     t.start()
-    ready.wait(10)
-    time.sleep(0.2)
+    assert ready.wait(30)
     create(api, name="evt", cmd=["sleep", "60"])
     start(api, "evt")
     api.post("/v1/machines/evt/stop", params={"timeout": 0})
     delete(api, "evt")
     t.join(30)
+    assert not t.is_alive(), f"the stream stopped short: {seen}"
     types = [e["type"] for e in seen]
     assert types[:3] == ["created", "starting", "started"]
     assert types[-2:] == ["stopped", "deleted"]
@@ -297,28 +297,6 @@ def test_daemon_restart_readopts_running_machines(api: httpx.Client, daemon: Dae
         assert m["state"] == "stopped" and m["exit_code"] == 143
         delete(c, "keeper")
         delete(c, "doomed")
-
-
-def test_tcp_needs_the_token(daemon: Daemon) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    daemon.stop()
-    daemon.start("--tcp", f"127.0.0.1:{port}", "--token", "s3cret")
-    try:
-        base = f"http://127.0.0.1:{port}"
-        r = httpx.get(f"{base}/v1/version")
-        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
-        r = httpx.get(f"{base}/v1/version", headers={"Authorization": "Bearer wrong"})
-        assert r.status_code == 401
-        r = httpx.get(f"{base}/v1/version", headers={"Authorization": "Bearer s3cret"})
-        assert r.status_code == 200 and r.json()["api"] == "v1"
-        with daemon.http() as c:  # the owner's Unix socket needs none
-            assert c.get("/v1/version").status_code == 200
-        assert oct(daemon.socket.stat().st_mode & 0o777) == "0o600"
-    finally:
-        daemon.stop()
-        daemon.start()
 
 
 def _count_fds(pid: int) -> int:

@@ -233,3 +233,44 @@ def test_a_client_that_stops_reading_cannot_stall_the_agent_for_long() -> None:
     overflowed, kinds = asyncio.run(scenario())
     assert overflowed
     assert kinds == ["stdout", "stdout", "end"]  # the window's worth, then the exit
+
+
+def test_token_auth_closes_an_unauthenticated_websocket_with_1008() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("reached the app without the token")
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(msg: dict[str, Any]) -> None:
+        sent.append(msg)
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    scope = {"type": "websocket", "path": "/v1/machines/x/exec/ws",
+             "server": ("127.0.0.1", 7777), "headers": [(b"authorization", b"Bearer nope")]}
+    asyncio.run(TokenAuth(app, "tok")(scope, receive, send))
+    # accepted first: a close before the accept would be a bare HTTP 403 to the client
+    assert sent == [{"type": "websocket.accept"},
+                    {"type": "websocket.close", "code": 1008,
+                     "reason": "missing or wrong bearer token"}]
+
+
+def test_the_token_says_where_it_comes_from_and_an_empty_file_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ember.daemon.server import load_token
+    from ember.errors import EmberError
+
+    monkeypatch.setenv("EMBER_HOME", str(tmp_path))
+    monkeypatch.delenv("EMBER_TOKEN", raising=False)
+    assert load_token("given") == ("given", "--token")
+    token, source = load_token()
+    assert source == f"{tmp_path / 'token'} (created)"
+    assert oct((tmp_path / "token").stat().st_mode & 0o777) == "0o600"
+    assert load_token() == (token, str(tmp_path / "token"))
+    monkeypatch.setenv("EMBER_TOKEN", "from-env")
+    assert load_token() == ("from-env", "$EMBER_TOKEN")
+    monkeypatch.delenv("EMBER_TOKEN")
+    (tmp_path / "token").write_text("\n")  # would have let "Bearer " in
+    with pytest.raises(EmberError, match="is empty"):
+        load_token()

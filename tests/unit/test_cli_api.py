@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
+import sys
 import tarfile
 from pathlib import Path
 
@@ -220,3 +222,29 @@ def test_ps_ages_read_like_docker() -> None:
     assert ps._ago("2024-01-01T23:59:30+00:00", now) == "30 seconds ago"
     assert ps._ago("2024-01-01T23:58:00Z", now) == "2 minutes ago"
     assert ps._ago("2024-01-01T00:00:00Z", now) == "1 day ago"
+
+
+def test_version_without_a_daemon_says_so_and_starts_none(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    from ember import __version__
+
+    monkeypatch.setenv("EMBER_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("EMBER_HOST", raising=False)
+    code, out, err = ember(["version"], capsys)
+    assert (code, err) == (0, "")
+    assert out.splitlines() == [
+        f"client: ember {__version__}, API v1, Python {sys.version.split()[0]}",
+        f"daemon: not running (nothing answers at {tmp_path / 'home' / 'ember.sock'})"]
+    code, out, _ = ember(["version", "--json"], capsys)
+    assert code == 0 and json.loads(out) == {
+        "client": {"version": __version__, "api": "v1", "python": sys.version.split()[0]},
+        "daemon": None}
+    assert not (tmp_path / "home").exists()  # no daemon was started for it
+
+
+def test_version_with_an_unreachable_tcp_daemon_is_one_line(
+        capsys: pytest.CaptureFixture[str], no_daemon: None) -> None:
+    code, out, err = ember(["version"], capsys)
+    assert out.startswith("client: ember ")
+    assert "cannot reach the ember daemon at http://127.0.0.1:1" in one_line(code, err)

@@ -425,3 +425,40 @@ def test_a_daemon_that_cannot_start_is_reported_with_its_log(
     msg = str(info.value)
     assert "exited with status 3" in msg and "cannot open the image store" in msg
     assert str(stub_serve / "daemon.log") in msg
+
+
+@pytest.fixture
+def held_lock(stub_serve: Path) -> Iterator[Path]:
+    """A daemon process for the data dir, as far as the lock says (this test holds it)."""
+    import fcntl
+
+    stub_serve.mkdir(parents=True)
+    fd = os.open(stub_serve / "daemon.pid", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, b"4242\n")
+    yield stub_serve
+    os.close(fd)
+
+
+def test_a_daemon_that_is_shutting_down_is_waited_for_not_doubled(held_lock: Path) -> None:
+    # The lock is held and nothing listens: a daemon finishing its shutdown.
+    with pytest.raises(DaemonUnavailable) as info:
+        daemon.ensure_daemon(held_lock / "ember.sock", timeout=5, stop_timeout=0.3)
+    assert str(info.value) == (f"the ember daemon (pid 4242) is shutting down and did not exit "
+                               f"within 0.3 s; see {held_lock / 'daemon.log'}")
+    assert not (held_lock / "spawns").exists()  # no second daemon was tried
+
+
+def test_a_daemon_that_is_starting_is_waited_for_not_doubled(held_lock: Path) -> None:
+    import socket
+
+    # The lock is held and the socket is bound: a daemon loading its state.
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(held_lock / "ember.sock"))
+        s.listen(8)
+        with pytest.raises(DaemonUnavailable) as info:
+            daemon.ensure_daemon(held_lock / "ember.sock", timeout=0.3, stop_timeout=0.3)
+    assert str(info.value) == (
+        f"the ember daemon (pid 4242) accepts connections on {held_lock / 'ember.sock'} but "
+        f"did not answer within 0.3 s; see {held_lock / 'daemon.log'}")
+    assert not (held_lock / "spawns").exists()

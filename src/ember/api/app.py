@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ember import __version__
 from ember.api import models
 from ember.daemon.errors import Invalid, ManagerError
+from ember.daemon.events import Reader
 from ember.daemon.logs import LogFollower, LogView
 from ember.daemon.managed import Managed
 from ember.daemon.manager import Manager
@@ -644,35 +645,15 @@ def create_app(mgr: Manager) -> FastAPI:
                                   "schema": {"$ref": "#/components/schemas/Event"}}}}})
     async def events(
         since: Annotated[int | None, Query(ge=0, le=2**63 - 1,  # SQLite's INTEGER
-                                           description="Replay events after this seq; "
-                                                       "default: only new ones")] = None,
+                                           description="Replay the logged events after this "
+                                                       "seq first (beyond the last one: "
+                                                       "from now); default: only new ones"
+                                           )] = None,
         follow: bool = True,
     ) -> StreamingResponse:
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=10_000)
-
-        def push(ev: dict[str, Any]) -> None:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_offer, q, ev)
-
-        async def stream() -> AsyncIterator[bytes]:
-            # Subscribed here, not before the response starts: a client that goes
-            # away before then never runs this generator, nor would its `finally`.
-            unsubscribe = mgr.events.subscribe(push) if follow else (lambda: None)
-            try:
-                last = since if since is not None else await call(mgr.db.last_event_seq)
-                for ev in await call(mgr.events.since, last) if since is not None else []:
-                    last = ev["seq"]
-                    yield _line(ev)
-                while follow:
-                    ev = await q.get()
-                    if ev["seq"] > last:
-                        last = ev["seq"]
-                        yield _line(ev)
-            finally:
-                unsubscribe()
-
-        return StreamingResponse(stream(), media_type="application/x-ndjson")
+        # Subscribed now, before the headers go out: a client that has them misses
+        # nothing. _EventStream unsubscribes however the response ends.
+        return _EventStream(Reader(mgr.events, since, follow))
 
     # --- the OpenAPI document: our error body for 422 too, and the shared schemas
 
@@ -702,9 +683,26 @@ def create_app(mgr: Manager) -> FastAPI:
     return app
 
 
-def _offer(q: asyncio.Queue[dict[str, Any]], ev: dict[str, Any]) -> None:
-    with contextlib.suppress(asyncio.QueueFull):
-        q.put_nowait(ev)
+class _EventStream(StreamingResponse):
+    """The NDJSON lines of a :class:`Reader`, which is closed when the response ends.
+
+    Also when the client went away before the body started: then the body's
+    generator never runs, and a ``finally`` of its own would never run either.
+    """
+
+    def __init__(self, reader: Reader) -> None:
+        self.reader = reader
+        super().__init__(self._lines(), media_type="application/x-ndjson")
+
+    async def _lines(self) -> AsyncIterator[bytes]:
+        async for ev in self.reader.events():
+            yield _line(ev)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.reader.close()
 
 
 def _line(obj: dict[str, Any]) -> bytes:

@@ -5,7 +5,8 @@ can drive the daemon, and no token is needed there. With ``--tcp HOST:PORT``
 it also listens on TCP, where every request must carry
 ``Authorization: Bearer <token>`` (compared in constant time); the token comes
 from ``--token``, ``EMBER_TOKEN`` or ``<data dir>/token`` (created, mode 0600,
-when absent).
+when absent). Where it came from is said at start-up (stderr and the log),
+the token itself never.
 
 Stopping the daemon (SIGTERM, Ctrl-C) leaves the machines running; the next
 daemon re-adopts them.
@@ -45,20 +46,27 @@ def token_path() -> Path:
     return paths.data_dir() / "token"
 
 
-def load_token(explicit: str | None = None) -> str:
-    """The TCP bearer token: given, from EMBER_TOKEN, or the data dir's (made if missing)."""
-    token = explicit or os.environ.get("EMBER_TOKEN")
+def load_token(explicit: str | None = None) -> tuple[str, str]:
+    """The TCP bearer token and where it came from (for the operator; never the token):
+    given (``--token``), from ``$EMBER_TOKEN``, or the data dir's file (made if missing)."""
+    if explicit:
+        return explicit, "--token"
+    token = os.environ.get("EMBER_TOKEN")
     if token:
-        return token
+        return token, "$EMBER_TOKEN"
     path = token_path()
     try:
-        return path.read_text().strip()
+        token = path.read_text().strip()
     except FileNotFoundError:
         token = secrets.token_urlsafe(32)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(token + "\n")
-        return token
+        return token, f"{path} (created)"
+    if not token:
+        raise EmberError(f"the token file {path} is empty: put a token in it, or delete it "
+                         "to have one made")
+    return token, str(path)
 
 
 class TokenAuth:
@@ -77,7 +85,12 @@ class TokenAuth:
             got = dict(scope.get("headers") or []).get(b"authorization", b"")
             if not hmac.compare_digest(got, self.expected):
                 if scope["type"] == "websocket":
-                    await send({"type": "websocket.close", "code": 1008})
+                    # Accepted, then closed with 1008 (policy violation) and a reason:
+                    # a close before the accept would reach the client as a bare 403.
+                    if (await receive())["type"] == "websocket.connect":
+                        await send({"type": "websocket.accept"})
+                        await send({"type": "websocket.close", "code": 1008,
+                                    "reason": "missing or wrong bearer token"})
                     return
                 body = json.dumps({"error": {"code": "unauthorized", "message":
                                              "missing or wrong bearer token"}}).encode()
@@ -149,15 +162,23 @@ def serve(*, tcp: str | None = None, token: str | None = None, accel: str | None
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise EmberError(f"another ember daemon is running for {home}") from None
+        pid = os.read(lock_fd, 64).decode(errors="replace").strip()
+        os.close(lock_fd)
+        who = f" (pid {pid})" if pid.isdigit() else ""
+        raise EmberError(f"another ember daemon{who} is running for {home} (it holds "
+                         f"{home / 'daemon.pid'})") from None
     os.ftruncate(lock_fd, 0)
     os.write(lock_fd, f"{os.getpid()}\n".encode())
 
     sockets = [_bind_unix(socket_path())]
     secret = None
+    where = f"{socket_path()}"
     if tcp:
-        secret = load_token(token)
+        secret, source = load_token(token)
         sockets.append(_bind_tcp(tcp))
+        host, port = sockets[-1].getsockname()[:2]
+        # Where the token is, never the token: the log may be read by others.
+        where += f" and tcp://{host}:{port} (bearer token from {source})"
     mgr = Manager(accel=accel)
     mgr.recover()
     app: Any = create_app(mgr)
@@ -169,7 +190,6 @@ def serve(*, tcp: str | None = None, token: str | None = None, accel: str | None
                             ws="websockets-sansio", timeout_graceful_shutdown=2,
                             access_log=verbose)
     server = uvicorn.Server(config)
-    where = f"{socket_path()}" + (f" and tcp://{tcp}" if tcp else "")
     log.info("ember daemon %d listening on %s (accelerator %s: %s)", os.getpid(), where,
              mgr.accel.name, mgr.accel.reason)
     print(f"ember daemon listening on {where}", file=sys.stderr, flush=True)

@@ -483,10 +483,14 @@ class ExecSession:
         while self.result is None:
             try:
                 msg = self._ws.recv()
-            except ConnectionClosed:
+            except ConnectionClosed as exc:
+                # 1008 with a reason: refused (over TCP without the token, say)
+                why = exc.rcvd.reason if exc.rcvd is not None and exc.rcvd.code == 1008 \
+                    else ""
                 self.result = ExecEvent(type="error", exit_code=125,
-                                        message="the exec session closed before the "
-                                                "process exited")
+                                        message=f"the daemon refused the exec session: {why}"
+                                        if why else "the exec session closed before the "
+                                                    "process exited")
                 yield self.result
                 return
             if isinstance(msg, bytes):

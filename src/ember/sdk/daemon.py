@@ -4,8 +4,15 @@ The daemon is ``python -m ember serve`` in its own session (so a Ctrl-C in the
 terminal that started it does not reach it), logging to ``DATA_DIR/daemon.log``.
 Two clients racing to start it take ``DATA_DIR/daemon.lock`` (``flock``) in
 turn: the first spawns and waits for ``/v1/version`` to answer; the second then
-finds it answering. (The daemon itself holds ``daemon.pid`` for its whole life,
-so even a start that slipped past this lock could not make a second daemon.)
+finds it answering.
+
+The daemon holds a lock on ``DATA_DIR/daemon.pid`` for its whole life, so a
+second one cannot start, and a client can tell what a daemon that does not
+answer is doing. Lock free: there is none, start one. Lock held and the socket
+accepts connections: it is starting (it binds the socket before it loads its
+state), wait for it. Lock held and the socket refuses connections: it is
+shutting down (its listener is closed while it finishes the streams still
+open), wait for it to exit, then start a new one. Both waits are bounded.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from ember.util import log
 
 #: Seconds a started daemon gets to answer.
 START_TIMEOUT = 15.0
+#: Seconds a daemon that is shutting down gets to exit before a new one is started.
+STOP_TIMEOUT = 15.0
 SOCKET_NAME = "ember.sock"
 
 # Started daemons, kept so that no "subprocess still running" warning fires
@@ -61,12 +70,18 @@ def answers(sock: Path, timeout: float = 2.0) -> bool:
         return False
 
 
-def ensure_daemon(sock: Path, *, timeout: float = START_TIMEOUT) -> None:
-    """Make sure a daemon answers on ``sock``, starting one if nothing listens.
+def ensure_daemon(sock: Path, *, timeout: float = START_TIMEOUT,
+                  stop_timeout: float = STOP_TIMEOUT) -> None:
+    """Make sure a daemon answers on ``sock``, starting one if none runs.
+
+    A daemon that is still starting is waited for (``timeout`` seconds); one
+    that is shutting down is waited for to exit (``stop_timeout`` seconds),
+    then a new one is started.
 
     Raises:
-        DaemonUnavailable: the daemon could not be started, exited, or did not
-            answer within ``timeout`` seconds (the message points at daemon.log).
+        DaemonUnavailable: the daemon could not be started, exited, did not
+            answer within ``timeout`` seconds (the message points at daemon.log),
+            or an old one did not finish shutting down in ``stop_timeout``.
     """
     if answers(sock):
         return
@@ -76,16 +91,58 @@ def ensure_daemon(sock: Path, *, timeout: float = START_TIMEOUT) -> None:
     home = sock.parent
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     logfile = home / "daemon.log"
-    deadline = time.monotonic() + timeout
     fd = os.open(home / "daemon.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        _lock(fd, deadline, home)
-        proc = None
-        if not connectable(sock):
-            proc = _spawn(home, logfile)
-        _wait(sock, deadline, timeout, proc, logfile)
+        _lock(fd, time.monotonic() + stop_timeout + timeout, home)
+        if _wait_for_running(sock, home, timeout, stop_timeout):
+            return
+        proc = _spawn(home, logfile)
+        _wait(sock, time.monotonic() + timeout, timeout, proc, logfile)
     finally:
         os.close(fd)  # releases the lock
+
+
+def daemon_pid(home: Path) -> int | None:
+    """The pid of the daemon holding ``home/daemon.pid`` (0 if not written yet), or
+    None when no daemon process runs for ``home``."""
+    try:
+        fd = os.open(home / "daemon.pid", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 64).decode(errors="replace").strip()
+            return int(text) if text.isdigit() else 0
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _wait_for_running(sock: Path, home: Path, timeout: float, stop_timeout: float) -> bool:
+    """Wait while a daemon process that does not answer runs for ``home``: True once it
+    answers (it was starting), False once none runs (it has shut down, or there was none)."""
+    started = time.monotonic()
+    while True:
+        left = max(timeout, stop_timeout) - (time.monotonic() - started)
+        if answers(sock, timeout=max(0.1, min(2.0, left))):  # maybe started by the client
+            return True                                     # that held daemon.lock before us
+        pid = daemon_pid(home)
+        if pid is None:
+            return False
+        who = f"the ember daemon (pid {pid})" if pid else "the ember daemon"
+        waited = time.monotonic() - started
+        if connectable(sock):  # starting: bound, still loading its state
+            if waited > timeout:
+                raise DaemonUnavailable(f"{who} accepts connections on {sock} but did not "
+                                        f"answer within {timeout:g} s; see "
+                                        f"{home / 'daemon.log'}")
+        elif waited > stop_timeout:  # shutting down: listener closed, not gone yet
+            raise DaemonUnavailable(f"{who} is shutting down and did not exit within "
+                                    f"{stop_timeout:g} s; see {home / 'daemon.log'}")
+        time.sleep(0.05)
 
 
 def _lock(fd: int, deadline: float, home: Path) -> None:
