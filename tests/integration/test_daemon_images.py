@@ -182,7 +182,7 @@ def test_rm_of_an_image_a_machine_uses_refuses_and_the_machine_still_starts(
 
 
 @pytest.fixture
-def private(tmp_path: Path, guest: object) -> Iterator[Daemon]:
+def private(tmp_path: Path) -> Iterator[Daemon]:
     """A daemon of its own data dir, for what would empty the session's store."""
     from conftest import Daemon
 
