@@ -9,6 +9,8 @@ Every error Ember raises on purpose derives from :class:`EmberError`; its
      ├── SubprocessFailed     a host command exited non-zero (carries cmd, code, stderr)
      ├── ImageError           importing, resolving or unpacking an image failed
      │    ├── ImageNotFound   no image matches a reference
+     │    ├── AmbiguousImage  an id prefix matches several images
+     │    ├── ImageConflict   a removal that needs force (image in use, several tags)
      │    └── UnsafeLayer     a layer entry is hostile (escapes the root, device node...)
      ├── AgentError           the guest agent misbehaved or went away
      │    ├── ProtocolError   a frame was malformed, oversized or unexpected
@@ -49,6 +51,14 @@ class ImageError(EmberError):
 
 class ImageNotFound(ImageError):
     """No image in the store matches the reference."""
+
+
+class AmbiguousImage(ImageError):
+    """An image id prefix matches more than one image."""
+
+
+class ImageConflict(ImageError):
+    """A removal refused: a machine uses the image, or an id names several tags."""
 
 
 class UnsafeLayer(ImageError):

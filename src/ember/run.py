@@ -28,8 +28,9 @@ from ember.errors import AgentError, EmberError
 from ember.guest.bundle import ensure_guest
 from ember.host.probe import AccelChoice, choose_accel, require_qemu
 from ember.images import ImageStore, resolve_process
+from ember.images.store import tag_moved_message
 from ember.machine import Machine, MachineConfig, reap_stale_ephemeral
-from ember.util import Progress, log
+from ember.util import Progress, log, stderr_progress
 
 if TYPE_CHECKING:
     from ember.agent.client import Process
@@ -61,8 +62,13 @@ class RunRequest:
     verbose: bool = False
 
 
-def prepare(req: RunRequest, progress: Progress) -> tuple[Machine, ProcessSpec, AccelChoice]:
-    """Resolve the image, the guest bundle and the accelerator; create (not start) the machine."""
+def prepare(req: RunRequest, progress: Progress, notice: Progress = stderr_progress,
+            ) -> tuple[Machine, ProcessSpec, AccelChoice]:
+    """Resolve the image, the guest bundle and the accelerator; create (not start) the machine.
+
+    ``notice`` gets what the user should know even without progress lines: a tag the
+    import of a path took from another image.
+    """
     require_qemu()
     from ember.host.resources import check_machine_shape
     from ember.vmm.network import check_network, check_ports_free, parse_port
@@ -76,7 +82,10 @@ def prepare(req: RunRequest, progress: Progress) -> tuple[Machine, ProcessSpec, 
     accel = choose_accel(req.accel)
     store = ImageStore(paths.images_dir())
     if os.path.exists(req.image) and not _looks_like_ref(req.image, store):
-        image = store.import_path(Path(req.image), progress=progress)
+        imported = store.import_archive(Path(req.image), progress=progress)
+        for move in imported.moved:
+            notice(tag_moved_message(move))
+        image = imported.image
     else:
         image = store.resolve(req.image)
     process = resolve_process(
@@ -114,9 +123,9 @@ def exec_request(req: RunRequest, process: ProcessSpec) -> ExecRequest:
         raise EmberError(f"invalid command: {exc}") from None
 
 
-def run(req: RunRequest, progress: Progress) -> int:
+def run(req: RunRequest, progress: Progress, notice: Progress = stderr_progress) -> int:
     """Run ``req`` to completion; return the guest command's exit code (128+N for signal N)."""
-    machine, process, accel = prepare(req, progress)
+    machine, process, accel = prepare(req, progress, notice)
     why = f" ({accel.reason})" if req.verbose or _first_time(f"{accel.name}: {accel.reason}") \
         else ""
     progress(f"microVM {machine.name}: {req.cpus} vCPU, {req.memory_mib} MiB, "

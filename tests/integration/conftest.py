@@ -92,8 +92,10 @@ def machine(store: ImageStore, guest: GuestBundle) -> Iterator[Machine]:
 class Daemon:
     """A real ``ember serve`` process on the test session's data dir."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, *, private: bool = False) -> None:
+        """``private``: a daemon of its own data dir ``home`` (not the session's)."""
         self.home = home
+        self.env = {**os.environ, "EMBER_HOME": str(home)} if private else None
         self.socket = home / "ember.sock"
         self.log = home / "daemon.test.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -105,7 +107,7 @@ class Daemon:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "ember", "serve", *args],
                                          stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+                                         start_new_session=True, env=self.env)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -9,6 +9,10 @@ and a JSON body that matches the documented schema. Two machines give the
 state-dependent routes something real to act on: ``fz-created`` (never
 started) and ``fz-running`` (main process ``sleep 3600``); generated machine
 names are sometimes replaced by theirs, and image refs by ``sample:latest``.
+The session's images, which later modules boot, survive the image routes
+(``DELETE /v1/images/{ref}?force=true``, ``POST /v1/images/prune?all=true``,
+tags moved): machines hold both (``fz-entry`` holds ``entry:latest``), so they
+are never deleted, and their tags are put back after each operation.
 
 Not fuzzed: ``follow=true`` on ``/logs`` and ``/events`` (such a stream only
 ends when the machine stops or the client leaves, so every case sends
@@ -46,7 +50,9 @@ if TYPE_CHECKING:
 schemathesis.serializer.alias("application/x-tar", "application/octet-stream")
 
 BASE = "http://ember"
-CREATED, RUNNING = "fz-created", "fz-running"
+CREATED, RUNNING, HOLDER = "fz-created", "fz-running", "fz-entry"
+#: The session's images (tests/integration/conftest.py) and the machine holding each.
+SESSION_IMAGES = {"sample:latest": CREATED, "entry:latest": HOLDER}
 #: Generated cases per operation and generation mode (positive, negative), on top of the
 #: ~680 cases of the coverage phase: about 50 s for the whole module on 2 idle cores.
 #: EMBER_FUZZ_EXAMPLES=N fuzzes longer; EMBER_FUZZ_RANDOM=1 draws new cases on every run
@@ -151,14 +157,14 @@ def _operations() -> list[str]:
     return [f"{method.upper()} {path}" for path, ops in doc["paths"].items() for method in ops]
 
 
-def _ensure(api: httpx.Client, name: str, running: bool) -> None:
+def _ensure(api: httpx.Client, name: str, running: bool, image: str = "sample:latest") -> None:
     r = api.get(f"/v1/machines/{name}")
     state = r.json()["state"] if r.status_code == 200 else None
     if state in (("running", "paused") if running else ("created",)):
         return
     if state is not None:
         assert api.delete(f"/v1/machines/{name}", params={"force": "true"}).status_code == 204
-    body: dict[str, Any] = {"image": "sample:latest", "name": name}
+    body: dict[str, Any] = {"image": image, "name": name}
     if running:
         body["cmd"] = ["sleep", "3600"]
     r = api.post("/v1/machines", json=body)
@@ -168,22 +174,38 @@ def _ensure(api: httpx.Client, name: str, running: bool) -> None:
         assert r.status_code == 200, r.text
 
 
+@pytest.fixture(scope="module")
+def session_images(api: httpx.Client) -> dict[str, str]:
+    """Tag -> id of the session's images, as the fuzz run found them."""
+    out = {}
+    for tag in SESSION_IMAGES:
+        r = api.get(f"/v1/images/{tag}")
+        assert r.status_code == 200, r.text
+        out[tag] = r.json()["id"]
+    return out
+
+
 @pytest.fixture
-def fuzz_machines(api: httpx.Client) -> Iterator[None]:
-    """Both machines in their state before each operation; machines the fuzzer made go after."""
+def fuzz_machines(api: httpx.Client, session_images: dict[str, str]) -> Iterator[None]:
+    """The machines in their state before each operation; machines the fuzzer made go
+    after, and the session's images get their tags back."""
     before = {m["id"] for m in api.get("/v1/machines").json()}
     _ensure(api, CREATED, running=False)
     _ensure(api, RUNNING, running=True)
+    _ensure(api, HOLDER, running=False, image="entry:latest")
     yield
     for m in api.get("/v1/machines").json():
-        if m["id"] not in before and m["name"] not in (CREATED, RUNNING):
+        if m["id"] not in before and m["name"] not in (CREATED, RUNNING, HOLDER):
             api.delete(f"/v1/machines/{m['id']}", params={"force": "true"})
+    for tag, image_id in session_images.items():
+        r = api.post(f"/v1/images/{image_id}/tag", json={"tag": tag})
+        assert r.status_code == 201, f"the session image {tag} is gone: {r.text}"
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _cleanup(api: httpx.Client) -> Iterator[None]:
     yield
-    for name in (CREATED, RUNNING):
+    for name in (CREATED, RUNNING, HOLDER):
         api.delete(f"/v1/machines/{name}", params={"force": "true"})
 
 

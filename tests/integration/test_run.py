@@ -240,3 +240,23 @@ def test_run_by_image_id_and_short_prefix(store: ImageStore) -> None:
     image = store.resolve("sample:latest")
     for ref in (image.id, image.short_id[:8]):
         assert ember("run", "-q", ref, "--", "echo", "by id", check_rc=0).stdout == b"by id\n"
+
+
+def test_running_an_archive_that_names_a_taken_tag_moves_it_and_says_so(
+        tmp_path: Path, store: ImageStore, daemon: object) -> None:
+    from ember.sample import DEFAULT_CONFIG, busybox_layers, write_oci_layout
+
+    layers = busybox_layers(1)
+    old = store.import_path(write_oci_layout(tmp_path / "old", layers,
+                                             {**DEFAULT_CONFIG, "Labels": {"v": "old"}}),
+                            tag="runmove:1")
+    new = write_oci_layout(tmp_path / "new", layers, {**DEFAULT_CONFIG, "Labels": {"v": "new"}},
+                           tag="runmove:1")
+    proc = ember("run", "-q", str(new), "--", "true", check_rc=0)
+    assert proc.stderr == f"ember: tag runmove:1 moved from image {old.short_id}\n".encode()
+    assert store.resolve("runmove:1").id != old.id
+    assert store.resolve(old.id).tags == ()
+    # the image that lost its tag is what `prune` (through the daemon) takes
+    proc = ember("image", "prune", check_rc=0)
+    assert f"Deleted: {old.id}\n".encode() in proc.stdout
+    assert ember("image", "rm", "runmove:1", check_rc=0).stdout.startswith(b"Untagged: ")

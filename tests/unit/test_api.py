@@ -145,6 +145,38 @@ def test_images_listed_and_inspected(client: TestClient) -> None:
     err(client.post("/v1/images/upload", content=b"not a tar"), 422)
 
 
+def test_image_routes_untag_and_delete_as_docker_does(client: TestClient,
+                                                    tmp_path: Path) -> None:
+    from images_helpers import file, write_oci_layout
+
+    lay = write_oci_layout(tmp_path / "l", [[file("x", b"x")]], {"Cmd": ["/x"]})
+    r = client.post("/v1/images/import", json={"path": str(lay), "tag": "u:1"})
+    assert r.status_code == 201 and r.json()["moved_tags"] == []
+    image_id = r.json()["id"]
+    r = client.post("/v1/images/u:1/tag", json={"tag": "u:2"})
+    assert r.status_code == 201 and r.json()["tags"] == ["u:1", "u:2"]
+    assert err(client.post("/v1/images/u:1/tag", json={"tag": "u:3", "x": 1}),
+               422) == "x: unknown field"
+    err(client.post("/v1/images/ghost:1/tag", json={"tag": "u:3"}), 404)
+    assert "has 2 tags (u:1, u:2)" in err(client.delete(f"/v1/images/{image_id}"), 409,
+                                          "conflict")
+    assert client.post("/v1/machines", json={"image": "u:1", "name": "holds-u"}).status_code \
+        == 201
+    r = client.delete("/v1/images/u:2")
+    assert r.status_code == 200
+    assert r.json() == {"untagged": ["u:2"], "deleted": [], "space_reclaimed": 0}
+    assert "used by machine holds-u" in err(client.delete("/v1/images/u:1"), 409, "conflict")
+    r = client.delete("/v1/images/u:1", params={"force": "true"})
+    assert r.json() == {"untagged": ["u:1"], "deleted": [], "space_reclaimed": 0}
+    assert client.get(f"/v1/images/{image_id}").json()["tags"] == []
+    assert image_id not in client.post("/v1/images/prune").json()["deleted"]
+    assert client.delete("/v1/machines/holds-u").status_code == 204
+    r = client.post("/v1/images/prune")
+    assert r.status_code == 200 and r.json()["deleted"] == [image_id]
+    assert r.json()["space_reclaimed"] > 0
+    assert [i["tags"] for i in client.get("/v1/images").json()] == [["sample:latest"]]
+
+
 def test_token_auth_only_guards_tcp() -> None:
     seen: list[str] = []
 

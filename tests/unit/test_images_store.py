@@ -40,8 +40,9 @@ from images_helpers import (
     write_oci_layout,
 )
 
-from ember.errors import ImageError, ImageNotFound, UnsafeLayer
+from ember.errors import AmbiguousImage, ImageConflict, ImageError, ImageNotFound, UnsafeLayer
 from ember.images import Image, ImageStore, normalize_tag
+from ember.images.store import Removal, TagMove, tag_moved_message
 
 BASE = [directory("etc"), file("etc/os-release", b"NAME=test\n"), directory("usr/lib"),
         file("usr/lib/a", b"a"), file("usr/lib/b", b"b"), directory("var/cache"),
@@ -163,11 +164,42 @@ def test_tag_moves_between_images(store: ImageStore, tmp_path: Path) -> None:
 def test_resolve_forms(store: ImageStore, layout: Path) -> None:
     image = store.import_path(layout, tag="demo")
     for ref in ("demo", "demo:latest", image.id, image.hex, image.hex[:6], image.short_id,
-                "sha256:" + image.hex[:10], f"  {image.short_id} "):
+                "sha256:" + image.hex[:10], f"  {image.short_id} ", image.hex[:1],
+                image.hex[:2], "sha256:" + image.hex[:1]):
         assert store.resolve(ref).id == image.id, ref
+    other = next(c for c in "0123456789abcdef" if c != image.hex[0])
+    with pytest.raises(ImageNotFound):
+        store.resolve(other + image.hex[1:8])
 
 
-@pytest.mark.parametrize("ref", ["nope", "demo:2", "sha256:" + "0" * 64, "abcde", "zzzzzzzz",
+def distinct_images(store: ImageStore, tmp: Path) -> list[Image]:
+    """Import images until two ids start with the same hex digit; those two (deterministic)."""
+    seen: dict[str, Image] = {}
+    for i in range(40):
+        img = store.import_path(write_oci_layout(tmp / f"p{i}", [BASE], {"Cmd": [str(i)]}))
+        if img.hex[0] in seen:
+            return [seen[img.hex[0]], img]
+        seen[img.hex[0]] = img
+    raise AssertionError("40 images and no shared first digit")
+
+
+def test_any_unique_id_prefix_names_an_image_and_an_ambiguous_one_says_how_many(
+        store: ImageStore, tmp_path: Path) -> None:
+    a, b = distinct_images(store, tmp_path)
+    common = os.path.commonprefix([a.hex, b.hex])
+    with pytest.raises(AmbiguousImage) as info:
+        store.resolve(common)
+    assert str(info.value) == (f"image id prefix {common!r} is ambiguous: 2 images match "
+                               "(give more of the id)")
+    assert store.resolve(a.hex[:len(common) + 1]).id == a.id
+    assert store.resolve(b.hex[:len(common) + 1]).id == b.id
+    # a tag spelled like an id prefix wins, as in Docker
+    store.tag(b.id, a.hex[:3])
+    assert store.resolve(a.hex[:3]).id == b.id
+    assert store.resolve("sha256:" + a.hex[:3]).id == a.id
+
+
+@pytest.mark.parametrize("ref", ["nope", "demo:2", "sha256:" + "0" * 64, "zzzzzzzz",
                                  "../etc", ""])
 def test_resolve_not_found(store: ImageStore, layout: Path, ref: str) -> None:
     store.import_path(layout, tag="demo")
@@ -203,30 +235,154 @@ def test_normalize_tag_rejects(tag: str) -> None:
 # --- removing -------------------------------------------------------------------------------
 
 
-def test_remove_collects_unshared_blobs(store: ImageStore, tmp_path: Path) -> None:
+def disk(store: ImageStore) -> int:
+    """Bytes of the store's images: blobs, root file systems, records."""
+    return sum(p.stat().st_size for d in (store.blobs_dir, store.rootfs_dir, store.images_dir)
+               for p in d.iterdir() if p.is_file())
+
+
+def test_removing_the_last_tag_deletes_the_image_and_its_unshared_blobs(
+        store: ImageStore, tmp_path: Path) -> None:
     a = store.import_path(write_oci_layout(tmp_path / "a", [BASE, MIDDLE], {"Cmd": ["a"]}),
                           tag="a")
     b = store.import_path(write_oci_layout(tmp_path / "b", [BASE, TOP], {"Cmd": ["b"]}),
                           tag="b")
     base_blob = a.layers[0].digest
     assert b.layers[0].digest == base_blob
+    before = disk(store)
     removed = store.remove("a")
-    assert removed.id == a.id and removed.tags == ("a:latest",)
+    assert (removed.untagged, removed.deleted) == (("a:latest",), (a.id,))
+    assert removed.reclaimed == before - disk(store) > 0
     assert store.blob_path(base_blob).exists()
     assert not store.blob_path(a.layers[1].digest).exists()
     assert not store.blob_path(a.id).exists()
+    assert not store.rootfs_path(a).exists() and store.rootfs_path(b).exists()
     assert [i.id for i in store.list()] == [b.id]
     with pytest.raises(ImageNotFound):
         store.resolve("a")
-    store.remove(b.id)
+    assert store.remove(b.id).deleted == (b.id,)
     assert list(store.blobs_dir.iterdir()) == []
     assert list(store.images_dir.iterdir()) == []
+    assert list(store.rootfs_dir.iterdir()) == []
     assert json.loads(store.refs_path.read_text()) == {}
+
+
+def test_removing_one_of_several_tags_only_untags(store: ImageStore, layout: Path) -> None:
+    image = store.import_path(layout, tag="app:1")
+    store.tag("app:1", "app:latest")
+    before = tree(store.blobs_dir)
+    assert store.remove("app") == Removal(untagged=("app:latest",))
+    assert store.resolve("app:1").tags == ("app:1",)
+    assert tree(store.blobs_dir) == before and store.rootfs_path(image).exists()
+    record = json.loads(store._record_path(image.id).read_text())
+    assert record["tags"] == ["app:1"]
+    assert store.remove("app:1").deleted == (image.id,)
+
+
+def test_removing_by_id_an_image_with_several_tags_needs_force(store: ImageStore,
+                                                               layout: Path) -> None:
+    image = store.import_path(layout, tag="app:1")
+    store.tag(image.id, "app:2")
+    before = tree(store.root)
+    with pytest.raises(ImageConflict) as info:
+        store.remove(image.short_id)
+    assert str(info.value) == (f"image {image.short_id} has 2 tags (app:1, app:2): remove "
+                               "them by name, or force to remove all")
+    assert tree(store.root) == before
+    removed = store.remove(image.short_id, force=True)
+    assert (removed.untagged, removed.deleted) == (("app:1", "app:2"), (image.id,))
+    assert store.list() == []
+
+
+def test_an_image_a_machine_uses_is_never_deleted(store: ImageStore, layout: Path) -> None:
+    image = store.import_path(layout, tag="app:1")
+    store.tag(image.id, "app:2")
+    users = {image.id: ["web", "db"]}
+    # a tag that is not the last one goes: the machines have the image by id
+    assert store.remove("app:2", users=users) == Removal(untagged=("app:2",))
+    before = tree(store.root)
+    for ref in ("app:1", image.id):
+        with pytest.raises(ImageConflict) as info:
+            store.remove(ref, users=users)
+        assert "is used by machine web (and 1 more): remove the machine first, or force" \
+            in str(info.value)
+        assert tree(store.root) == before
+    # forced: the tag goes, the image stays (untagged) for as long as it is used
+    assert store.remove("app:1", force=True, users=users) == Removal(untagged=("app:1",))
+    kept = store.resolve(image.id)
+    assert kept.tags == () and store.rootfs_path(kept).exists()
+    with pytest.raises(ImageConflict, match="has no tags to remove"):
+        store.remove(image.id, force=True, users=users)
+    assert store.prune(users=users) == Removal()
+    assert store.prune(all=True, users=users) == Removal()
+    assert store.resolve(image.id).id == image.id
+    # once unused, prune takes it
+    assert store.prune(users={image.id: []}).deleted == (image.id,)
+    assert store.list() == [] and list(store.blobs_dir.iterdir()) == []
+
+
+def test_prune_deletes_untagged_images_and_with_all_every_unused_one(
+        store: ImageStore, tmp_path: Path) -> None:
+    dangling = store.import_path(write_oci_layout(tmp_path / "d", [BASE], {"Cmd": ["d"]}))
+    tagged = store.import_path(write_oci_layout(tmp_path / "t", [BASE, TOP], {"Cmd": ["t"]}),
+                               tag="t:1")
+    used = store.import_path(write_oci_layout(tmp_path / "u", [MIDDLE], {"Cmd": ["u"]}),
+                             tag="u:1")
+    users = {used.id: ["web"]}
+    before = disk(store)
+    pruned = store.prune(users=users)
+    assert (pruned.untagged, pruned.deleted) == ((), (dangling.id,))
+    assert pruned.reclaimed == before - disk(store) > 0
+    assert store.blob_path(tagged.layers[0].digest).exists()  # shared with the dangling one
+    before = disk(store)
+    pruned = store.prune(all=True, users=users)
+    assert (pruned.untagged, pruned.deleted) == (("t:1",), (tagged.id,))
+    assert pruned.reclaimed == before - disk(store) > 0
+    assert [i.tags for i in store.list()] == [("u:1",)]
+    assert store.prune(all=True, users=users) == Removal()
+
+
+def test_prune_collects_what_a_killed_removal_left(store: ImageStore, layout: Path,
+                                                  tmp_path: Path) -> None:
+    image = store.import_path(layout, tag="keep")
+    orphan_blob = store.blobs_dir / ("ab" * 32)
+    orphan_blob.write_bytes(b"x" * 100)
+    orphan_rootfs = store.rootfs_dir / (("cd" * 32) + ".erofs")
+    orphan_rootfs.write_bytes(b"y" * 50)
+    assert store.prune() == Removal(reclaimed=150)
+    assert not orphan_blob.exists() and not orphan_rootfs.exists()
+    assert store.resolve("keep").id == image.id and store.rootfs_path(image).exists()
+    # with a record it cannot read, prune cannot know what that image needs: it keeps blobs
+    orphan_blob.write_bytes(b"x")
+    (store.images_dir / ("ef" * 32 + ".json")).write_text("{not json")
+    assert store.prune() == Removal()
+    assert orphan_blob.exists()
 
 
 def test_remove_unknown(store: ImageStore) -> None:
     with pytest.raises(ImageNotFound):
         store.remove("ghost")
+
+
+def test_an_import_that_takes_a_tag_says_so_and_leaves_the_old_image_to_prune(
+        store: ImageStore, tmp_path: Path) -> None:
+    old = store.import_path(write_oci_layout(tmp_path / "a", [BASE], {"Cmd": ["a"]},
+                                             ref_name="app:1"))
+    result = store.import_archive(
+        write_docker_archive(tmp_path / "b.tar", [BASE], {"Cmd": ["b"]}, repo_tags=["app:1"]))
+    assert result.moved == (TagMove("app:1", old.id, result.image.id),) and result.new
+    assert tag_moved_message(result.moved[0]) == f"tag app:1 moved from image {old.short_id}"
+    assert store.resolve("app:1").id == result.image.id
+    assert store.resolve(old.id).tags == ()
+    assert json.loads(store._record_path(old.id).read_text())["tags"] == []
+    assert store.prune().deleted == (old.id,)
+    again = store.import_archive(write_oci_layout(tmp_path / "c", [BASE], {"Cmd": ["c"]}),
+                                 tag="app:1")
+    assert again.moved == (TagMove("app:1", result.image.id, again.image.id),)
+    assert not store.import_archive(tmp_path / "c", tag="app:1").moved
+    # re-importing an image the store has takes its tags back too
+    back = store.import_archive(tmp_path / "b.tar")
+    assert not back.new and back.moved == (TagMove("app:1", again.image.id, result.image.id),)
 
 
 # --- bad input leaves the store untouched ---------------------------------------------------
@@ -368,7 +524,7 @@ BAD: list[tuple[Breaker, str]] = [
     (hostile_layer, "'..'"),
     (device_layer, "device node"),
     (corrupt_gzip_layer, "is corrupt: Compressed file ended"),
-    (truncated_docker_save, ""),
+    (truncated_docker_save, "is not a readable tar archive: unexpected end of data"),
     (docker_layer_modified, "does not match diff_id"),
     (docker_config_name_mismatch, "does not match its digest"),
     (unsafe_archive_path, "unsafe path"),

@@ -210,10 +210,56 @@ def test_exec_sends_stdin_and_returns_the_result(d: Daemon) -> None:
 
 
 def test_image_refs_with_slashes_and_colons_stay_in_the_path(d: Daemon) -> None:
-    d.on("DELETE", "/v1/images/reg.io/team/app:1.0", 204)
+    d.on("DELETE", "/v1/images/reg.io/team/app:1.0", 200, {"untagged": ["reg.io/team/app:1.0"]})
     with d.client() as c:
-        c.images.remove("reg.io/team/app:1.0")
+        assert c.images.remove("reg.io/team/app:1.0").untagged == ["reg.io/team/app:1.0"]
     assert d.requests[0].url.raw_path == b"/v1/images/reg.io/team/app:1.0"
+    assert "force" not in d.requests[0].url.params
+
+
+IMAGE = {"id": "sha256:" + "1" * 64, "short_id": "1" * 12, "tags": ["app:1"], "size": 1,
+         "created": "", "layers": 1, "entrypoint": None, "cmd": None, "env": [], "workdir": "",
+         "user": ""}
+
+
+def test_image_tag_remove_and_prune_send_what_the_api_takes(d: Daemon) -> None:
+    removal = {"untagged": ["app:1"], "deleted": ["sha256:" + "1" * 64], "space_reclaimed": 42}
+    d.on("POST", "/v1/images/app:1/tag", 201, {**IMAGE, "tags": ["app:1", "app:2"]})
+    d.on("DELETE", "/v1/images/app:1", 200, removal)
+    d.on("POST", "/v1/images/prune", 200, removal)
+    with d.client() as c:
+        assert c.images.tag("app:1", "app:2").tags == ["app:1", "app:2"]
+        r = c.images.remove("app:1", force=True)
+        assert (r.untagged, r.deleted, r.space_reclaimed) == \
+            (["app:1"], ["sha256:" + "1" * 64], 42)
+        assert c.images.prune(all=True).space_reclaimed == 42
+        assert c.images.prune().deleted == removal["deleted"]
+        with pytest.raises(InvalidRequest, match="tag"):
+            c.images.tag("app:1", "")
+    tag_req, rm_req, prune_all, prune = d.requests
+    assert json.loads(tag_req.content) == {"tag": "app:2"}
+    assert rm_req.url.params["force"] == "true"
+    assert prune_all.url.params["all"] == "true" and "all" not in prune.url.params
+
+    async def run() -> tuple[list[str], int, int]:
+        async with d.aclient() as ac:
+            tagged = await ac.images.tag("app:1", "app:2")
+            removed = await ac.images.remove("app:1", force=True)
+            pruned = await ac.images.prune(all=True)
+            return tagged.tags, removed.space_reclaimed, pruned.space_reclaimed
+
+    assert asyncio.run(run()) == (["app:1", "app:2"], 42, 42)
+    assert [r.url.params.get("force") or r.url.params.get("all") for r in d.requests[4:]] == \
+        [None, "true", "true"]
+
+
+def test_an_import_reports_the_tags_it_moved(d: Daemon) -> None:
+    d.on("POST", "/v1/images/import", 201,
+         {**IMAGE, "moved_tags": [{"tag": "app:1", "from_image": "sha256:" + "2" * 64}]})
+    with d.client() as c:
+        result = c.images.import_path("/srv/app.tar")
+    assert [(m.tag, m.from_image) for m in result.moved_tags] == \
+        [("app:1", "sha256:" + "2" * 64)]
 
 
 def test_upload_streams_a_file_with_its_tag(d: Daemon, tmp_path: Path) -> None:

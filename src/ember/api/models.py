@@ -58,19 +58,61 @@ class ImageImport(_Request):
                             description="Tag to give the image, e.g. `app:1.0`.")
 
 
+class ImageTag(_Request):
+    tag: str = Field(min_length=1, max_length=255,
+                     description="The new tag, e.g. `app:2` (`app` means `app:latest`). A tag "
+                                 "another image has moves to this one.")
+
+
+class ImageLayer(_Response):
+    digest: str = Field(description="Digest of the layer blob as stored (compressed).")
+    media_type: str
+    size: int = Field(description="Size of the blob in bytes.")
+    diff_id: str = Field(description="Digest of the uncompressed layer tar.")
+
+
 class Image(_Response):
     id: str = Field(description="`sha256:` digest of the image config.")
     short_id: str
-    tags: list[str]
+    tags: list[str] = Field(description="Empty for an untagged image (`prune` removes those "
+                                        "that no machine uses).")
     size: int = Field(description="Uncompressed size of all layers, in bytes.")
     created: str
-    layers: int
+    layers: int = Field(description="The number of layers (`layer_details` has each).")
     entrypoint: list[str] | None
     cmd: list[str] | None
     env: list[str]
     workdir: str
     user: str
     exposed_ports: list[str] = Field(default_factory=list)
+    labels: dict[str, str] = Field(default_factory=dict)
+    stop_signal: str = Field(default="", description="The config's StopSignal, empty if none.")
+    manifest_digest: str | None = Field(
+        default=None, description="Digest of the image manifest (none for a `docker save`).")
+    layer_details: list[ImageLayer] = Field(default_factory=list)
+    imported: str = Field(default="", description="When the image came into the store.")
+    rootfs: str = Field(default="", description="Path of its EROFS root file system on the "
+                                                "daemon's host.")
+
+
+class TagMove(_Response):
+    tag: str
+    from_image: str = Field(description="Id of the image that had the tag (untagged now if "
+                                        "it was its last one).")
+
+
+class ImageImported(Image):
+    """An imported image, and the tags the import took from other images."""
+
+    moved_tags: list[TagMove] = Field(default_factory=list)
+
+
+class ImageRemoval(_Response):
+    """What `DELETE /v1/images/{ref}` or `POST /v1/images/prune` did."""
+
+    untagged: list[str] = Field(default_factory=list, description="Tags removed.")
+    deleted: list[str] = Field(default_factory=list, description="Ids of images deleted.")
+    space_reclaimed: int = Field(default=0, description="Bytes freed on disk.")
 
 
 # --- machines ----------------------------------------------------------------

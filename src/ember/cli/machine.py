@@ -43,9 +43,12 @@ def create_machine(c: Client, args: argparse.Namespace, *, start: bool) -> Machi
 
     image = args.image
     if ("/" in image or image.endswith(".tar")) and os.path.exists(image):
-        # a path, as `ember run` takes it; the daemon reads it, so it goes absolute
-        imported = c.images.import_path(os.path.abspath(image))
-        image = imported.tags[0] if imported.tags else imported.short_id
+        # a path, as `ember run` takes it: imported into the daemon's store first
+        from ember.cli.common import progress
+        from ember.cli.image import import_image
+
+        imported = import_image(c, image, None, progress(args))
+        image = imported.tags[0] if imported.tags else imported.id
     command = command_args(args)
     check_shape(args)
     m = c.machines.create(

@@ -23,7 +23,7 @@ from ember.daemon.errors import Conflict, Invalid, ManagerError, NotFound
 from ember.daemon.events import EventBus, now
 from ember.daemon.managed import Managed
 from ember.daemon.states import ACTIVE
-from ember.errors import EmberError, ImageError, ImageNotFound
+from ember.errors import AmbiguousImage, EmberError, ImageConflict, ImageError, ImageNotFound
 from ember.guest.bundle import GuestBundle, ensure_guest
 from ember.host.probe import AccelChoice, choose_accel
 from ember.host.resources import ShapeError, check_machine_shape
@@ -33,7 +33,7 @@ from ember.util import log
 from ember.vmm import network
 
 if TYPE_CHECKING:
-    from ember.images.store import Image
+    from ember.images.store import Image, Imported, Removal
 
 # still importable from here, where they were defined before the split
 __all__ = ["ACTIVE", "Conflict", "Invalid", "Managed", "Manager", "ManagerError", "NotFound"]
@@ -55,6 +55,14 @@ class Manager:
         self.boot_timeout = boot_timeout
         self._lock = threading.Lock()
         self._images_lock = threading.Lock()
+        #: held from "which machines use which image" to the end of a removal, and from
+        #: resolving a create's image to registering the machine: no machine is ever
+        #: created from an image that is being deleted
+        self._image_use = threading.Lock()
+        #: uploads being received (not the store's tmp/, which every store mutation sweeps)
+        self.uploads_dir = self.home / "uploads"
+        shutil.rmtree(self.uploads_dir, ignore_errors=True)  # a killed daemon's
+        self.uploads_dir.mkdir(mode=0o700)
         self._machines: dict[str, Managed] = {}
         self._guest: GuestBundle | None = None
         self._guest_lock = threading.Lock()
@@ -154,12 +162,10 @@ class Manager:
     # --- machines
 
     def create(self, body: models.MachineCreate) -> Managed:
-        try:
-            image = self.store.resolve(body.image)
-        except ImageNotFound as exc:
-            raise NotFound(str(exc)) from None
-        except ImageError as exc:
-            raise Invalid(str(exc)) from None
+        with self._image_use:
+            return self._create(body, self.image(body.image))
+
+    def _create(self, body: models.MachineCreate, image: Image) -> Managed:
         try:
             check_machine_shape(body.cpus, body.memory_mib)
         except ShapeError as exc:
@@ -213,10 +219,19 @@ class Manager:
             return self.store.resolve(ref)
         except ImageNotFound as exc:
             raise NotFound(str(exc)) from None
+        except AmbiguousImage as exc:
+            raise Conflict(str(exc)) from None
         except ImageError as exc:
             raise Invalid(str(exc)) from None
 
-    def import_image(self, path: Path, tag: str | None) -> Image:
+    def image_users(self) -> dict[str, list[str]]:
+        """Image id -> names of the machines (in any state) created from it."""
+        out: dict[str, list[str]] = {}
+        for mm in self.all():
+            out.setdefault(mm.doc["image_id"], []).append(mm.name)
+        return {k: sorted(v) for k, v in out.items()}
+
+    def import_image(self, path: Path, tag: str | None) -> Imported:
         if not path.is_absolute():
             raise Invalid(f"path {str(path)!r} must be absolute: the daemon reads it, "
                           "from its own working directory")
@@ -228,22 +243,39 @@ class Manager:
             raise Invalid(f"{str(path)!r} does not exist on the daemon's host")
         with self._images_lock:
             try:
-                image = self.store.import_path(path, tag=tag)
-                self.store.rootfs(image)
+                result = self.store.import_archive(path, tag=tag)
+                self.store.rootfs(result.image)
             except ImageError as exc:
                 raise Invalid(str(exc)) from None
-        return image
+        for move in result.moved:
+            log.info("image import: tag %s moved from image %s to %s", move.tag,
+                     move.from_id, move.to_id)
+        return result
 
-    def remove_image(self, ref: str) -> Image:
+    def tag_image(self, ref: str, tag: str) -> Image:
         image = self.image(ref)
-        users = [mm.name for mm in self.all() if mm.doc["image_id"] == image.id]
-        if users:
-            raise Conflict(f"image {ref} is used by machine {users[0]}: delete it first")
-        with self._images_lock:
+        try:
+            return self.store.tag(image.id, tag)
+        except ImageNotFound as exc:  # removed meanwhile
+            raise NotFound(str(exc)) from None
+        except ImageError as exc:  # an invalid tag
+            raise Invalid(str(exc)) from None
+
+    def remove_image(self, ref: str, force: bool = False) -> Removal:
+        """Untag or delete, as ``docker rmi``: see :meth:`ImageStore.remove`."""
+        with self._image_use:
             try:
-                return self.store.remove(ref)
-            except ImageError as exc:
+                return self.store.remove(ref, force=force, users=self.image_users())
+            except ImageNotFound as exc:
+                raise NotFound(str(exc)) from None
+            except (ImageConflict, AmbiguousImage) as exc:
                 raise Conflict(str(exc)) from None
+            except ImageError as exc:
+                raise Invalid(str(exc)) from None
+
+    def prune_images(self, all: bool = False) -> Removal:
+        with self._image_use:
+            return self.store.prune(all=all, users=self.image_users())
 
     # --- daemon start-up
 

@@ -12,7 +12,7 @@ from ember.images.oci import (
     normalize_tag,
     resolve_process,
 )
-from ember.images.store import Image, ImageStore, Layer, human_size
+from ember.images.store import Image, ImageStore, Imported, Layer, Removal, TagMove, human_size
 from ember.images.unpack import LayerScan, scan_layer, unpack_layer
 
 __all__ = [
@@ -20,9 +20,12 @@ __all__ = [
     "Image",
     "ImageConfig",
     "ImageStore",
+    "Imported",
     "Layer",
     "LayerScan",
     "ProcessSpec",
+    "Removal",
+    "TagMove",
     "human_size",
     "merge_env",
     "normalize_tag",

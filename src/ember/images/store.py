@@ -15,6 +15,12 @@ An image's id is its config digest. Blobs are written to a temporary name in
 their final directory, fsynced, verified and renamed, so a blob that exists is
 complete and correct. A failed import leaves the store as it was: blobs it
 added, its record and its tags are removed again.
+
+Removal follows Docker: removing a tag untags, and the image goes with its last
+tag unless a machine uses it (then the removal needs ``force``, and the image
+stays, untagged, until :meth:`ImageStore.prune` finds it unused). The store does
+not know machines: callers pass ``users`` (image id -> names of the machines
+using it).
 """
 
 from __future__ import annotations
@@ -32,13 +38,20 @@ import stat
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from ember import paths
-from ember.errors import BuildError, EmberError, ImageError, ImageNotFound
+from ember.errors import (
+    AmbiguousImage,
+    BuildError,
+    EmberError,
+    ImageConflict,
+    ImageError,
+    ImageNotFound,
+)
 from ember.images import oci
 from ember.images.oci import normalize_tag
 from ember.images.sources import (
@@ -54,7 +67,8 @@ from ember.images.sources import (
 from ember.images.unpack import scan_layer, unpack_layer
 from ember.util import Progress, atomic_write, log, run
 
-_HEX_RE = re.compile(r"^[0-9a-f]{6,64}$")
+_HEX_RE = re.compile(r"^[0-9a-f]{1,64}$")
+_BLOB_NAME_RE = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
 
 #: Directories the guest agent mounts over; created in every rootfs if missing.
@@ -109,6 +123,42 @@ class Image:
     @property
     def short_id(self) -> str:
         return self.hex[:12]
+
+
+@dataclass(frozen=True)
+class TagMove:
+    """A tag an import or ``tag`` took from another image (as Docker does, silently there)."""
+
+    tag: str
+    from_id: str  #: the image that had it (now without it; untagged if it was its last)
+    to_id: str
+
+
+@dataclass(frozen=True)
+class Imported:
+    """What :meth:`ImageStore.import_archive` did."""
+
+    image: Image
+    moved: tuple[TagMove, ...] = ()
+    new: bool = True  #: False: the image was in the store already (only tags were added)
+
+
+@dataclass(frozen=True)
+class Removal:
+    """What :meth:`ImageStore.remove` or :meth:`ImageStore.prune` did."""
+
+    untagged: tuple[str, ...] = ()
+    deleted: tuple[str, ...] = ()  #: image ids
+    reclaimed: int = 0  #: bytes freed on disk (blobs, root file systems, records)
+
+
+#: Who uses which image: image id -> names of the machines using it.
+Users = Mapping[str, Sequence[str]]
+
+
+def tag_moved_message(move: TagMove) -> str:
+    """``tag app:1 moved from image 1a2b3c4d5e6f``: one line for the user."""
+    return f"tag {move.tag} moved from image {_hex(move.from_id)[:12]}"
 
 
 # --- the store ---------------------------------------------------------------------
@@ -281,10 +331,17 @@ class ImageStore:
 
     def import_path(self, path: Path, tag: str | None = None,
                     progress: Progress | None = None) -> Image:
+        """:meth:`import_archive`, returning only the image."""
+        return self.import_archive(path, tag, progress).image
+
+    def import_archive(self, path: Path, tag: str | None = None,
+                       progress: Progress | None = None) -> Imported:
         """Import an OCI layout (dir or tar) or a ``docker save`` tarball (or dir).
 
         Tags: ``tag`` if given, else the archive's RepoTags or ref.name
-        annotation. Importing an image already in the store only adds tags.
+        annotation. A tag another image had moves to this one (as in Docker);
+        the result lists such moves (:func:`tag_moved_message` words them for the
+        user). Importing an image already in the store only adds tags.
 
         Raises:
             ImageError: bad or hostile input; the store is left as it was.
@@ -306,15 +363,15 @@ class ImageStore:
             with self._locked():
                 existing = self._load_record(self._record_path(plan.config_digest))
                 if existing is not None:
-                    self._add_tags(plan.config_digest, tags)
+                    moved = self._add_tags(plan.config_digest, tags)
                     say(f"image {plan.config_digest[:19]}… is already in the store")
-                    return self.resolve(plan.config_digest)
+                    return Imported(self.resolve(plan.config_digest), moved, new=False)
                 return self._import_new(src, plan, info, tags, say)
         finally:
             src.close()
 
     def _import_new(self, src: Source, plan: ImportPlan, info: oci.ConfigInfo, tags: list[str],
-                    say: Progress) -> Image:
+                    say: Progress) -> Imported:
         if len(info.diff_ids) != len(plan.layers):
             raise ImageError(f"image config lists {len(info.diff_ids)} diff_ids but the "
                              f"manifest has {len(plan.layers)} layers")
@@ -373,7 +430,7 @@ class ImageStore:
             }
             wrote_record = True
             atomic_write(record_path, json.dumps(record, indent=1).encode())
-            self._add_tags(plan.config_digest, tags)
+            moved = self._add_tags(plan.config_digest, tags)
         except BaseException:
             for p in temps + created:
                 with contextlib.suppress(OSError):
@@ -387,18 +444,21 @@ class ImageStore:
             raise
         image = self.resolve(plan.config_digest)
         say(f"imported {image.short_id}" + (f" as {', '.join(image.tags)}" if image.tags else ""))
-        return image
+        return Imported(image, moved)
 
-    def _add_tags(self, image_id: str, tags: Sequence[str]) -> None:
+    def _add_tags(self, image_id: str, tags: Sequence[str]) -> tuple[TagMove, ...]:
+        """Point ``tags`` at ``image_id``; the tags taken from other images. Lock held."""
         if not tags:
-            return
+            return ()
         refs = self._read_refs()
-        moved = {refs[t] for t in tags if t in refs and refs[t] != image_id}
+        moved = tuple(TagMove(t, refs[t], image_id) for t in dict.fromkeys(tags)
+                      if t in refs and refs[t] != image_id)
         for t in tags:
             refs[t] = image_id
         self._write_refs(refs)
-        for other in moved | {image_id}:
+        for other in {m.from_id for m in moved} | {image_id}:
             self._sync_record_tags(other, refs)
+        return moved
 
     def _sync_record_tags(self, image_id: str, refs: dict[str, str]) -> None:
         path = self._record_path(image_id)
@@ -411,7 +471,10 @@ class ImageStore:
             atomic_write(path, json.dumps(rec, indent=1).encode())
 
     def tag(self, ref: str, tag: str) -> Image:
-        """Give the image ``ref`` resolves to the tag ``tag`` (moving it if needed)."""
+        """Give the image ``ref`` resolves to the tag ``tag`` (moving it if needed).
+
+        An image that loses its last tag this way stays, untagged, for :meth:`prune`.
+        """
         t = normalize_tag(tag)
         with self._locked():
             image = self.resolve(ref)
@@ -427,13 +490,18 @@ class ImageStore:
         return sorted(images, key=lambda i: (i.imported, i.id), reverse=True)
 
     def resolve(self, ref: str) -> Image:
-        """Find an image by tag (``name`` means ``name:latest``), id, id prefix (≥ 6 hex),
-        or manifest digest.
+        """Find an image by tag (``name`` means ``name:latest``), id, any unique prefix
+        of an id (with or without ``sha256:``), or manifest digest. A tag wins over an
+        id prefix of the same spelling, as in Docker.
 
         Raises:
             ImageNotFound: nothing matches.
-            ImageError: an id prefix matches several images.
+            AmbiguousImage: an id prefix matches several images.
         """
+        return self._lookup(ref)[0]
+
+    def _lookup(self, ref: str) -> tuple[Image, str | None]:
+        """:meth:`resolve`, and the tag ``ref`` named (None: it named the id)."""
         ref = ref.strip()
         refs = self._read_refs()
         bare = ref[len("sha256:"):] if ref.startswith("sha256:") else None
@@ -445,49 +513,123 @@ class ImageStore:
             if tag is not None and tag in refs:
                 rec = self._load_record(self._record_path(refs[tag]))
                 if rec is not None:
-                    return self._image(rec, refs)
+                    return self._image(rec, refs), tag
         prefix = bare if bare is not None else ref
         if _HEX_RE.match(prefix):
             if len(prefix) == 64:
                 rec = self._load_record(self.images_dir / f"{prefix}.json")
                 if rec is not None:
-                    return self._image(rec, refs)
+                    return self._image(rec, refs), None
                 # a manifest digest (what registries and skopeo show) names it too
                 for rec in self._records():
                     if rec.get("manifest_digest") == f"sha256:{prefix}":
-                        return self._image(rec, refs)
+                        return self._image(rec, refs), None
             else:
                 matches = [r for r in self._records() if _hex(str(r["id"])).startswith(prefix)]
                 if len(matches) > 1:
-                    raise ImageError(f"image id prefix {ref!r} is ambiguous "
-                                     f"({len(matches)} images match)")
+                    raise AmbiguousImage(f"image id prefix {ref!r} is ambiguous: "
+                                         f"{len(matches)} images match (give more of the id)")
                 if matches:
-                    return self._image(matches[0], refs)
+                    return self._image(matches[0], refs), None
         raise ImageNotFound(f"image {ref!r} not found (ember image ls lists the store; "
                             "ember image import PATH adds an OCI layout or docker-save tar)")
 
     # --- removal -------------------------------------------------------------
 
-    def remove(self, ref: str) -> Image:
-        """Remove an image: all its tags, its record, its rootfs, and blobs nothing else uses."""
+    def remove(self, ref: str, *, force: bool = False, users: Users | None = None) -> Removal:
+        """``docker rmi``: untag, and delete the image once it has no tag and no user.
+
+        ``ref`` a tag: that tag goes; the image goes too if it was its last tag.
+        ``ref`` an id (or prefix, or manifest digest): all its tags and the image go;
+        an image with several tags needs ``force``. An image a machine uses (in
+        ``users``) is never deleted: without ``force`` the removal is refused,
+        with it the tags go and the image stays, untagged, for :meth:`prune`.
+
+        Raises:
+            ImageNotFound: nothing matches ``ref``.
+            AmbiguousImage: an id prefix matches several images.
+            ImageConflict: the removal needs ``force``, or (forced) would do nothing.
+        """
+        users = users or {}
         with self._locked():
-            image = self.resolve(ref)
+            image, tag = self._lookup(ref)
+            using = list(users.get(image.id, ()))
+            name = tag or image.short_id
+            untag = [tag] if tag is not None else list(image.tags)
+            last = set(untag) >= set(image.tags)
+            if tag is None and len(image.tags) > 1 and not force:
+                raise ImageConflict(
+                    f"image {image.short_id} has {len(image.tags)} tags "
+                    f"({', '.join(image.tags)}): remove them by name, or force to remove all")
+            if last and using and not force:
+                raise ImageConflict(
+                    f"image {name} is used by machine {using[0]}"
+                    + (f" (and {len(using) - 1} more)" if len(using) > 1 else "")
+                    + ": remove the machine first, or force to untag the image (it stays "
+                    "until no machine uses it)")
+            if last and using and not untag:
+                raise ImageConflict(f"image {name} is used by machine {using[0]} and has no "
+                                    "tags to remove: remove the machine first")
+            deleted = (image.id,) if last and not using else ()
+            self._untag(untag, deleting=deleted)
+            return Removal(tuple(untag), deleted, self._delete(deleted) if deleted else 0)
+
+    def prune(self, *, all: bool = False, users: Users | None = None) -> Removal:
+        """Delete the images without tags that no machine uses (``all``: every image no
+        machine uses, tags and all), and whatever a killed removal left behind.
+
+        Never raises for an image in use: it is kept.
+        """
+        used = {image_id for image_id, names in (users or {}).items() if names}
+        with self._locked():
             refs = self._read_refs()
-            keep = {t: i for t, i in refs.items() if i != image.id}
-            if keep != refs:
-                self._write_refs(keep)
-            rec = self._load_record(self._record_path(image.id)) or {}
-            with contextlib.suppress(FileNotFoundError):
-                self._record_path(image.id).unlink()
-            with contextlib.suppress(FileNotFoundError):
-                self.rootfs_path(image).unlink()
-            still_used: set[str] = set()
-            for r in self._records():
-                still_used |= self._blobs_of(r)
-            for digest in self._blobs_of(rec) - still_used:
-                with contextlib.suppress(FileNotFoundError):
-                    self.blob_path(digest).unlink()
-            return image
+            tagged = set(refs.values())
+            doomed = [str(r["id"]) for r in self._records()
+                      if str(r["id"]) not in used and (all or str(r["id"]) not in tagged)]
+            untag = sorted(t for t, i in refs.items() if i in doomed)
+            self._untag(untag, deleting=doomed)
+            reclaimed = self._delete(doomed)
+            return Removal(tuple(untag), tuple(doomed), reclaimed)
+
+    def _untag(self, tags: Iterable[str], deleting: Iterable[str] = ()) -> None:
+        """Drop ``tags`` from refs.json and from the records of their images (but those
+        about to be deleted: refs.json is what counts). Lock held."""
+        refs = self._read_refs()
+        gone = {t: refs.pop(t) for t in list(tags) if t in refs}
+        if not gone:
+            return
+        self._write_refs(refs)
+        for image_id in set(gone.values()) - set(deleting):
+            self._sync_record_tags(image_id, refs)
+
+    def _delete(self, image_ids: Sequence[str]) -> int:
+        """Delete images (records, root file systems) and the blobs no other image needs;
+        bytes freed. Lock held, tags already dropped.
+
+        Also collects what a removal killed halfway left behind (blobs and root file
+        systems of no record; no import is under way, imports hold the lock too),
+        unless some record is unreadable: then only the deleted images' own blobs go.
+        """
+        freed = 0
+        doomed: set[str] = set()
+        for image_id in image_ids:
+            path = self._record_path(image_id)
+            doomed |= self._blobs_of(self._load_record(path) or {"id": image_id})
+            freed += _unlink(path)
+        needed: set[str] = set()
+        for r in self._records():
+            needed |= self._blobs_of(r)
+        names = {p.stem for p in self.images_dir.glob("*.json")}
+        readable = len(names) == len({_hex(str(r["id"])) for r in self._records()})
+        if readable:
+            doomed |= {f"sha256:{p.name}" for p in self.blobs_dir.iterdir()
+                       if _BLOB_NAME_RE.match(p.name)}
+        for digest in doomed - needed:
+            freed += _unlink(self.blob_path(digest))
+        for p in self.rootfs_dir.glob("*.erofs"):
+            if p.name.removesuffix(".erofs") not in names:
+                freed += _unlink(p)
+        return freed
 
     @staticmethod
     def _blobs_of(rec: dict[str, Any]) -> set[str]:
@@ -556,6 +698,16 @@ class ImageStore:
             with contextlib.suppress(FileNotFoundError):
                 out.unlink()
         return final
+
+
+def _unlink(path: Path) -> int:
+    """Remove a file; the bytes it held (0 if it was not there)."""
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return size
 
 
 def ensure_mount_points(tree: Path) -> None:

@@ -127,6 +127,14 @@ def quote_ref(ref: str) -> str:
     return quote(ref, safe="/:@")
 
 
+def image_tag_body(tag: str) -> dict[str, Any]:
+    """The JSON body of ``POST /v1/images/{ref}/tag``, checked before sending."""
+    try:
+        return models.ImageTag(tag=tag).model_dump()
+    except ValidationError as exc:
+        raise invalid(validation_message(exc)) from None
+
+
 def quote_name(name: str) -> str:
     if not name:
         raise invalid("a machine name must not be empty")

@@ -159,29 +159,41 @@ class AsyncImages:
         return models.Image.model_validate_json(resp.content)
 
     async def import_path(self, path: str | os.PathLike[str],
-                          tag: str | None = None) -> models.Image:
+                          tag: str | None = None) -> models.ImageImported:
         body = {"path": os.path.abspath(path)} | ({"tag": tag} if tag is not None else {})
         resp = await self._c._request("POST", "/v1/images/import", json=body, timeout=None)
-        return models.Image.model_validate_json(resp.content)
+        return models.ImageImported.model_validate_json(resp.content)
 
     async def upload(self, source: str | os.PathLike[str] | IO[bytes] | bytes,
-                     tag: str | None = None) -> models.Image:
+                     tag: str | None = None) -> models.ImageImported:
         params = {"tag": tag} if tag is not None else None
         headers = {"content-type": "application/x-tar"}
         if isinstance(source, bytes):
             content: Any = source
             resp = await self._c._request("POST", "/v1/images/upload", params=params,
                                           content=content, headers=headers, timeout=None)
-            return models.Image.model_validate_json(resp.content)
+            return models.ImageImported.model_validate_json(resp.content)
         if isinstance(source, str | os.PathLike):
             with open(source, "rb") as f:
                 return await self.upload(f, tag)
         resp = await self._c._request("POST", "/v1/images/upload", params=params,
                                       content=_achunks(source), headers=headers, timeout=None)
+        return models.ImageImported.model_validate_json(resp.content)
+
+    async def tag(self, ref: str, tag: str) -> models.Image:
+        resp = await self._c._request("POST", f"/v1/images/{c.quote_ref(ref)}/tag",
+                                      json=c.image_tag_body(tag))
         return models.Image.model_validate_json(resp.content)
 
-    async def remove(self, ref: str) -> None:
-        await self._c._request("DELETE", f"/v1/images/{c.quote_ref(ref)}")
+    async def remove(self, ref: str, force: bool = False) -> models.ImageRemoval:
+        resp = await self._c._request("DELETE", f"/v1/images/{c.quote_ref(ref)}",
+                                      params={"force": "true"} if force else None)
+        return models.ImageRemoval.model_validate_json(resp.content)
+
+    async def prune(self, all: bool = False) -> models.ImageRemoval:
+        resp = await self._c._request("POST", "/v1/images/prune",
+                                      params={"all": "true"} if all else None, timeout=None)
+        return models.ImageRemoval.model_validate_json(resp.content)
 
 
 async def _achunks(f: IO[bytes]) -> AsyncIterator[bytes]:

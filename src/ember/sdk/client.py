@@ -185,14 +185,18 @@ class Images:
         resp = self._c._request("GET", f"/v1/images/{c.quote_ref(ref)}")
         return models.Image.model_validate_json(resp.content)
 
-    def import_path(self, path: str | os.PathLike[str], tag: str | None = None) -> models.Image:
-        """Import an OCI layout or docker-save archive at ``path`` *on the daemon's host*."""
+    def import_path(self, path: str | os.PathLike[str],
+                    tag: str | None = None) -> models.ImageImported:
+        """Import an OCI layout or docker-save archive at ``path`` *on the daemon's host*.
+
+        A tag another image had moves to this one; ``moved_tags`` of the result says so.
+        """
         body = {"path": os.path.abspath(path)} | ({"tag": tag} if tag is not None else {})
         resp = self._c._request("POST", "/v1/images/import", json=body, timeout=None)
-        return models.Image.model_validate_json(resp.content)
+        return models.ImageImported.model_validate_json(resp.content)
 
     def upload(self, source: str | os.PathLike[str] | IO[bytes] | bytes,
-               tag: str | None = None) -> models.Image:
+               tag: str | None = None) -> models.ImageImported:
         """Send an image archive (OCI layout tar or docker-save) to the daemon and import it."""
         params = {"tag": tag} if tag is not None else None
         headers = {"content-type": "application/x-tar"}
@@ -204,14 +208,33 @@ class Images:
         return self._upload(_chunks(source), params, headers)
 
     def _upload(self, content: Any, params: dict[str, str] | None,
-                headers: dict[str, str]) -> models.Image:
+                headers: dict[str, str]) -> models.ImageImported:
         resp = self._c._request("POST", "/v1/images/upload", params=params, content=content,
                                 headers=headers, timeout=None)
+        return models.ImageImported.model_validate_json(resp.content)
+
+    def tag(self, ref: str, tag: str) -> models.Image:
+        """Give the image ``ref`` names the tag ``tag`` (taking it from another image)."""
+        resp = self._c._request("POST", f"/v1/images/{c.quote_ref(ref)}/tag",
+                                json=c.image_tag_body(tag))
         return models.Image.model_validate_json(resp.content)
 
-    def remove(self, ref: str) -> None:
-        """Remove an image. Raises NotFound, or Conflict while a machine uses it."""
-        self._c._request("DELETE", f"/v1/images/{c.quote_ref(ref)}")
+    def remove(self, ref: str, force: bool = False) -> models.ImageRemoval:
+        """``docker rmi``: a tag is untagged, and the image deleted with its last tag.
+
+        Raises NotFound; Conflict when the image's last tag goes while a machine uses
+        it, or ``ref`` is the id of an image with several tags, unless ``force``
+        (which removes the tags and keeps an image in use, untagged, until unused).
+        """
+        resp = self._c._request("DELETE", f"/v1/images/{c.quote_ref(ref)}",
+                                params={"force": "true"} if force else None)
+        return models.ImageRemoval.model_validate_json(resp.content)
+
+    def prune(self, all: bool = False) -> models.ImageRemoval:
+        """Delete the untagged images no machine uses (``all``: every image none uses)."""
+        resp = self._c._request("POST", "/v1/images/prune",
+                                params={"all": "true"} if all else None, timeout=None)
+        return models.ImageRemoval.model_validate_json(resp.content)
 
 
 def _chunks(f: IO[bytes]) -> Iterator[bytes]:
