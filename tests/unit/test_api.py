@@ -210,7 +210,10 @@ def test_import_of_an_impossible_path_is_422(client: TestClient) -> None:
     assert "File name too long" in msg
 
 
+@pytest.mark.timeout(60)  # a writer that never gives up blocks forever
 def test_a_client_that_stops_reading_cannot_stall_the_agent_for_long() -> None:
+    import threading
+
     from ember.api.app import _Pipe
 
     async def scenario() -> tuple[bool, list[str]]:
@@ -221,7 +224,12 @@ def test_a_client_that_stops_reading_cannot_stall_the_agent_for_long() -> None:
                 pipe.put("stdout", b"x" * 600, 600)  # the reader never drains
             pipe.put("end", {"type": "exit"})
 
-        await asyncio.to_thread(writer)  # returns: the writer gave up waiting
+        # A daemon thread, not asyncio.to_thread: on a regression the timeout
+        # fails the test, and asyncio.run does not then wait for a stuck writer.
+        t = threading.Thread(target=writer, daemon=True)
+        t.start()
+        while t.is_alive():  # ends: the writer gave up waiting
+            await asyncio.sleep(0.01)
         kinds = []
         while True:
             kind, _ = await pipe.get()
