@@ -534,10 +534,20 @@ def create_app(mgr: Manager) -> FastAPI:
                 return
             pos = _size(path)
             ino = _inode(path)
+            previous = path.with_name(path.name + ".1")
             while True:
                 await asyncio.sleep(0.2)
-                if _inode(path) != ino or _size(path) < pos:  # rotated or a new boot
-                    ino, pos = _inode(path), 0
+                now_ino = _inode(path)
+                if now_ino != ino:
+                    # Rotated: what was written to the old file since the last read is in
+                    # NAME.1 now (unless it rotated twice meanwhile: then it is gone).
+                    if ino and _inode(previous) == ino:
+                        rest = await call(_read_from, previous, pos, 1 << 30)
+                        if rest:
+                            yield rest
+                    ino, pos = now_ino, 0
+                elif _size(path) < pos:  # truncated
+                    pos = 0
                 chunk = await call(_read_from, path, pos)
                 if chunk:
                     pos += len(chunk)
