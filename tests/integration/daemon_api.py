@@ -171,7 +171,8 @@ class Events:
         assert not came, f"a {type} event came: {self._brief()}"
 
     def _brief(self) -> list[tuple[str, str, str | None]]:
-        return [(e["machine"], e["type"], e.get("detail")) for e in self.events]
+        """The last events (machine, type, detail), for a failure's message."""
+        return [(e["machine"], e["type"], e.get("detail")) for e in self.events[-30:]]
 
 
 @contextlib.contextmanager
