@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -101,24 +102,58 @@ class Events:
                  since: int | None = None) -> None:
         self.machine = machine
         self.events: list[Event] = []
+        self.error: str | None = None  # why following stopped early
         self._cond = threading.Condition()
-        self._client = daemon.http(timeout=httpx.Timeout(30, read=None))  # type: ignore[arg-type]
-        self.since = last_seq(self._client) if since is None else since
+        if since is None:
+            with daemon.http() as c:
+                since = last_seq(c)
+        self.since = since
+        # A plain socket, so that close() can wake the reader with shutdown().
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.connect(str(daemon.socket))
+        self._sock.sendall(f"GET /v1/events?since={since} HTTP/1.1\r\n"
+                           "Host: ember\r\nConnection: close\r\n\r\n".encode())
         self._thread = threading.Thread(target=self._follow, daemon=True)
         self._thread.start()
 
     def _follow(self) -> None:
-        with contextlib.suppress(Exception):  # ends when close() closes the connection
-            with self._client.stream("GET", "/v1/events", params={"since": self.since}) as r:
-                for line in r.iter_lines():
-                    ev = json.loads(line)
+        with contextlib.suppress(OSError), self._sock.makefile("rb") as f:
+            status = f.readline()
+            if status.split()[1:2] != [b"200"]:
+                self.error = f"GET /v1/events answered {status!r}"
+                return
+            headers = b""
+            while (h := f.readline()) not in (b"\r\n", b""):
+                headers += h.lower()
+            chunked = b"transfer-encoding: chunked" in headers
+            buf = b""
+            while True:
+                if chunked:
+                    size = int(f.readline().split(b";")[0] or b"0", 16)
+                    data = f.read(size)
+                    f.readline()  # the CRLF after the chunk
+                else:
+                    data = f.read1(1 << 16)
+                if not data:
+                    return
+                buf += data
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    try:
+                        ev = json.loads(line)
+                    except ValueError:
+                        self.error = f"not an event: {line!r}"
+                        return
                     if self.machine is None or ev["machine"] == self.machine:
                         with self._cond:
                             self.events.append(ev)
                             self._cond.notify_all()
 
     def close(self) -> None:
-        self._client.close()
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._thread.join(10)
+        self._sock.close()
 
     def __enter__(self) -> Events:
         return self
@@ -149,7 +184,7 @@ class Events:
         """Wait until ``pred(events so far)`` holds; the events so far."""
         with self._cond:
             ok = self._cond.wait_for(lambda: pred(self.events), timeout)
-            assert ok, f"timed out waiting for {what}; events: {self._brief()}"
+            assert ok, f"timed out waiting for {what} ({self.error}); events: {self._brief()}"
             return list(self.events)
 
     def wait_count(self, type: str, n: int, timeout: float = 120) -> list[Event]:
