@@ -237,7 +237,7 @@ class ExecCreate(_Request):
                               description="Text written to the process's stdin, then EOF. "
                                           "Without it stdin is empty.")
     timeout: StrictFloat | None = Field(default=None, gt=0, le=86400,
-                                  description="Seconds; the process is killed after it.")
+                                        description="Seconds; the process is killed after it.")
 
     _env = field_validator("env")(_check_env)
     _argv = field_validator("cmd")(_check_argv)
