@@ -5,7 +5,8 @@ sends generated requests over its Unix socket: its coverage phase (every
 boundary and every violated keyword of each operation, once) and then random
 valid and invalid cases. Every
 answer must be documented: no 5xx, a documented status code and content type,
-and a JSON body that matches the documented schema. Two machines give the
+and a JSON body that matches the documented schema; a request that violates the
+document is refused (4xx), never answered 2xx. Two machines give the
 state-dependent routes something real to act on: ``fz-created`` (never
 started) and ``fz-running`` (main process ``sleep 3600``); generated machine
 names are sometimes replaced by theirs, and image refs by ``sample:latest``.
@@ -59,8 +60,10 @@ SESSION_IMAGES = {"sample:latest": CREATED, "entry:latest": HOLDER}
 #: (by default the cases are the same every run, so the suite is repeatable).
 MAX_EXAMPLES = int(os.environ.get("EMBER_FUZZ_EXAMPLES", "80"))
 DERANDOMIZE = not os.environ.get("EMBER_FUZZ_RANDOM")
+#: negative_data_rejection: a request that violates the document must not be answered 2xx.
 CHECKS = [st_checks.not_a_server_error, st_checks.status_code_conformance,
-          st_checks.content_type_conformance, st_checks.response_schema_conformance]
+          st_checks.content_type_conformance, st_checks.response_schema_conformance,
+          st_checks.negative_data_rejection]
 
 
 # --- requests over the daemon's Unix socket (schemathesis speaks `requests`)
@@ -135,8 +138,10 @@ def _with_our_names(ctx: Any, params: dict[str, Any] | None) -> Any:
 
 def _with_our_image(ctx: Any, body: Any) -> Any:
     op = ctx.operation
+    # Only a valid image is replaced: a case made negative by its image stays negative
+    # (else negative_data_rejection would see a valid request, rightly accepted).
     if op is not None and op.path == "/v1/machines" and isinstance(body, dict) \
-            and isinstance(body.get("image"), str):
+            and isinstance(body.get("image"), str) and 1 <= len(body["image"]) <= 512:
         return st.sampled_from([body, {**body, "image": "sample:latest"}])
     return st.just(body)
 

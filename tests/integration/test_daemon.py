@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+from daemon_api import Events, delay_of, last_seq, stamp, wait_for
 
 if TYPE_CHECKING:
     from conftest import Daemon
@@ -178,32 +179,46 @@ def test_stop_is_graceful_then_forced(api: httpx.Client) -> None:
     delete(api, "stubborn")
 
 
-def test_restart_policy_on_failure(api: httpx.Client) -> None:
-    create(api, name="flaky", cmd=["sh", "-c", "echo try; exit 3"], restart="on-failure")
-    start(api, "flaky")
-    deadline = time.monotonic() + 60
-    while api.get("/v1/machines/flaky/logs").text.count("try\n") < 3:
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
-    m = api.post("/v1/machines/flaky/stop").json()
-    assert m["state"] == "stopped" and m["restart_count"] >= 2
-    tries = api.get("/v1/machines/flaky/logs").text.count("try\n")
-    time.sleep(1.5)  # a stop cancels any pending restart
-    assert api.get("/v1/machines/flaky").json()["restart_count"] == m["restart_count"]
-    assert api.get("/v1/machines/flaky/logs").text.count("try\n") == tries
+def test_restart_policy_on_failure_backs_off_and_stop_cancels_a_pending_restart(
+        api: httpx.Client, daemon: Daemon) -> None:
+    with Events(daemon, "flaky") as ev:
+        create(api, name="flaky", cmd=["sh", "-c", "echo try; exit 3"], restart="on-failure")
+        start(api, "flaky")
+        # Quick failures back off from 0.1 s, doubling; each boot waits out its delay.
+        ev.wait_count("restarting", 5)
+        m = api.post("/v1/machines/flaky/stop").json()  # during the 1.6 s wait
+        assert m["state"] == "stopped" and m["restart_count"] >= 5
+        events = ev.wait(lambda evs: True, "events")
+        restarting = [e for e in events if e["type"] == "restarting"]
+        assert [delay_of(e) for e in restarting] == [0.1, 0.2, 0.4, 0.8, 1.6]
+        for r in restarting[:-1]:
+            boot = next(e for e in events if e["seq"] > r["seq"] and e["type"] == "starting")
+            assert stamp(boot) - stamp(r) >= delay_of(r) - 0.002, (r, boot)
+        # The stop came while the last restart was pending: no boot since it ...
+        assert [e["type"] for e in events if e["seq"] > restarting[-1]["seq"]] \
+            in ([], ["stopped"]), events
+        # ... and none comes when it was due.
+        ev.none_within("starting", delay_of(restarting[-1]) + 2.0)
+    m = api.get("/v1/machines/flaky").json()
+    assert m["state"] == "stopped" and m["restart_count"] == 5
+    assert api.get("/v1/machines/flaky/logs").text.count("try\n") == 5
     delete(api, "flaky")
 
 
 def test_vmm_killed_marks_crashed_frees_resources_spares_others(
         api: httpx.Client, service: str, daemon: Daemon) -> None:
-    create(api, name="victim", cmd=["sleep", "3600"])
+    from ember.vmm.spec import MachineSpec
+
+    created = create(api, name="victim", cmd=["sleep", "3600"])
+    memory = daemon.home / "machines" / "daemon" / created["id"] / "victim" / \
+        MachineSpec.MEMORY_FILE
     pid = start(api, "victim")["pid"]
+    assert memory.is_file() and memory.stat().st_size == 256 << 20  # the guest's RAM
     os.kill(pid, signal.SIGKILL)
     m = wait_state(api, "victim", "crashed")
     assert "QEMU exited unexpectedly (signal 9)" in m["reason"]
     assert m["pid"] is None
-    state_dir = next((daemon.home / "machines" / "daemon" / m["id"]).iterdir())
-    assert not (state_dir / "memory").exists()
+    assert not memory.exists()
     assert run(api, service, "echo", "fine")["stdout"] == "fine\n"
     # a crashed machine can be started again
     start(api, "victim")
@@ -211,28 +226,12 @@ def test_vmm_killed_marks_crashed_frees_resources_spares_others(
 
 
 def test_events_stream_lifecycle(api: httpx.Client, daemon: Daemon) -> None:
-    seen: list[dict[str, Any]] = []
-    ready = threading.Event()
-
-    def listen() -> None:
-        with daemon.http() as c, c.stream("GET", "/v1/events") as r:
-            ready.set()  # the headers are here: every later event is in the stream
-            for line in r.iter_lines():
-                ev = json.loads(line)
-                if ev["machine"] == "evt":
-                    seen.append(ev)
-                    if ev["type"] == "deleted":
-                        return
-
-    t = threading.Thread(target=listen, daemon=True)
-    t.start()
-    assert ready.wait(30)
-    create(api, name="evt", cmd=["sleep", "60"])
-    start(api, "evt")
-    api.post("/v1/machines/evt/stop", params={"timeout": 0})
-    delete(api, "evt")
-    t.join(30)
-    assert not t.is_alive(), f"the stream stopped short: {seen}"
+    with Events(daemon, "evt") as ev:  # follows from the daemon's last event on: no gap
+        create(api, name="evt", cmd=["sleep", "60"])
+        start(api, "evt")
+        api.post("/v1/machines/evt/stop", params={"timeout": 0})
+        delete(api, "evt")
+        seen = ev.wait(lambda evs: any(e["type"] == "deleted" for e in evs), "deleted")
     types = [e["type"] for e in seen]
     assert types[:3] == ["created", "starting", "started"]
     assert types[-2:] == ["stopped", "deleted"]
@@ -270,14 +269,24 @@ def test_published_port_reaches_the_guest(api: httpx.Client) -> None:
 def test_daemon_restart_readopts_running_machines(api: httpx.Client, daemon: Daemon) -> None:
     create(api, name="keeper", cmd=["sh", "-c", "while :; do date +%s; sleep 0.5; done"])
     create(api, name="doomed", cmd=["sleep", "3600"])
-    create(api, name="brief", cmd=["sleep", "2"])
+    # brief's main process is nc, listening on a published port: it ends when the test
+    # connects and closes, and its socket closing is how the test sees that it ended.
+    create(api, name="brief", cmd=["nc", "-l", "-p", "8080"], ports=[{"guest_port": 8080}])
     keeper = start(api, "keeper")
     doomed = start(api, "doomed")
-    start(api, "brief")
+    brief = start(api, "brief")
+    # a socket in state LISTEN (0A) on local port 8080 (1F90), IPv4 or IPv6
+    listening = "cat /proc/net/tcp* | grep -q ':1F90 [0-9A-F]*:0000 0A'"
+    assert run(api, "brief", "sh", "-c", f"until {listening}; do sleep 0.05; done",
+               timeout=60)["exit_code"] == 0
     daemon.stop(signal.SIGKILL)  # killed, not asked: nothing may depend on a clean exit
     os.kill(doomed["pid"], signal.SIGKILL)  # and one VMM dies while no daemon watches
     os.kill(keeper["pid"], 0)  # the other lives on
-    time.sleep(3)  # brief's main process ends meanwhile
+    # brief's main process ends meanwhile
+    with socket.create_connection(("127.0.0.1", brief["ports"][0]["host_port"]),
+                                  timeout=60) as s:
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(100) == b""  # nc exited: the guest closed the connection
     daemon.start()
     with daemon.http() as c:
         m = c.get("/v1/machines/keeper").json()
@@ -291,8 +300,8 @@ def test_daemon_restart_readopts_running_machines(api: httpx.Client, daemon: Dae
         delete(c, "brief")
         # the main process is still followed: stop gets its exit, logs keep growing
         before = c.get("/v1/machines/keeper/logs").text.count("\n")
-        time.sleep(1.2)
-        assert c.get("/v1/machines/keeper/logs").text.count("\n") > before
+        wait_for("keeper's log to grow",
+                 lambda: c.get("/v1/machines/keeper/logs").text.count("\n") > before + 2)
         m = c.post("/v1/machines/keeper/stop", params={"timeout": 5}).json()
         assert m["state"] == "stopped" and m["exit_code"] == 143
         delete(c, "keeper")
@@ -317,6 +326,7 @@ def _qemus(root: Path) -> set[int]:
     return out
 
 
+@pytest.mark.timeout(900)  # 51 boots: about 100 s on 2 idle cores
 def test_fifty_cycles_leak_nothing(api: httpx.Client, daemon: Daemon) -> None:
     assert daemon.proc is not None
     root = daemon.home / "machines" / "daemon"
@@ -373,12 +383,11 @@ def test_files_put_and_get_through_the_api(api: httpx.Client, service: str) -> N
 
 def test_concurrent_actions_on_one_machine_are_serialised(api: httpx.Client,
                                                           daemon: Daemon) -> None:
-    create(api, name="contended", cmd=["sleep", "3600"])
     actions = [("POST", "start"), ("POST", "stop?timeout=0"), ("POST", "pause"),
                ("POST", "resume"), ("POST", "kill"), ("EXEC", ""), ("GET", "")] * 4
 
-    def act(i: int) -> int:
-        method, what = actions[(i * 7) % len(actions)]
+    def act(i: int) -> tuple[str, int]:
+        method, what = actions[(i * 5) % len(actions)]  # every action, interleaved
         with daemon.http() as c:
             if method == "EXEC":
                 r = c.post("/v1/machines/contended/exec", json={"cmd": ["true"]})
@@ -387,12 +396,38 @@ def test_concurrent_actions_on_one_machine_are_serialised(api: httpx.Client,
             else:
                 r = c.post(f"/v1/machines/contended/{what}")
         assert r.status_code in (200, 409), r.text
-        return r.status_code
+        return what.partition("?")[0] or method, r.status_code
 
+    since = last_seq(api)
+    create(api, name="contended", cmd=["sleep", "3600"])
     with ThreadPoolExecutor(8) as pool:
-        codes = list(pool.map(act, range(len(actions))))
-    assert 200 in codes
+        results = list(pool.map(act, range(len(actions))))
+    # every action published its events before it answered
+    replay = api.get("/v1/events", params={"since": since, "follow": "false"}).text
+    events = [e for e in map(json.loads, replay.splitlines()) if e["machine"] == "contended"]
     m = api.get("/v1/machines/contended").json()
+    ok = {what: sum(1 for w, code in results if w == what and code == 200)
+          for what in ("start", "stop", "pause", "resume", "kill")}
+    assert ok["start"] >= 1, results  # the interleaving did something
+    # Applied one after the other, the actions leave a history that is a path
+    # through the state machine, each success exactly one transition.
+    after = {"starting": ({"created", "stopped", "crashed"}, "starting"),
+             "started": ({"starting"}, "running"),
+             "paused": ({"running"}, "paused"), "resumed": ({"paused"}, "running"),
+             "stopping": ({"running", "paused"}, "stopping"),
+             "stopped": ({"stopping", "running", "paused"}, "stopped")}
+    state = "created"
+    history = [e["type"] for e in events if e["type"] != "created"]
+    for t in history:
+        if t == "exited":
+            continue
+        assert t in after and state in after[t][0], (state, t, history)
+        state = after[t][1]
+    counted = {t: history.count(t) for t in after}
+    assert counted["started"] == counted["starting"] == ok["start"], (history, results)
+    assert counted["stopping"] <= ok["stop"], (history, results)
+    assert counted["stopped"] == counted["stopping"] + ok["kill"], (history, results)
+    assert state == m["state"]
     assert m["state"] in ("running", "paused", "stopped")
     # whatever the interleaving, the record matches reality
     if m["state"] == "stopped":
@@ -458,11 +493,13 @@ def test_daemon_killed_during_a_start(api: httpx.Client, daemon: Daemon) -> None
             c.post("/v1/machines/halfway/start")
 
     t = threading.Thread(target=start_it)
-    t.start()
-    deadline = time.monotonic() + 20
-    while not _qemus(root):  # QEMU is up, the guest is still booting
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    with Events(daemon, "halfway") as ev:
+        t.start()
+        ev.wait_count("starting", 1)
+    # QEMU is up: freeze it so that the guest cannot finish booting, whatever the timing
+    (qemu,) = wait_for("QEMU", lambda: _qemus(root), timeout=30)
+    os.kill(qemu, signal.SIGSTOP)
+    assert api.get("/v1/machines/halfway").json()["state"] == "starting"
     daemon.stop(signal.SIGKILL)
     t.join(30)
     daemon.start()

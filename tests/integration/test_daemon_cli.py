@@ -64,6 +64,7 @@ def test_exec_keeps_streams_apart_and_exits_with_the_commands_status(svc: str) -
     assert proc.returncode == 127 and proc.stderr.startswith(b"ember: error: ")
 
 
+@pytest.mark.timeout(120)  # waitpid blocks for as long as ember exec runs
 def test_exec_it_gives_a_terminal(svc: str) -> None:
     pid, fd = pty.fork()
     if pid == 0:  # the child: ember exec -it on a real terminal
@@ -86,10 +87,14 @@ def test_exec_it_gives_a_terminal(svc: str) -> None:
                 if not chunk:
                     break
                 out += chunk
-    finally:
         if time.monotonic() >= deadline:
             os.kill(pid, signal.SIGKILL)
         _, status = os.waitpid(pid, 0)
+    except BaseException:  # a failure or the test's timeout: the child goes too
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    finally:
         os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 9, out
     assert b"got typed" in out

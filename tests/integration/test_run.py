@@ -151,13 +151,20 @@ def background_run() -> tuple[subprocess.Popen[bytes], Path, int]:
                              "sh", "-c", "echo started; sleep 600"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL)
-    assert proc.stdout is not None
-    assert proc.stdout.readline() == b"started\n"
-    (name,) = set(os.listdir(machines)) - before
-    state = machines / name
-    return proc, state, int((state / "qemu.pid").read_text())
+    try:
+        assert proc.stdout is not None
+        # blocks until the guest command runs: the test's timeout bounds it
+        assert proc.stdout.readline() == b"started\n"
+        (name,) = set(os.listdir(machines)) - before
+        state = machines / name
+        return proc, state, int((state / "qemu.pid").read_text())
+    except BaseException:  # a failure or a timeout: ember run (and so its QEMU) goes too
+        proc.kill()
+        proc.wait()
+        raise
 
 
+@pytest.mark.timeout(180)  # background_run waits for the guest without a bound of its own
 def test_qemu_killed_mid_run_gives_a_clear_error_and_leaves_nothing() -> None:
     proc, state, pid = background_run()
     try:
@@ -183,6 +190,7 @@ def test_doctor_reports_accelerator_and_built_artifacts() -> None:
     assert report["qemu"]["version"]
 
 
+@pytest.mark.timeout(180)  # readline waits for the guest without a bound of its own
 def test_ctrl_c_is_passed_to_the_guest_command() -> None:
     machines = paths.machines_dir()
     before = set(os.listdir(machines)) if machines.exists() else set()
@@ -224,6 +232,7 @@ def test_two_machines_run_at_once_independently() -> None:
         assert out == f"vm{i}\n{i}\n".encode()
 
 
+@pytest.mark.timeout(180)
 def test_killing_ember_run_takes_its_qemu_along_and_the_next_run_reaps_the_rest() -> None:
     proc, state, qemu_pid = background_run()
     proc.kill()  # SIGKILL: ember cannot clean up after itself

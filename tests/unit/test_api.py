@@ -122,6 +122,21 @@ def test_wrong_state_is_409_and_names_are_unique(client: TestClient) -> None:
     err(client.get("/v1/machines/idle"), 404)
 
 
+@pytest.mark.parametrize("extra", [
+    {"tty": 1}, {"tty": "yes"}, {"tty": "true"}, {"tty": None},  # the document: boolean
+    {"timeout": True}, {"timeout": "5"}, {"timeout": 0}, {"timeout": -1},  # number > 0
+])
+def test_exec_fields_take_only_their_documented_types(client: TestClient,
+                                                      extra: dict[str, Any]) -> None:
+    # Found by the fuzz test's negative_data_rejection: pydantic's lax mode took
+    # `"timeout": true` (as 1 s) and `"tty": 1`. A machine that is not running
+    # would answer 409: the body is refused before that.
+    r = client.post("/v1/machines", json={"image": "sample:latest", "name": "typed"})
+    assert r.status_code in (201, 409)
+    err(client.post("/v1/machines/typed/exec", json={"cmd": ["true"], **extra}), 422, "invalid")
+    err(client.post("/v1/machines/typed/exec", json={"cmd": ["true"], "timeout": 5}), 409)
+
+
 def test_ports_need_a_network(client: TestClient) -> None:
     body = {"image": "sample", "network": "none", "ports": [{"guest_port": 80}]}
     assert "network none" in err(client.post("/v1/machines", json=body), 422)
@@ -242,7 +257,10 @@ def test_import_of_an_impossible_path_is_422(client: TestClient) -> None:
     assert "File name too long" in msg
 
 
+@pytest.mark.timeout(60)  # a writer that never gives up blocks forever
 def test_a_client_that_stops_reading_cannot_stall_the_agent_for_long() -> None:
+    import threading
+
     from ember.api.app import _Pipe
 
     async def scenario() -> tuple[bool, list[str]]:
@@ -253,7 +271,12 @@ def test_a_client_that_stops_reading_cannot_stall_the_agent_for_long() -> None:
                 pipe.put("stdout", b"x" * 600, 600)  # the reader never drains
             pipe.put("end", {"type": "exit"})
 
-        await asyncio.to_thread(writer)  # returns: the writer gave up waiting
+        # A daemon thread, not asyncio.to_thread: on a regression the timeout
+        # fails the test, and asyncio.run does not then wait for a stuck writer.
+        t = threading.Thread(target=writer, daemon=True)
+        t.start()
+        while t.is_alive():  # ends: the writer gave up waiting
+            await asyncio.sleep(0.01)
         kinds = []
         while True:
             kind, _ = await pipe.get()

@@ -13,7 +13,15 @@ import re
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    field_validator,
+)
 
 from ember.vmm.spec import MAX_CPUS, MAX_MEMORY_MIB, MIN_MEMORY_MIB, NAME_PATTERN
 
@@ -284,12 +292,13 @@ class ExecCreate(_Request):
     env: Env = Field(default_factory=dict)
     workdir: str | None = Field(default=None, max_length=4096, pattern=r"^/")
     user: str | None = Field(default=None, max_length=256, pattern=r"^[^\x00:]*(:[^\x00:]*)?$")
-    tty: bool = False
+    # Strict: the document says boolean / number; lax pydantic took 1, "yes" or true.
+    tty: StrictBool = False
     stdin: str | None = Field(default=None, max_length=16 << 20,
                               description="Text written to the process's stdin, then EOF. "
                                           "Without it stdin is empty.")
-    timeout: float | None = Field(default=None, gt=0, le=86400,
-                                  description="Seconds; the process is killed after it.")
+    timeout: StrictFloat | None = Field(default=None, gt=0, le=86400,
+                                        description="Seconds; the process is killed after it.")
 
     _env = field_validator("env")(_check_env)
     _argv = field_validator("cmd")(_check_argv)

@@ -196,7 +196,8 @@ class Managed(Adoption, RestartPolicy):
             self._set(state, detail=detail, reason=detail, pid=None, finished_at=now(),
                       ports=[])
             if isinstance(exc, ManagerError):
-                raise
+                # exc, not a bare raise: a port error was replaced by its Conflict (409)
+                raise exc from None
             if isinstance(exc, MachineCrashed):
                 raise
             raise Conflict(f"machine {self.name} cannot start: {exc}") from exc
