@@ -31,7 +31,8 @@ def ok(*args: str, stdin: bytes | None = None) -> str:
 
 
 def inspect(name: str) -> dict[str, object]:
-    return dict(json.loads(ok("inspect", "--json", name)))
+    (record,) = json.loads(ok("inspect", "--json", name))  # an array, as docker inspect
+    return dict(record)
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +44,17 @@ def svc(daemon: Daemon) -> Iterator[str]:
     ember("rm", "-f", name)
 
 
-def test_ps_q_prints_the_names_of_running_machines_only(svc: str) -> None:
-    ok("create", "--name", "cm-idle", "sample:latest", "--", "sleep", "60")
+def test_ps_q_prints_the_ids_of_running_machines_only(svc: str) -> None:
+    idle = ok("create", "--name", "cm-idle", "sample:latest", "--", "sleep", "60").strip()
     try:
-        names = ok("ps", "-q").splitlines()
-        assert svc in names and "cm-idle" not in names
-        assert all(n and " " not in n for n in names)  # bare names, one a line
+        svc_id, idle_id = (str(inspect(n)["id"])[:12] for n in (svc, idle))
+        ids = ok("ps", "-q").splitlines()
+        assert svc_id in ids and idle_id not in ids
+        assert all(len(i) == 12 for i in ids)  # Docker's short ids, one a line
         everything = ok("ps", "-q", "-a").splitlines()
-        assert {svc, "cm-idle"} <= set(everything)
-        assert sorted(everything) == sorted(m["name"] for m in json.loads(ok("ps", "-a", "--json")))
+        assert {svc_id, idle_id} <= set(everything)
+        assert sorted(everything) == sorted(m["id"][:12]
+                                            for m in json.loads(ok("ps", "-a", "--json")))
     finally:
         ember("rm", "-f", "cm-idle")
 
@@ -96,7 +99,7 @@ def test_kill_powers_a_machine_off_at_once(daemon: Daemon) -> None:
         assert isinstance(pid, int) and alive(pid)
         assert ok("kill", "cm-kill") == "cm-kill\n"
         m = inspect("cm-kill")
-        assert m["state"] == "stopped" and m["pid"] is None
+        assert m["state"] == "stopped" and m["pid"] is None and m["exit_code"] == 137
         assert not alive(pid)
         proc = ember("kill", "cm-kill")  # not running any more
         assert proc.returncode == 125 and proc.stderr.count(b"\n") == 1
@@ -112,5 +115,5 @@ def test_rm_of_several_removes_all_it_can_and_fails_for_the_rest(daemon: Daemon)
     assert proc.stdout.decode().splitlines() == ["cm-a", "cm-c"]
     err = proc.stderr.decode().splitlines()
     assert len(err) == 1 and err[0].startswith("ember: error: ") and "cm-b-does-not-exist" in err[0]
-    listed = ok("ps", "-a", "-q").splitlines()
+    listed = ok("ps", "-a", "--format", "{{.Names}}").splitlines()
     assert "cm-a" not in listed and "cm-c" not in listed

@@ -40,10 +40,11 @@ def test_the_output_log_keeps_the_newest_2_mib(api: httpx.Client, daemon: Daemon
         lines = text.split("\n")[1:-1]
         first = int(lines[0])
         assert lines == [str(i) for i in range(first, 600001)]
-        # on disk: two files of at most 1 MiB each, nothing more
+        # on disk: two files of at most 1 MiB each and their arrival-time indexes (16 bytes
+        # per write at most), nothing more
         root = daemon.home / "machines" / "daemon" / m["id"]
         logs = sorted(p.name for p in root.iterdir() if p.name.startswith("output.log"))
-        assert logs == ["output.log", "output.log.1"]
+        assert logs == ["output.log", "output.log.1", "output.log.1.idx", "output.log.idx"]
         assert all((root / n).stat().st_size <= MIB for n in logs)
         assert api.get("/v1/machines/chatty/logs", params={"tail": 2}).text == "599999\n600000\n"
     finally:
