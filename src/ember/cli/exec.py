@@ -7,7 +7,6 @@ import contextlib
 import os
 import signal
 import stat
-import sys
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +22,7 @@ from ember.cli.common import (
 from ember.errors import EmberError
 
 if TYPE_CHECKING:
-    from ember.sdk import ExecEvent, MachineHandle
+    from ember.sdk import ExecEvent, ExecSession, MachineHandle
 
 
 def _stdin_is_data() -> bool:
@@ -33,6 +32,12 @@ def _stdin_is_data() -> bool:
     except OSError:
         return False
     return stat.S_ISFIFO(mode) or stat.S_ISREG(mode) or stat.S_ISSOCK(mode)
+
+
+#: Piped stdin up to this size is sent in the request itself (as text, when it is
+#: UTF-8); more is streamed over the exec WebSocket as it is read, in bounded memory.
+STDIN_INLINE = 1 << 20
+_READ_SIZE = 256 << 10
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
@@ -45,14 +50,36 @@ def cmd_exec(args: argparse.Namespace) -> int:
         m = c.machines.get(args.name)
         if args.interactive or args.tty:
             return _exec_session(m, command, opts, tty=args.tty, stdin=args.interactive)
-        stdin: bytes | None = sys.stdin.buffer.read() if _stdin_is_data() else None
-        if stdin is not None:
+        if not _stdin_is_data():
+            return _exit_status(_write_events(m.exec_stream(command, **opts)))
+        head, ended = _read_head(STDIN_INLINE)
+        if ended:
             try:
-                stdin.decode()
-            except UnicodeDecodeError:  # the buffered body is text: binary goes over the socket
-                return _exec_session(m, command, opts, tty=False, stdin=True,
-                                     preread=stdin)
-        return _exit_status(_write_events(m.exec_stream(command, stdin=stdin, **opts)))
+                text = head.decode()
+            except UnicodeDecodeError:  # the request's stdin is text: binary goes over the socket
+                pass
+            else:
+                return _exit_status(_write_events(m.exec_stream(command, stdin=text, **opts)))
+        return _exec_session(m, command, opts, tty=False, stdin=True, head=head,
+                             rest=not ended)
+
+
+def _read_head(limit: int) -> tuple[bytes, bool]:
+    """Up to ``limit`` bytes of stdin, and whether stdin ended within them."""
+    buf = bytearray()
+    while len(buf) < limit:
+        data = _read_stdin(limit - len(buf))
+        if not data:
+            return bytes(buf), True
+        buf += data
+    return bytes(buf), False
+
+
+def _read_stdin(size: int) -> bytes:
+    try:
+        return os.read(0, size)
+    except OSError:  # e.g. EIO: treated as the end of the input
+        return b""
 
 
 def _write_events(events: Iterable[ExecEvent]) -> ExecEvent | None:
@@ -79,8 +106,9 @@ def _exit_status(ev: ExecEvent | None) -> int:
 
 
 def _exec_session(m: MachineHandle, command: list[str], opts: dict[str, Any], *, tty: bool,
-                  stdin: bool, preread: bytes | None = None) -> int:
-    """Interactive exec over the WebSocket: live stdin, a raw terminal with ``-t``."""
+                  stdin: bool, head: bytes = b"", rest: bool = True) -> int:
+    """Exec over the WebSocket: live stdin (``head``, then the rest of fd 0 if ``rest``),
+    a raw terminal with ``-t``."""
     if tty and not os.isatty(0):
         raise EmberError("the input device is not a TTY: drop -t (use -i to pipe stdin)")
     session = m.exec_session(command, tty=tty, **opts)
@@ -88,27 +116,25 @@ def _exec_session(m: MachineHandle, command: list[str], opts: dict[str, Any], *,
         if stdin:
             import threading
 
-            threading.Thread(target=_pump_stdin, args=(session, preread), daemon=True,
+            threading.Thread(target=_pump_stdin, args=(session, head, rest), daemon=True,
                              name="ember-stdin").start()
         return _exit_status(_write_events(session))
 
 
-def _pump_stdin(session: Any, preread: bytes | None) -> None:
-    if preread:
-        session.send(preread)
-    while True:
-        try:
-            data = os.read(0, 65536)
-        except OSError:
-            data = b""
+def _pump_stdin(session: ExecSession, head: bytes, rest: bool) -> None:
+    """Stdin to the session, one read at a time: ``send`` blocks while the command reads
+    slower than we do, so at most one read is held here."""
+    session.send(head)
+    while rest and session.result is None:  # once the command has exited, stop reading
+        data = _read_stdin(_READ_SIZE)
         if not data:
-            session.close_stdin()
-            return
+            break
         session.send(data)
+    session.close_stdin()
 
 
 @contextlib.contextmanager
-def _raw_terminal(session: Any) -> Iterator[None]:
+def _raw_terminal(session: ExecSession | None) -> Iterator[None]:
     """Local terminal in raw mode, its size sent now and on every SIGWINCH; restored after."""
     if session is None:
         yield

@@ -22,6 +22,8 @@ from ember.sdk.errors import DaemonUnavailable, NotFound
 
 T = TypeVar("T")
 _UPLOAD_CHUNK = 1 << 20
+#: The largest stdin message :meth:`ExecSession.send` sends (the daemon takes up to 16 MiB).
+STDIN_MESSAGE = 256 << 10
 
 
 class _Default:
@@ -438,9 +440,15 @@ class ExecSession:
             self._ws.send(msg)
 
     def send(self, data: bytes) -> None:
-        """Write ``data`` to the process's stdin."""
-        if data:
-            self._send(data)
+        """Write ``data`` (any size) to the process's stdin.
+
+        Sent in messages of at most 256 KiB; blocks while the process reads
+        slower than this (the daemon and the guest agent hold only a bounded
+        amount in flight). A session whose process has exited drops the data.
+        """
+        view = memoryview(data)
+        for i in range(0, len(view), STDIN_MESSAGE):
+            self._send(bytes(view[i:i + STDIN_MESSAGE]))
 
     def close_stdin(self) -> None:
         self._send(json.dumps({"type": "eof"}))
