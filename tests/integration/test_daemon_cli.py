@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import pty
@@ -15,7 +16,7 @@ import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import pytest
 
@@ -62,6 +63,61 @@ def test_exec_keeps_streams_apart_and_exits_with_the_commands_status(svc: str) -
     assert (proc.returncode, proc.stdout.split()[0]) == (0, b"8")
     proc = ember("exec", svc, "--", "nosuch")
     assert proc.returncode == 127 and proc.stderr.startswith(b"ember: error: ")
+
+
+def ember_peak_rss(*args: str, stdin: IO[bytes] | int = subprocess.DEVNULL,
+                   tmp: Path) -> tuple[int, int, bytes, bytes]:
+    """Run the CLI; its exit status, peak RSS in bytes (its own), stdout and stderr."""
+    with open(tmp / "out", "w+b") as out, open(tmp / "err", "w+b") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "ember", *args], stdin=stdin,
+                                stdout=out, stderr=err, env=os.environ.copy())
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return proc.returncode, usage.ru_maxrss << 10, out.read(), err.read()
+
+
+def test_piped_stdin_of_any_size_streams_in_bounded_memory(svc: str, daemon: Daemon,
+                                                           tmp_path: Path) -> None:
+    """`tar c src | ember exec web -- tar x` of cli.md, at 50 MB: all of it arrives, yet
+    neither the CLI nor the daemon holds it whole (the guest reads slower than them)."""
+    from test_daemon_exec import peak_rss, reset_peak_rss
+
+    assert daemon.proc is not None
+    data = tmp_path / "big.bin"
+    data.write_bytes(os.urandom(50_000_000))
+    digest = hashlib.sha256(data.read_bytes()).hexdigest()
+    code, cli_base, _, err = ember_peak_rss("exec", svc, "--", "true", tmp=tmp_path)
+    assert code == 0, err
+    daemon_base = reset_peak_rss(daemon.proc.pid)
+    with open(data, "rb") as f:
+        code, cli_peak, out, err = ember_peak_rss(
+            "exec", svc, "--", "sh", "-c", "sleep 2; exec sha256sum", stdin=f, tmp=tmp_path)
+    assert (code, out.decode().split()) == (0, [digest, "-"]), err
+    assert peak_rss(daemon.proc.pid) - daemon_base < 24 << 20
+    assert cli_peak - cli_base < 24 << 20
+    # text past what a request's stdin takes (16 Mi characters) streams too
+    proc = ember("exec", svc, "--", "wc", "-c", stdin=b"a" * 20_000_000)
+    assert (proc.returncode, proc.stdout) == (0, b"20000000\n"), proc.stderr
+    # and a little text still works (it goes in the request itself)
+    assert ok("exec", svc, "--", "cat", stdin="héllo\n".encode()) == "héllo\n"
+
+
+_CMDLINES = 'for p in /proc/[0-9]*; do tr "\\0" " " < "$p/cmdline" 2>/dev/null; echo; done'
+
+
+@pytest.mark.parametrize("stdin", [None, b"x" * (2 << 20)], ids=["no-stdin", "streamed-stdin"])
+def test_exec_timeout_kills_the_command_and_says_so(svc: str, stdin: bytes | None) -> None:
+    marker = f"1000.{os.getpid()}{len(stdin or b'')}"
+    proc = ember("exec", "--timeout", "1", svc, "--", "sh", "-c",
+                 f"cat >/dev/null; exec sleep {marker}", stdin=stdin)
+    assert proc.returncode == 137, proc.stderr  # 128 + SIGKILL, as for any killed command
+    assert proc.stderr == b"ember: error: the command timed out and was killed\n"
+    deadline = time.monotonic() + 60
+    while f"sleep {marker} " in ok("exec", "-u", "root", svc, "--", "sh", "-c", _CMDLINES):
+        assert time.monotonic() < deadline, "the command lives on in the guest"
+        time.sleep(0.1)
 
 
 def test_exec_it_gives_a_terminal(svc: str) -> None:
