@@ -102,6 +102,10 @@ def _exit_status(ev: ExecEvent | None) -> int:
         return ev.exit_code if ev.exit_code is not None else EXIT_EMBER_FAILED
     if ev.timed_out:
         error("the command timed out and was killed")
+    if ev.truncated:  # what we printed is incomplete: no script may take it for the output
+        error("the command's output was cut short: it was not read for 10 s (the daemon "
+              f"dropped the rest; the command exited {ev.exit_code})")
+        return EXIT_EMBER_FAILED
     return ev.exit_code if ev.exit_code is not None else EXIT_EMBER_FAILED
 
 
