@@ -166,7 +166,8 @@ def _raw_terminal(session: ExecSession | None) -> Iterator[None]:
 def register(sub: Any) -> None:
     p = sub.add_parser("exec", help="run a command in a running machine",
                        description="Run CMD in machine NAME; exit with its status. Piped "
-                       "stdin is passed to it; -i streams stdin live, -t gives it a terminal.")
+                       "stdin (any size) is passed to it; -i streams stdin live, -t gives it "
+                       "a terminal.")
     p.add_argument("-i", "--interactive", action="store_true", help="stream stdin live")
     p.add_argument("-t", "--tty", action="store_true", help="run on a guest pseudo-terminal")
     p.add_argument("-e", "--env", action="append", default=[], metavar="K[=V]",
@@ -174,7 +175,7 @@ def register(sub: Any) -> None:
     p.add_argument("-w", "--workdir", metavar="DIR", help="working directory in the guest")
     p.add_argument("-u", "--user", metavar="USER[:GROUP]", help="user to run as")
     p.add_argument("--timeout", type=float, metavar="SECONDS",
-                   help="kill the command after this many seconds")
+                   help="kill the command after this many seconds (then exit 137)")
     p.add_argument("name", metavar="NAME")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     p.set_defaults(func=pipe_safe(cmd_exec))
