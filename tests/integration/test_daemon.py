@@ -111,8 +111,15 @@ def test_exec_stream_is_ndjson_with_base64_chunks(api: httpx.Client, service: st
 
 
 def test_several_execs_at_once_in_one_machine(api: httpx.Client, service: str) -> None:
+    # A barrier in the guest: each exec waits until all six have arrived, which
+    # only happens if they run at the same time (one at a time, each gives up).
+    barrier = f"/tmp/barrier.{os.getpid()}"
+    wait_all = (f"mkdir -p {barrier}; touch {barrier}/$0; n=0; "
+                f"until [ $(ls {barrier} | wc -l) -eq 6 ]; do "
+                f"n=$((n+1)); [ $n -lt 600 ] || exit 99; sleep 0.1; done")
+
     def job(i: int) -> dict[str, Any]:
-        return run(api, service, "sh", "-c", f"sleep 0.5; echo job{i}; exit {i}")
+        return run(api, service, "sh", "-c", f"{wait_all}; echo job$0; exit {i}", str(i))
 
     with ThreadPoolExecutor(6) as pool:
         results = list(pool.map(job, range(6)))
@@ -446,17 +453,21 @@ def test_interactive_exec_over_websocket(daemon: Daemon, service: str) -> None:
 
     url = f"ws://ember/v1/machines/{service}/exec/ws"
     with unix_connect(str(daemon.socket), url) as ws:
-        ws.send(json.dumps({"cmd": ["sh", "-c", "read x; echo got $x; tty; exit 7"],
-                            "tty": True}))
+        ws.send(json.dumps({"cmd": ["sh", "-c", "stty size; read x; echo got $x; stty size; "
+                                    "tty; exit 7"], "tty": True}))
+        out = b""
+        while b"24 80\r\n" not in out:  # the terminal's size at the start
+            msg = ws.recv(timeout=30)
+            assert isinstance(msg, bytes) and msg[0] == 1, msg  # a terminal has one stream
+            out += msg[1:]
         ws.send(json.dumps({"type": "resize", "rows": 30, "cols": 100}))
         ws.send(b"hello\n")
-        out = b""
         while isinstance(msg := ws.recv(timeout=30), bytes):
-            assert msg[0] == 1  # a terminal has one stream
+            assert msg[0] == 1
             out += msg[1:]
     assert json.loads(msg) == {"type": "exit", "exit_code": 7, "signal": None,
                                "timed_out": False}
-    assert out == b"hello\r\ngot hello\r\n/dev/pts/0\r\n"
+    assert out == b"24 80\r\nhello\r\ngot hello\r\n30 100\r\n/dev/pts/0\r\n"
     # without a terminal: separate streams, and end-of-file on stdin
     with unix_connect(str(daemon.socket), url) as ws:
         ws.send(json.dumps({"cmd": ["sh", "-c", "cat; echo bye >&2"]}))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import pty
@@ -15,7 +16,7 @@ import termios
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import pytest
 
@@ -62,6 +63,98 @@ def test_exec_keeps_streams_apart_and_exits_with_the_commands_status(svc: str) -
     assert (proc.returncode, proc.stdout.split()[0]) == (0, b"8")
     proc = ember("exec", svc, "--", "nosuch")
     assert proc.returncode == 127 and proc.stderr.startswith(b"ember: error: ")
+
+
+def ember_peak_rss(*args: str, stdin: IO[bytes] | int = subprocess.DEVNULL,
+                   tmp: Path) -> tuple[int, int, bytes, bytes]:
+    """Run the CLI; its exit status, peak RSS in bytes (its own), stdout and stderr."""
+    with open(tmp / "out", "w+b") as out, open(tmp / "err", "w+b") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "ember", *args], stdin=stdin,
+                                stdout=out, stderr=err, env=os.environ.copy())
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return proc.returncode, usage.ru_maxrss << 10, out.read(), err.read()
+
+
+def test_piped_stdin_of_any_size_streams_in_bounded_memory(svc: str, daemon: Daemon,
+                                                           tmp_path: Path) -> None:
+    """`tar c src | ember exec web -- tar x` of cli.md, at 50 MB: all of it arrives, yet
+    neither the CLI nor the daemon holds it whole. The guest reads nothing for 45 s
+    first: longer than the WebSocket keepalive's 20 s interval and 20 s timeout,
+    which must not end a session whose sender is held back by flow control."""
+    from test_daemon_exec import peak_rss, reset_peak_rss
+
+    assert daemon.proc is not None
+    data = tmp_path / "big.bin"
+    data.write_bytes(os.urandom(50_000_000))
+    digest = hashlib.sha256(data.read_bytes()).hexdigest()
+    code, cli_base, _, err = ember_peak_rss("exec", svc, "--", "true", tmp=tmp_path)
+    assert code == 0, err
+    daemon_base = reset_peak_rss(daemon.proc.pid)
+    with open(data, "rb") as f:
+        code, cli_peak, out, err = ember_peak_rss(
+            "exec", svc, "--", "sh", "-c", "sleep 45; exec sha256sum", stdin=f, tmp=tmp_path)
+    assert (code, out.decode().split()) == (0, [digest, "-"]), err
+    assert peak_rss(daemon.proc.pid) - daemon_base < 24 << 20
+    assert cli_peak - cli_base < 24 << 20
+    # text past what a request's stdin takes (16 Mi characters) streams too
+    proc = ember("exec", svc, "--", "wc", "-c", stdin=b"a" * 20_000_000)
+    assert (proc.returncode, proc.stdout) == (0, b"20000000\n"), proc.stderr
+    # and a little text still works (it goes in the request itself)
+    assert ok("exec", svc, "--", "cat", stdin="héllo\n".encode()) == "héllo\n"
+
+
+def test_a_command_answering_its_stdin_with_much_output_loses_none(svc: str,
+                                                                   tmp_path: Path) -> None:
+    """Output is read while stdin waits: here the command writes 20 MB before it reads
+    the rest of its 16 MiB of input, so its input backs up all the way to the CLI."""
+    data = tmp_path / "in"
+    data.write_bytes(b"\0" * (16 << 20))
+    script = "head -c 1 >/dev/null; head -c 20000000 /dev/zero; exec cat >/dev/null"
+    with open(data, "rb") as f:
+        code, _, out, err = ember_peak_rss("exec", svc, "--", "sh", "-c", script, stdin=f,
+                                           tmp=tmp_path)
+    assert (code, len(out), err) == (0, 20_000_000, b"")
+
+
+def test_output_nobody_reads_is_cut_short_and_exec_says_so(svc: str) -> None:
+    flag = f"/tmp/written.{os.getpid()}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ember", "exec", svc, "--", "sh", "-c",
+         f"head -c 40000000 /dev/zero; touch {flag}"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        # Nothing reads its output until the command has written all of it, which the
+        # daemon allows only once it gave up on this client (after 10 s) and dropped
+        # the rest.
+        ok("exec", svc, "--", "sh", "-c",
+           f"n=0; until [ -e {flag} ]; do n=$((n+1)); [ $n -lt 1200 ] || exit 1; sleep 0.1; done")
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 125, err
+    assert err == (b"ember: error: the command's output was cut short: it was not read for "
+                   b"10 s (the daemon dropped the rest; the command exited 0)\n")
+    assert len(out) < 40_000_000
+
+
+_CMDLINES = 'for p in /proc/[0-9]*; do tr "\\0" " " < "$p/cmdline" 2>/dev/null; echo; done'
+
+
+@pytest.mark.parametrize("stdin", [None, b"x" * (2 << 20)], ids=["no-stdin", "streamed-stdin"])
+def test_exec_timeout_kills_the_command_and_says_so(svc: str, stdin: bytes | None) -> None:
+    marker = f"1000.{os.getpid()}{len(stdin or b'')}"
+    proc = ember("exec", "--timeout", "1", svc, "--", "sh", "-c",
+                 f"cat >/dev/null; exec sleep {marker}", stdin=stdin)
+    assert proc.returncode == 137, proc.stderr  # 128 + SIGKILL, as for any killed command
+    assert proc.stderr == b"ember: error: the command timed out and was killed\n"
+    deadline = time.monotonic() + 60
+    while f"sleep {marker} " in ok("exec", "-u", "root", svc, "--", "sh", "-c", _CMDLINES):
+        assert time.monotonic() < deadline, "the command lives on in the guest"
+        time.sleep(0.1)
 
 
 @pytest.mark.timeout(120)  # waitpid blocks for as long as ember exec runs

@@ -86,3 +86,34 @@ def test_a_guest_flooding_its_console_cannot_fill_the_host_disk(machine: Machine
     rotated = log.with_name(log.name + ".1")
     assert rotated.exists(), "the console never reached the cap"
     assert log.stat().st_size <= DEFAULT_CAP and rotated.stat().st_size <= DEFAULT_CAP
+
+
+_TAMPER = r"""
+for fd in /proc/1/fd/*; do
+    case "$(readlink "$fd")" in /memfd:ember-tool*) tool=$fd ;; esac
+done
+[ -n "$tool" ] || { echo "the agent holds no tool"; exit 2; }
+printf x >> "$tool" || echo "append refused"
+printf x | dd of="$tool" conv=notrunc 2>&1 | grep -q "Operation not permitted" &&
+    echo "overwrite refused"
+(true > "$tool") 2>&1 | grep -q "Operation not permitted" && echo "truncate refused"
+sha256sum < "$tool"
+"""
+
+
+def test_root_in_the_guest_cannot_change_the_tool(machine: Machine) -> None:
+    """The agent's memfd is sealed: what the host sent is what every copy runs.
+
+    The image's own shell tampers (no tool process runs meanwhile, so what stops
+    the writes is the seals, not the kernel's ETXTBSY for a running program).
+    """
+    import hashlib
+
+    from ember.files import ensure_tool, host_busybox
+
+    ensure_tool(machine)
+    p = machine.exec(sh(_TAMPER))  # as root
+    assert machine.wait_process(p, timeout=30).exit_code == 0, p.stderr
+    digest = hashlib.sha256(host_busybox().read_bytes()).hexdigest()
+    assert p.stdout.decode().splitlines() == [
+        "append refused", "overwrite refused", "truncate refused", f"{digest}  -"]

@@ -31,6 +31,7 @@ import ember.guest.agent as agent_builder
 import ember.util
 from ember.agent.client import AgentClient, ExecFailed, ProcessTimeout
 from ember.agent.protocol import (
+    MAX_CHANNEL,
     MAX_PAYLOAD,
     ExecRequest,
     ExitStatus,
@@ -114,6 +115,34 @@ def test_hello_ready(running: Running) -> None:
         assert info.kernel == os.uname().release
         assert info.uptime_ms > 0
         assert c.hello(T).version == 1  # a second HELLO gets a second READY
+
+
+def test_ready_lists_the_live_channels_up_to_300(running: Running) -> None:
+    """A reconnecting host learns from READY which processes still run; past 300 the
+    list is left out (unknown, not empty), and the longest ids still fit."""
+    c = AgentClient(running.sock, first_channel=MAX_CHANNEL - 400)  # ten digits each
+    c.hello(T)
+    procs = []
+    try:
+        for _ in range(300):
+            procs.append(c.exec(ExecRequest(["sleep", "1000"], stdin=False)))
+        for p in procs:
+            p.wait_started(T)
+        assert sorted(c.hello(T).extra["channels"]) == sorted(p.channel for p in procs)
+        procs.append(c.exec(ExecRequest(["sleep", "1000"], stdin=False)))
+        procs[-1].wait_started(T)
+        ready = c.hello(T)
+        assert ready.version == 1 and "channels" not in ready.extra
+        gone = procs.pop(0)
+        gone.signal(signal.SIGKILL)
+        gone.wait(T)
+        assert sorted(c.hello(T).extra["channels"]) == sorted(p.channel for p in procs)
+    finally:
+        for p in procs:
+            p.signal(signal.SIGKILL)
+        for p in procs:
+            p.wait(T)
+        c.close()
 
 
 def test_echo(client: AgentClient) -> None:
@@ -331,20 +360,47 @@ def test_signal_a_sleeping_process(client: AgentClient) -> None:
     assert p.wait(T) == ExitStatus(signal=15)
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie has been killed: it only waits to be reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def wait_gone(pid: int) -> None:
+    deadline = time.monotonic() + T
+    while alive(pid):
+        assert time.monotonic() < deadline, f"process {pid} still runs"
+        time.sleep(0.02)
+
+
 def test_signal_goes_to_the_process_group(client: AgentClient) -> None:
     p = client.exec(ExecRequest(["/bin/sh", "-c", "sleep 100; echo not reached"]))
-    p.wait_started(T)
-    time.sleep(0.2)
+    pid = p.wait_started(T)
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    deadline = time.monotonic() + T
+    while not (kids := children.read_text().split()):  # until the shell has forked sleep
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    (sleeper,) = map(int, kids)
     p.signal(signal.SIGKILL)
     assert p.wait(T).signal == 9
     assert p.stdout == b""
+    # The shell's child died with it: signalling the shell alone would have
+    # left `sleep 100` running as an orphan of the agent.
+    wait_gone(sleeper)
 
 
 def test_exit_does_not_wait_for_descendants_holding_the_pipes(client: AgentClient) -> None:
-    start = time.monotonic()
-    status, out, _ = sh(client, "sleep 30 & echo done")
-    assert status.code == 0 and out == b"done\n"
-    assert time.monotonic() - start < 5
+    p = client.exec(ExecRequest(["/bin/sh", "-c", "sleep 1000 & echo $!"]))
+    assert p.wait(T).code == 0
+    descendant = int(p.stdout)
+    try:
+        assert alive(descendant)  # EXIT came while it still held the output pipes
+    finally:
+        os.kill(descendant, signal.SIGKILL)
 
 
 def test_orphans_are_reaped(client: AgentClient, running: Running) -> None:
@@ -360,13 +416,13 @@ def test_shutdown_ends_the_agent_with_0(running: Running) -> None:
     c = AgentClient(running.sock)
     c.hello(T)
     p = c.exec(ExecRequest(["sleep", "100"]))
-    p.wait_started(T)
+    pid = p.wait_started(T)
     c.shutdown()
     assert running.proc.wait(T) == 0
-    try:
-        assert p.wait(T).signal == 15  # the agent reports what SHUTDOWN killed
-    except AgentDisconnected:
-        pass
+    # The agent reported what SHUTDOWN killed before it hung up (the stream is
+    # ordered: its EXIT precedes the end of the connection).
+    assert p.wait(T).signal == 15
+    assert not alive(pid)
     c.close()
 
 
@@ -476,16 +532,36 @@ def test_exec_on_a_live_channel_is_refused(running: Running) -> None:
     struct.pack(">IBI", 5 + MAX_PAYLOAD + 1, FrameType.STDIN, 1),
     struct.pack(">IBI", 2, FrameType.HELLO, 0),
 ])
-def test_a_bad_frame_length_does_not_crash_the_agent(running: Running, header: bytes) -> None:
+def test_a_bad_frame_length_does_not_crash_the_agent(running: Running, header: bytes,
+                                                     tmp_path: Path) -> None:
     s = running.sock
     hello(s)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    (started,) = raw_exchange(s, [Frame(FrameType.EXEC, 1,
+                                        ExecRequest(["cat", str(fifo)]).to_payload())], 1)
+    assert started.type is FrameType.STARTED
     (err,) = raw_exchange(s, header + os.urandom(1000), 1)
     assert (err.type, err.channel) == (FrameType.ERROR, 0)
     assert json_payload(err)["code"] == 2
-    # it ignores the rest of this session's input, and stays alive
+    # It ignores the rest of this session's input: ten HELLOs get no READY...
     s.sendall(encode_frame(json_frame(FrameType.HELLO, 0, {"version": 1})) * 10)
-    time.sleep(0.2)
-    assert running.proc.poll() is None
+    # ...and stays alive: a process started before still has its output forwarded.
+    fd = os.open(fifo, os.O_WRONLY)
+    os.write(fd, b"late\n")
+    os.close(fd)
+    got = raw_exchange(s, b"", 2)
+    assert [(f.type, f.channel, f.payload) for f in got[:1]] == [(FrameType.STDOUT, 1, b"late\n")]
+    assert (got[1].type, got[1].channel) == (FrameType.EXIT, 1)
+    # Everything it sends until it ends (when the host hangs up, in test mode)
+    # is read here: no READY among it, and an orderly exit, not a crash.
+    s.shutdown(socket.SHUT_WR)
+    rest = b""
+    while data := s.recv(65536):
+        rest += data
+    dec, pending = _decoders[s]
+    assert pending + dec.feed(rest) == []
+    assert running.proc.wait(T) == 0
 
 
 def test_an_unknown_frame_type_gets_an_error(running: Running) -> None:

@@ -6,6 +6,7 @@ execveat work the same on the host.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
@@ -111,6 +112,38 @@ def test_the_loaded_tool_runs_its_applets_from_a_memfd(client: AgentClient,
     # An unknown applet is the tool's own error.
     code, _, err = tool_run(client, ["no-such-applet"])
     assert code == 127 and b"applet not found" in err
+
+
+def test_the_tool_is_sealed_and_the_agent_holds_it_read_only(client: AgentClient,
+                                                             running: Running,
+                                                             busybox: bytes) -> None:
+    client.load_tool(busybox)
+    fd_dir = Path(f"/proc/{running.proc.pid}/fd")
+    held = [fd for fd in fd_dir.iterdir() if os.readlink(fd).startswith("/memfd:ember-tool")]
+    assert len(held) == 1  # the writable fd it was loaded through is closed
+    (fd,) = held
+    flags = next(line for line in (fd_dir.parent / "fdinfo" / fd.name).read_text().splitlines()
+                 if line.startswith("flags:"))
+    assert int(flags.split()[1], 8) & os.O_ACCMODE == os.O_RDONLY
+    with open(fd, "rb") as f:  # the memfd itself, reopened
+        seals = fcntl.fcntl(f.fileno(), fcntl.F_GET_SEALS)
+        assert seals == (fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW |
+                         fcntl.F_SEAL_WRITE)
+        assert f.read() == busybox
+    # so not even its owner can change it (we may well be root)...
+    with open(fd, "r+b", buffering=0) as f:
+        with pytest.raises(PermissionError):
+            f.write(b"\0")
+        with pytest.raises(PermissionError):
+            f.truncate(0)
+    # ...and a tool process runs that very file
+    p = client.exec(ExecRequest(["sleep", "100"], tool=True))
+    pid = p.wait_started(T)
+    try:
+        assert os.stat(f"/proc/{pid}/exe").st_ino == os.stat(fd).st_ino
+    finally:
+        p.signal(9)
+        p.wait(T)
 
 
 def test_a_second_load_sends_nothing_and_hello_reports_the_tool(client: AgentClient,

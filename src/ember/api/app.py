@@ -161,6 +161,10 @@ class _Pipe:
             self._closed = True
             self._cond.notify_all()
 
+    def hang_up(self) -> None:
+        """Wake the reader with a ``("gone", None)`` item (on the event loop's thread)."""
+        self._q.put_nowait(("gone", None))
+
 
 async def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run blocking ``fn`` on a thread of its own and await its result.
@@ -217,6 +221,26 @@ def _finish(proc: Process, stdin: bytes | None, timeout: float | None) -> dict[s
         return {"type": "error", "message": exc.message, "exit_code": exc.code}
     except AgentError as exc:
         return {"type": "error", "message": f"machine stopped: {exc}", "exit_code": 137}
+
+
+def _kill(proc: Process) -> None:
+    """SIGKILL ``proc`` (its process group) from a thread of its own, never on the event loop.
+
+    A send to the agent can block for as long as the guest leaves its stdin
+    unread (the agent stops reading its port while a process has 1 MiB of
+    stdin pending), and a blocked event loop would stall every client.
+    """
+    def work() -> None:
+        with contextlib.suppress(AgentError):
+            proc.signal(signal.SIGKILL)
+
+    threading.Thread(target=work, daemon=True, name="ember-exec-kill").start()
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client of ``request`` (its body already read) has gone away."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def create_app(mgr: Manager) -> FastAPI:
@@ -443,22 +467,31 @@ def create_app(mgr: Manager) -> FastAPI:
     # --- exec
 
     @app.post("/v1/machines/{name}/exec", response_model=models.ExecResult, tags=["exec"])
-    async def exec_buffered(name: str, body: models.ExecCreate) -> models.ExecResult:
+    async def exec_buffered(name: str, body: models.ExecCreate,
+                            request: Request) -> models.ExecResult:
         mm = mgr.get(name)
         stdin = body.stdin.encode() if body.stdin is not None else None
         started: list[Process] = []
+        gone = threading.Event()
 
         def run() -> dict[str, Any]:  # one thread for start and wait: one hand-off
             started.append(mm.exec(body))
+            if gone.is_set():  # the client left while the process was starting
+                _kill(started[0])
             return _finish(started[0], stdin, body.timeout)
 
+        work = asyncio.ensure_future(call(run))
+        watch = asyncio.ensure_future(_disconnected(request))
         try:
-            end = await call(run)
-        except asyncio.CancelledError:  # the client went away: so does the process
-            if started:
-                with contextlib.suppress(AgentError):
-                    started[0].signal(signal.SIGKILL)
-            raise
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not work.done():  # the client went away (or we were cancelled): so does the process
+                gone.set()
+                if started:
+                    _kill(started[0])
+                work.cancel()
+        end = work.result()
         proc = started[0]
         if end["type"] == "error":
             return models.ExecResult(exit_code=end["exit_code"], stdout="",
@@ -514,8 +547,7 @@ def create_app(mgr: Manager) -> FastAPI:
             finally:
                 pipe.close()
                 if proc is not None and not done:  # the client went away: so does the process
-                    with contextlib.suppress(AgentError):
-                        proc.signal(signal.SIGKILL)
+                    _kill(proc)
 
         return StreamingResponse(events(), media_type="application/x-ndjson")
 
@@ -545,31 +577,43 @@ def create_app(mgr: Manager) -> FastAPI:
                          daemon=True).start()
 
         async def pump_in() -> None:
-            while True:
-                msg = await ws.receive()
-                if msg["type"] == "websocket.disconnect":
-                    return
-                if msg.get("bytes"):
-                    await call(proc.write_stdin, msg["bytes"])
-                elif msg.get("text"):
-                    try:
-                        ctl = json.loads(msg["text"])
-                        kind = ctl.get("type")
-                        if kind == "eof":
-                            await call(proc.close_stdin)
-                        elif kind == "resize":
-                            await call(proc.resize, int(ctl["rows"]), int(ctl["cols"]))
-                        elif kind == "signal":
-                            await call(proc.signal, int(ctl["signal"]))
-                    except (ValueError, TypeError, KeyError, AttributeError) as exc:
-                        # a malformed control message is ignored, the session goes on
-                        log.debug("exec ws: bad control message: %s", exc)
+            """Client to process, one message at a time: while the guest is slow to read
+            its stdin, ``write_stdin`` blocks, nothing more is received, and the client's
+            sends wait (uvicorn stops reading the socket): no buffering here."""
+            try:
+                while True:
+                    msg = await ws.receive()
+                    if msg["type"] == "websocket.disconnect":
+                        return
+                    with contextlib.suppress(AgentError):  # exited meanwhile, or stdin closed
+                        if msg.get("bytes"):
+                            await call(proc.write_stdin, msg["bytes"])
+                        elif msg.get("text"):
+                            await control(msg["text"])
+            finally:
+                pipe.hang_up()  # the client is gone (or unreadable): stop the session
+
+        async def control(text: str) -> None:
+            try:
+                ctl = json.loads(text)
+                kind = ctl.get("type")
+                if kind == "eof":
+                    await call(proc.close_stdin)
+                elif kind == "resize":
+                    await call(proc.resize, int(ctl["rows"]), int(ctl["cols"]))
+                elif kind == "signal":
+                    await call(proc.signal, int(ctl["signal"]))
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                # a malformed control message is ignored, the session goes on
+                log.debug("exec ws: bad control message: %s", exc)
 
         reader = asyncio.create_task(pump_in())
         done = False
         try:
             while True:
                 kind, item = await pipe.get()
+                if kind == "gone":
+                    break
                 if kind == "end":
                     done = True
                     if pipe.overflowed:
@@ -579,14 +623,13 @@ def create_app(mgr: Manager) -> FastAPI:
                 await ws.send_bytes((b"\x01" if kind == "stdout" else b"\x02") + item)
             with contextlib.suppress(Exception):
                 await ws.close()
-        except (WebSocketDisconnect, RuntimeError):
+        except (WebSocketDisconnect, RuntimeError, OSError):
             pass
         finally:
             reader.cancel()
             pipe.close()
-            if not done:
-                with contextlib.suppress(AgentError):
-                    proc.signal(signal.SIGKILL)
+            if not done:  # the client went away: so does the process
+                _kill(proc)
 
     # --- logs
 

@@ -296,7 +296,8 @@ class ExecCreate(_Request):
     tty: StrictBool = False
     stdin: str | None = Field(default=None, max_length=16 << 20,
                               description="Text written to the process's stdin, then EOF. "
-                                          "Without it stdin is empty.")
+                                          "Without it stdin is empty. Binary or longer "
+                                          "input: the exec WebSocket.")
     timeout: StrictFloat | None = Field(default=None, gt=0, le=86400,
                                         description="Seconds; the process is killed after it.")
 

@@ -7,7 +7,6 @@ import contextlib
 import os
 import signal
 import stat
-import sys
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +22,7 @@ from ember.cli.common import (
 from ember.errors import EmberError
 
 if TYPE_CHECKING:
-    from ember.sdk import ExecEvent, MachineHandle
+    from ember.sdk import ExecEvent, ExecSession, MachineHandle
 
 
 def _stdin_is_data() -> bool:
@@ -33,6 +32,12 @@ def _stdin_is_data() -> bool:
     except OSError:
         return False
     return stat.S_ISFIFO(mode) or stat.S_ISREG(mode) or stat.S_ISSOCK(mode)
+
+
+#: Piped stdin up to this size is sent in the request itself (as text, when it is
+#: UTF-8); more is streamed over the exec WebSocket as it is read, in bounded memory.
+STDIN_INLINE = 1 << 20
+_READ_SIZE = 256 << 10
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
@@ -45,14 +50,36 @@ def cmd_exec(args: argparse.Namespace) -> int:
         m = c.machines.get(args.name)
         if args.interactive or args.tty:
             return _exec_session(m, command, opts, tty=args.tty, stdin=args.interactive)
-        stdin: bytes | None = sys.stdin.buffer.read() if _stdin_is_data() else None
-        if stdin is not None:
+        if not _stdin_is_data():
+            return _exit_status(_write_events(m.exec_stream(command, **opts)))
+        head, ended = _read_head(STDIN_INLINE)
+        if ended:
             try:
-                stdin.decode()
-            except UnicodeDecodeError:  # the buffered body is text: binary goes over the socket
-                return _exec_session(m, command, opts, tty=False, stdin=True,
-                                     preread=stdin)
-        return _exit_status(_write_events(m.exec_stream(command, stdin=stdin, **opts)))
+                text = head.decode()
+            except UnicodeDecodeError:  # the request's stdin is text: binary goes over the socket
+                pass
+            else:
+                return _exit_status(_write_events(m.exec_stream(command, stdin=text, **opts)))
+        return _exec_session(m, command, opts, tty=False, stdin=True, head=head,
+                             rest=not ended)
+
+
+def _read_head(limit: int) -> tuple[bytes, bool]:
+    """Up to ``limit`` bytes of stdin, and whether stdin ended within them."""
+    buf = bytearray()
+    while len(buf) < limit:
+        data = _read_stdin(limit - len(buf))
+        if not data:
+            return bytes(buf), True
+        buf += data
+    return bytes(buf), False
+
+
+def _read_stdin(size: int) -> bytes:
+    try:
+        return os.read(0, size)
+    except OSError:  # e.g. EIO: treated as the end of the input
+        return b""
 
 
 def _write_events(events: Iterable[ExecEvent]) -> ExecEvent | None:
@@ -75,12 +102,17 @@ def _exit_status(ev: ExecEvent | None) -> int:
         return ev.exit_code if ev.exit_code is not None else EXIT_EMBER_FAILED
     if ev.timed_out:
         error("the command timed out and was killed")
+    if ev.truncated:  # what we printed is incomplete: no script may take it for the output
+        error("the command's output was cut short: it was not read for 10 s (the daemon "
+              f"dropped the rest; the command exited {ev.exit_code})")
+        return EXIT_EMBER_FAILED
     return ev.exit_code if ev.exit_code is not None else EXIT_EMBER_FAILED
 
 
 def _exec_session(m: MachineHandle, command: list[str], opts: dict[str, Any], *, tty: bool,
-                  stdin: bool, preread: bytes | None = None) -> int:
-    """Interactive exec over the WebSocket: live stdin, a raw terminal with ``-t``."""
+                  stdin: bool, head: bytes = b"", rest: bool = True) -> int:
+    """Exec over the WebSocket: live stdin (``head``, then the rest of fd 0 if ``rest``),
+    a raw terminal with ``-t``."""
     if tty and not os.isatty(0):
         raise EmberError("the input device is not a TTY: drop -t (use -i to pipe stdin)")
     session = m.exec_session(command, tty=tty, **opts)
@@ -88,27 +120,25 @@ def _exec_session(m: MachineHandle, command: list[str], opts: dict[str, Any], *,
         if stdin:
             import threading
 
-            threading.Thread(target=_pump_stdin, args=(session, preread), daemon=True,
+            threading.Thread(target=_pump_stdin, args=(session, head, rest), daemon=True,
                              name="ember-stdin").start()
         return _exit_status(_write_events(session))
 
 
-def _pump_stdin(session: Any, preread: bytes | None) -> None:
-    if preread:
-        session.send(preread)
-    while True:
-        try:
-            data = os.read(0, 65536)
-        except OSError:
-            data = b""
+def _pump_stdin(session: ExecSession, head: bytes, rest: bool) -> None:
+    """Stdin to the session, one read at a time: ``send`` blocks while the command reads
+    slower than we do, so at most one read is held here."""
+    session.send(head)
+    while rest and session.result is None:  # once the command has exited, stop reading
+        data = _read_stdin(_READ_SIZE)
         if not data:
-            session.close_stdin()
-            return
+            break
         session.send(data)
+    session.close_stdin()
 
 
 @contextlib.contextmanager
-def _raw_terminal(session: Any) -> Iterator[None]:
+def _raw_terminal(session: ExecSession | None) -> Iterator[None]:
     """Local terminal in raw mode, its size sent now and on every SIGWINCH; restored after."""
     if session is None:
         yield
@@ -136,7 +166,8 @@ def _raw_terminal(session: Any) -> Iterator[None]:
 def register(sub: Any) -> None:
     p = sub.add_parser("exec", help="run a command in a running machine",
                        description="Run CMD in machine NAME; exit with its status. Piped "
-                       "stdin is passed to it; -i streams stdin live, -t gives it a terminal.")
+                       "stdin (any size) is passed to it; -i streams stdin live, -t gives it "
+                       "a terminal.")
     p.add_argument("-i", "--interactive", action="store_true", help="stream stdin live")
     p.add_argument("-t", "--tty", action="store_true", help="run on a guest pseudo-terminal")
     p.add_argument("-e", "--env", action="append", default=[], metavar="K[=V]",
@@ -144,7 +175,7 @@ def register(sub: Any) -> None:
     p.add_argument("-w", "--workdir", metavar="DIR", help="working directory in the guest")
     p.add_argument("-u", "--user", metavar="USER[:GROUP]", help="user to run as")
     p.add_argument("--timeout", type=float, metavar="SECONDS",
-                   help="kill the command after this many seconds")
+                   help="kill the command after this many seconds (then exit 137)")
     p.add_argument("name", metavar="NAME")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     p.set_defaults(func=pipe_safe(cmd_exec))

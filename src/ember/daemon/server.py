@@ -186,9 +186,12 @@ def serve(*, tcp: str | None = None, token: str | None = None, accel: str | None
         app = TokenAuth(app, secret)
     # uvloop and httptools (the "auto" defaults, both installed) take a few hundred
     # microseconds off every request: an exec's round trip is a handful of ms.
+    # WebSocket pings have no deadline: an exec session whose process leaves its stdin
+    # unread stops reading its socket (flow control), and the client's pongs wait
+    # behind that stdin; a session must not be dropped for it.
     config = uvicorn.Config(app, log_level="debug" if verbose else "warning", lifespan="off",
-                            ws="websockets-sansio", timeout_graceful_shutdown=2,
-                            access_log=verbose)
+                            ws="websockets-sansio", ws_ping_timeout=None,
+                            timeout_graceful_shutdown=2, access_log=verbose)
     server = uvicorn.Server(config)
     log.info("ember daemon %d listening on %s (accelerator %s: %s)", os.getpid(), where,
              mgr.accel.name, mgr.accel.reason)

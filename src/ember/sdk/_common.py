@@ -279,7 +279,8 @@ class ExecEvent:
     """One event of a streamed exec, with output decoded to bytes.
 
     ``type`` is ``started`` (``pid``), ``stdout`` / ``stderr`` (``data``),
-    ``exit`` (``exit_code``, ``signal``, ``timed_out``; always the last) or
+    ``exit`` (``exit_code``, ``signal``, ``timed_out``, ``truncated``: output was
+    dropped because the client did not read it for 10 s; always the last) or
     ``error`` (``message``, ``exit_code``: the process could not be run or the
     machine went away).
     """
@@ -291,6 +292,7 @@ class ExecEvent:
     signal: int | None = None
     timed_out: bool = False
     message: str | None = None
+    truncated: bool = False
 
     @property
     def final(self) -> bool:
@@ -305,7 +307,8 @@ def decode_exec_event(line: bytes | str) -> ExecEvent:
                          f"{validation_message(exc)}") from None
     return ExecEvent(type=ev.type, data=base64.b64decode(ev.data) if ev.data else b"",
                      pid=ev.pid, exit_code=ev.exit_code, signal=ev.signal,
-                     timed_out=bool(ev.timed_out), message=ev.message)
+                     timed_out=bool(ev.timed_out), message=ev.message,
+                     truncated=bool(ev.truncated))
 
 
 def parse_list(model: type[models.Image] | type[models.Machine], data: bytes) -> list[Any]:

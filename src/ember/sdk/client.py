@@ -6,8 +6,11 @@ models (``ember.api.models``), errors are :mod:`ember.sdk.errors`.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import json
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -23,6 +26,12 @@ from ember.sdk.errors import DaemonUnavailable, NotFound
 
 T = TypeVar("T")
 _UPLOAD_CHUNK = 1 << 20
+#: The largest stdin message :meth:`ExecSession.send` sends (the daemon takes up to 16 MiB).
+STDIN_MESSAGE = 256 << 10
+#: The exec WebSocket's own log: a lost connection is the session's ``error`` event,
+#: not a traceback on the user's terminal.
+_WS_LOG = logging.getLogger("ember.sdk.websocket")
+_WS_LOG.setLevel(logging.CRITICAL)
 
 
 class _Default:
@@ -448,47 +457,86 @@ class ExecSession:
     Iterate to receive :class:`ExecEvent` s (``stdout``/``stderr`` with bytes,
     then ``exit`` or ``error``); :meth:`send` / :meth:`close_stdin` /
     :meth:`resize` / :meth:`signal` may be called from other threads.
+
+    The connection lives on an event loop of its own thread, so that output is
+    read while a :meth:`send` waits for the process to take its stdin (a
+    blocking socket client could not read while its write is stuck, and a
+    process that answers its input with output would stall both ways).
     """
 
-    def __init__(self, ws: Any) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, thread: threading.Thread,
+                 ws: Any) -> None:
+        self._loop = loop
+        self._thread = thread
         self._ws = ws
         self._send_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._closed = False
         self.result: ExecEvent | None = None
 
     @classmethod
     def open(cls, endpoint: c.Endpoint, path: str, body: dict[str, Any]) -> ExecSession:
+        from websockets.asyncio import client as wsc
         from websockets.exceptions import InvalidHandshake, InvalidStatus
-        from websockets.sync import client as wsc
 
         url = endpoint.ws_url(path)
-        try:
+        opts: dict[str, Any] = {"max_size": None, "compression": None,
+                                "open_timeout": c.CONNECT_TIMEOUT, "logger": _WS_LOG}
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, daemon=True,
+                                  name="ember-exec-session")
+        thread.start()
+
+        async def connect() -> Any:
             if endpoint.socket_path is not None:
-                ws = wsc.unix_connect(str(endpoint.socket_path), uri=url, max_size=None,
-                                      compression=None, open_timeout=c.CONNECT_TIMEOUT)
-            else:
-                ws = wsc.connect(url, additional_headers=endpoint.headers(), max_size=None,
-                                 compression=None, proxy=None, open_timeout=c.CONNECT_TIMEOUT)
-        except InvalidStatus as exc:
-            raise c.api_error(exc.response.status_code, bytes(exc.response.body or b"")) from None
-        except (OSError, InvalidHandshake, TimeoutError) as exc:
-            raise DaemonUnavailable(f"cannot open an exec session at {endpoint.describe()}: "
-                                    f"{exc}") from None
-        # Entered as a context manager (closed by ExecSession.close): how websockets
-        # wants a connection used, and the same in every version we accept.
-        session = cls(ws.__enter__())
+                return await wsc.unix_connect(str(endpoint.socket_path), uri=url, **opts)
+            return await wsc.connect(url, additional_headers=endpoint.headers(), proxy=None,
+                                     **opts)
+
+        try:
+            ws = asyncio.run_coroutine_threadsafe(connect(), loop).result()
+        except BaseException as exc:
+            _stop(loop, thread)
+            if isinstance(exc, InvalidStatus):
+                raise c.api_error(exc.response.status_code,
+                                  bytes(exc.response.body or b"")) from None
+            if isinstance(exc, OSError | InvalidHandshake | TimeoutError):
+                raise DaemonUnavailable(f"cannot open an exec session at "
+                                        f"{endpoint.describe()}: {exc}") from None
+            raise
+        session = cls(loop, thread, ws)
         session._send(json.dumps(body))
         return session
+
+    def _run(self, coro: Any) -> Any:
+        """Run ``coro`` on the session's loop and wait for it (_Closed once closed)."""
+        with self._state_lock:
+            if self._closed:
+                coro.close()
+                raise _Closed
+            fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return fut.result()
+        except concurrent.futures.CancelledError:  # close() cancelled it
+            raise _Closed from None
 
     def _send(self, msg: str | bytes) -> None:
         from websockets.exceptions import ConnectionClosed
 
-        with self._send_lock, contextlib.suppress(ConnectionClosed):
-            self._ws.send(msg)
+        with self._send_lock, contextlib.suppress(ConnectionClosed, _Closed):
+            self._run(self._ws.send(msg))
 
     def send(self, data: bytes) -> None:
-        """Write ``data`` to the process's stdin."""
-        if data:
-            self._send(data)
+        """Write ``data`` (any size) to the process's stdin.
+
+        Sent in messages of at most 256 KiB; returns once they are on their
+        way, so it blocks while the process reads slower than this (the daemon
+        and the guest agent hold only a bounded amount in flight). A session
+        whose process has exited drops the data.
+        """
+        view = memoryview(data)
+        for i in range(0, len(view), STDIN_MESSAGE):
+            self._send(bytes(view[i:i + STDIN_MESSAGE]))
 
     def close_stdin(self) -> None:
         self._send(json.dumps({"type": "eof"}))
@@ -505,11 +553,11 @@ class ExecSession:
 
         while self.result is None:
             try:
-                msg = self._ws.recv()
-            except ConnectionClosed as exc:
+                msg = self._run(self._ws.recv())
+            except (ConnectionClosed, _Closed) as exc:
                 # 1008 with a reason: refused (over TCP without the token, say)
-                why = exc.rcvd.reason if exc.rcvd is not None and exc.rcvd.code == 1008 \
-                    else ""
+                rcvd = getattr(exc, "rcvd", None)
+                why = rcvd.reason if rcvd is not None and rcvd.code == 1008 else ""
                 self.result = ExecEvent(type="error", exit_code=125,
                                         message=f"the daemon refused the exec session: {why}"
                                         if why else "the exec session closed before the "
@@ -527,7 +575,17 @@ class ExecSession:
             yield ev
 
     def close(self) -> None:
-        self._ws.close()
+        """Close the session (the daemon kills a process still running). Idempotent.
+
+        Calls blocked in other threads (a ``send``, the iteration) return.
+        """
+        with self._state_lock:
+            if self._closed:
+                return
+            self._closed = True
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(_close(self._ws), self._loop).result()
+        _stop(self._loop, self._thread)
 
     def __enter__(self) -> ExecSession:
         return self
@@ -535,3 +593,23 @@ class ExecSession:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+
+class _Closed(Exception):
+    """The session was closed (by :meth:`ExecSession.close`)."""
+
+
+async def _close(ws: Any) -> None:
+    """Close ``ws``, then end whatever still runs on the loop (waiters get _Closed)."""
+    with contextlib.suppress(Exception):
+        await ws.close()
+    me = asyncio.current_task()
+    tasks = [t for t in asyncio.all_tasks() if t is not me]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _stop(loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+    loop.close()
