@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
-from daemon_api import Events, delay_of, last_seq, stamp, wait_for
+from daemon_api import Events, create, delay_of, delete, last_seq, run, stamp, start, wait_for
 
 if TYPE_CHECKING:
     from conftest import Daemon
@@ -33,25 +33,6 @@ def api(daemon: Daemon) -> Iterator[httpx.Client]:
         yield c
 
 
-def create(api: httpx.Client, **body: Any) -> dict[str, Any]:
-    body.setdefault("image", "sample:latest")
-    r = api.post("/v1/machines", json=body)
-    assert r.status_code == 201, r.text
-    return dict(r.json())
-
-
-def start(api: httpx.Client, name: str) -> dict[str, Any]:
-    r = api.post(f"/v1/machines/{name}/start")
-    assert r.status_code == 200, r.text
-    return dict(r.json())
-
-
-def run(api: httpx.Client, name: str, *cmd: str, **extra: Any) -> dict[str, Any]:
-    r = api.post(f"/v1/machines/{name}/exec", json={"cmd": list(cmd), **extra})
-    assert r.status_code == 200, r.text
-    return dict(r.json())
-
-
 def wait_state(api: httpx.Client, name: str, *states: str, timeout: float = 30) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
@@ -60,11 +41,6 @@ def wait_state(api: httpx.Client, name: str, *states: str, timeout: float = 30) 
             return dict(m)
         assert time.monotonic() < deadline, f"{name} stayed {m['state']}: {m}"
         time.sleep(0.1)
-
-
-def delete(api: httpx.Client, name: str) -> None:
-    r = api.delete(f"/v1/machines/{name}", params={"force": "true"})
-    assert r.status_code in (204, 404), r.text
 
 
 @pytest.fixture(scope="module")
