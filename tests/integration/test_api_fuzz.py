@@ -130,8 +130,9 @@ def _with_our_names(ctx: Any, params: dict[str, Any] | None) -> Any:
         return st.just(params)
     if "name" in params:
         if ctx.operation is not None and ctx.operation.path.endswith("/wait"):
-            # a wait on a running machine lasts as long as it runs: a created one answers
-            return st.sampled_from([params, {**params, "name": CREATED}])
+            # A wait on a running machine lasts as long as it runs; a generated name may
+            # be an id prefix of one ("0"): only the created machine answers at once.
+            return st.just({**params, "name": CREATED})
         return st.sampled_from([params, {**params, "name": CREATED},
                                 {**params, "name": RUNNING}])
     if "ref" in params and ctx.operation is not None and ctx.operation.method.upper() == "GET":
