@@ -3,7 +3,9 @@
 The floor is `qemu-system-x86_64` booting the same kernel, same machine type
 and memory, with an initramfs whose /init powers off at once and no devices.
 Both are run ten times, interleaved (floor, ember, floor, ember...), so that
-drift in the machine's load hits both alike. Reported: medians, their ratio,
+drift in the machine's load hits both alike. A third series, interleaved too,
+boots the floor with ``quiet`` added: the difference is what the kernel's boot
+messages on the serial console cost (Ember's guests print them). Reported: medians, their ratio,
 peak RSS, the accelerator; and the time to import an image the first time
 (cache miss: blobs, unpack, erofs build) and the second (cache hit).
 
@@ -115,9 +117,11 @@ def main() -> None:
             "-append", guest_cmdline(floor), "-serial", f"file:{work / 'floor-console.log'}",
             "-accel", "kvm" if accel.name == "kvm" else "tcg",
         ] + (["-cpu", "host"] if accel.name == "kvm" else [])
+        quiet_cmd = [a + " quiet" if a == guest_cmdline(floor) else a for a in floor_cmd]
         ember_cmd = [EMBER, "run", "-q", "-m", str(args.memory), "bench:latest", "--", "true"]
 
         floor_t: list[float] = []
+        quiet_t: list[float] = []
         ember_t: list[float] = []
         floor_rss: list[int] = []
         ember_rss: list[int] = []
@@ -128,8 +132,9 @@ def main() -> None:
             t, _, rss = timed(ember_cmd, env)
             ember_t.append(t)
             ember_rss.append(rss)
-            print(f"run {i + 1}/{args.runs}: floor {floor_t[-1]:.3f} s, ember {ember_t[-1]:.3f} s",
-                  file=sys.stderr)
+            quiet_t.append(timed(quiet_cmd, env)[0])
+            print(f"run {i + 1}/{args.runs}: floor {floor_t[-1]:.3f} s, ember {ember_t[-1]:.3f} s,"
+                  f" floor quiet {quiet_t[-1]:.3f} s", file=sys.stderr)
         result = {
             "machine": {
                 "cpus": os.cpu_count(), "python": platform.python_version(),
@@ -143,6 +148,8 @@ def main() -> None:
             "floor_s": {"median": statistics.median(floor_t), "all": floor_t},
             "ember_s": {"median": statistics.median(ember_t), "all": ember_t},
             "ratio": statistics.median(ember_t) / statistics.median(floor_t),
+            "floor_quiet_s": {"median": statistics.median(quiet_t), "all": quiet_t},
+            "console_messages_cost_s": statistics.median(floor_t) - statistics.median(quiet_t),
             "peak_rss_mib": {"floor_median": statistics.median(floor_rss) / 1024,
                              "ember_median": statistics.median(ember_rss) / 1024},
             "import_s": {"first_import_with_rootfs_build": t_first,

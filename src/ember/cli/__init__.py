@@ -42,6 +42,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         error("interrupted")
         return 130
+    except BrokenPipeError:  # `ember ... | head`: the reader went away, so do we
+        import os
+        import signal
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing left to flush at exit
+        os.close(devnull)
+        return 128 + signal.SIGPIPE
     except Exception as exc:  # a bug: still one line, the traceback only with -v
         logging.getLogger("ember").debug("internal error", exc_info=True)
         error(f"internal error: {type(exc).__name__}: {exc} (run with -v for details)")
