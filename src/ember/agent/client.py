@@ -15,12 +15,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import os
 import socket
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from ember.agent.protocol import (
     ERROR_FRAMING,
@@ -34,6 +36,7 @@ from ember.agent.protocol import (
     Frame,
     FrameDecoder,
     FrameType,
+    IdentityDone,
     ReadyInfo,
     ToolStatus,
     encode_frame,
@@ -53,7 +56,7 @@ _RECV_SIZE = 256 * 1024
 
 _GUEST_TYPES = frozenset({FrameType.READY, FrameType.STARTED, FrameType.STDOUT,
                           FrameType.STDERR, FrameType.EXIT, FrameType.ERROR,
-                          FrameType.TOOL_STATUS})
+                          FrameType.TOOL_STATUS, FrameType.IDENTITY_DONE})
 
 
 class ExecFailed(AgentError):
@@ -232,6 +235,8 @@ class AgentClient:
         self._tool_loaded = False
         self._tool_status: ToolStatus | None = None
         self._tool_event = threading.Event()
+        self._identity: IdentityDone | ErrorInfo | None = None
+        self._identity_event = threading.Event()
         self.last_error: ErrorInfo | None = None
         self._reader = threading.Thread(target=self._read_loop, name="ember-agent-reader",
                                         daemon=True)
@@ -269,8 +274,13 @@ class AgentClient:
     def connected(self) -> bool:
         return self._failure is None and not self._closed
 
-    def hello(self, timeout: float) -> ReadyInfo:
+    def hello(self, timeout: float, *, resend: float | None = None) -> ReadyInfo:
         """Send HELLO and wait for READY.
+
+        ``resend``: send HELLO again every so many seconds until READY comes. A
+        guest restored from a snapshot may lose the first one: its port comes up
+        closed, and an answer written before the guest sees the host connect is
+        dropped (docs/snapshots-research.md).
 
         Raises:
             AgentError: no READY within ``timeout`` (or the channel failed).
@@ -278,14 +288,56 @@ class AgentClient:
         with self._lock:
             self._ready_event.clear()
             self._ready = None
-        self._send(json_frame(FrameType.HELLO, 0, {"version": PROTOCOL_VERSION}))
-        if not self._ready_event.wait(timeout):
-            raise AgentError(f"the agent did not answer HELLO within {timeout:g} s")
+        deadline = time.monotonic() + timeout
+        while True:
+            self._send(json_frame(FrameType.HELLO, 0, {"version": PROTOCOL_VERSION}))
+            left = deadline - time.monotonic()
+            if self._ready_event.wait(min(left, resend) if resend else left):
+                break
+            if time.monotonic() >= deadline:
+                raise AgentError(f"the agent did not answer HELLO within {timeout:g} s")
         with self._lock:
             if self._ready is not None:
                 return self._ready
             failure = self._failure
         raise _copy_error(failure or AgentDisconnected("agent channel closed"))
+
+    def identity(self, *, hostname: str | None, snapshot: str = "",
+                 timeout: float = 10.0) -> IdentityDone:
+        """Give a guest restored from a snapshot its own identity, before any user command.
+
+        Sends 256 bytes of the host's entropy (the agent credits them and reseeds
+        the kernel's CRNG), the host's wall clock, ``hostname``, a fresh
+        machine-id, and the snapshot it was restored from.
+
+        Raises:
+            AgentError: the agent refused the refresh, or no answer within ``timeout``.
+        """
+        payload: dict[str, Any] = {
+            "entropy": os.urandom(256).hex(), "machine_id": os.urandom(16).hex(),
+        }
+        if hostname:
+            payload["hostname"] = hostname
+        if snapshot:
+            payload["snapshot"] = snapshot
+        with self._lock:
+            self._identity_event.clear()
+            self._identity = None
+        payload["time_ns"] = time.time_ns()
+        self._send(json_frame(FrameType.IDENTITY, 0, payload))
+        if not self._identity_event.wait(timeout):
+            raise AgentError(f"the agent did not confirm its new identity within {timeout:g} s")
+        with self._lock:
+            answer = self._identity
+            failure = self._failure
+        if isinstance(answer, ErrorInfo):
+            raise AgentError(f"the agent refused its new identity: {answer.message}")
+        if answer is None:
+            raise _copy_error(failure or AgentDisconnected("agent channel closed"))
+        if not answer.reseeded:
+            raise AgentError("the guest could not reseed its random number generator"
+                             + (f" ({answer.rng_error})" if answer.rng_error else ""))
+        return answer
 
     def exec(self, req: ExecRequest, *, on_stdout: OutputCallback | None = None,
              on_stderr: OutputCallback | None = None) -> Process:
@@ -446,6 +498,7 @@ class AgentClient:
             p._finish(None, exc)
         self._ready_event.set()
         self._tool_event.set()
+        self._identity_event.set()
 
     def _read_loop(self) -> None:
         decoder = FrameDecoder()
@@ -515,11 +568,20 @@ class AgentClient:
             with self._lock:
                 self._tool_status = status
             self._tool_event.set()
+        elif frame.type is FrameType.IDENTITY_DONE:
+            done = IdentityDone.from_payload(json_payload(frame))
+            with self._lock:
+                self._identity = done
+            self._identity_event.set()
         elif frame.type is FrameType.ERROR:
             err = ErrorInfo.from_payload(json_payload(frame))
             self.last_error = err
             if err.code == ERROR_FRAMING:
                 raise ProtocolError(f"the agent lost the framing: {err.message}")
+            if err.message.startswith(("bad IDENTITY", "IDENTITY")):
+                with self._lock:
+                    self._identity = err
+                self._identity_event.set()
             log.warning("agent: %s", err.message)
         else:
             raise ProtocolError(f"{frame.type.name} frame on channel 0")

@@ -48,6 +48,7 @@ class FrameType(IntEnum):
     SIGNAL = 0x12
     RESIZE = 0x13
     TOOL = 0x14
+    IDENTITY = 0x15
     SHUTDOWN = 0x1F
     STARTED = 0x20
     STDOUT = 0x21
@@ -55,6 +56,7 @@ class FrameType(IntEnum):
     EXIT = 0x23
     ERROR = 0x24
     TOOL_STATUS = 0x25
+    IDENTITY_DONE = 0x26
 
 
 _KNOWN_TYPES = frozenset(int(t) for t in FrameType)
@@ -265,6 +267,8 @@ class ReadyInfo:
     #: Whether the agent holds a tool already (a host that reconnects need not send
     #: it again); None: the agent cannot load one (an older agent).
     tool: bool | None = None
+    #: The snapshot this guest was restored from (set by IDENTITY); "" for a booted one.
+    restored_from: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -272,14 +276,37 @@ class ReadyInfo:
         version = _int_field(obj, "version", "READY", 0, 1 << 31)
         assert version is not None
         uptime = _int_field(obj, "uptime_ms", "READY", 0, 1 << 62, required=False)
-        known = {"version", "agent", "kernel", "uptime_ms", "tool"}
+        known = {"version", "agent", "kernel", "uptime_ms", "tool", "restored_from"}
         return cls(
             version=version,
             agent=_field(obj, "agent", str, "READY", required=False, default=""),
             kernel=_field(obj, "kernel", str, "READY", required=False, default=""),
             uptime_ms=uptime or 0,
             tool=_field(obj, "tool", bool, "READY", required=False),
+            restored_from=_field(obj, "restored_from", str, "READY", required=False,
+                                 default=""),
             extra={k: v for k, v in obj.items() if k not in known},
+        )
+
+
+@dataclass(frozen=True)
+class IdentityDone:
+    """The agent's answer to IDENTITY: which parts of the refresh took effect."""
+
+    reseeded: bool
+    clock: bool
+    machine_id: bool
+    rng_error: str = ""
+
+    @classmethod
+    def from_payload(cls, obj: dict[str, Any]) -> IdentityDone:
+        return cls(
+            reseeded=_field(obj, "reseeded", bool, "IDENTITY_DONE"),
+            clock=_field(obj, "clock", bool, "IDENTITY_DONE"),
+            machine_id=_field(obj, "machine_id", bool, "IDENTITY_DONE", required=False,
+                              default=False),
+            rng_error=_field(obj, "rng_error", str, "IDENTITY_DONE", required=False,
+                             default=""),
         )
 
 

@@ -10,6 +10,7 @@
  *   users.c     users and groups from /etc/passwd and /etc/group
  *   mounts.c    the boot: API mounts, initramfs -> overlay root, hostname; unmounting
  *   network.c   loopback and the static eth0 setup (ember.net=)
+ *   identity.c  hostname at boot; IDENTITY, the refresh of a machine restored from a snapshot
  *
  * The host's builder (ember/guest/agent.py) compiles every .c file in this
  * directory into one static binary, and its cache key covers every file here.
@@ -34,16 +35,20 @@
 #define STDIN_HIGH (1u << 20)     /* stop reading the port while a stdin buffer is this full */
 #define DRAIN_MAX_READS 64        /* at exit: at most 64 x 64 KiB more output per stream */
 #define BACKOFF_MS 50             /* virtio port without a host: retry every 50 ms */
+#define BACKOFF_FIRST_MS 2        /* ... every 2 ms in the first second without one */
 #define MAX_GROUPS 64
 #define TOOL_MAX (8u << 20)       /* the largest tool (a static busybox is ~2 MiB) */
+#define ENTROPY_MAX 512          /* IDENTITY: at most this many bytes of host entropy */
+#define SNAPSHOT_ID_MAX 64
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 enum {
     T_HELLO = 0x01, T_READY = 0x02,
     T_EXEC = 0x10, T_STDIN = 0x11, T_SIGNAL = 0x12, T_RESIZE = 0x13, T_TOOL = 0x14,
+    T_IDENTITY = 0x15,
     T_SHUTDOWN = 0x1F,
     T_STARTED = 0x20, T_STDOUT = 0x21, T_STDERR = 0x22, T_EXIT = 0x23, T_ERROR = 0x24,
-    T_TOOL_STATUS = 0x25,
+    T_TOOL_STATUS = 0x25, T_IDENTITY_DONE = 0x26,
 };
 
 /* ERROR codes: 127/126 on a process channel (never started); these otherwise. */
@@ -85,8 +90,9 @@ struct req {
     char *cwd;
     char *user;
     int tty, stdin_, tool;
-    long long rows, cols, sig;
-    int has_rows, has_cols, has_sig;
+    long long rows, cols, sig, time_ns;
+    int has_rows, has_cols, has_sig, has_time;
+    char *hostname, *entropy, *machine_id, *snapshot;  /* IDENTITY */
 };
 
 int parse_req(const unsigned char *buf, size_t len, struct req *r, const char **err);
@@ -98,6 +104,7 @@ extern int g_port;
 extern int g_quit;                /* test mode: the host hung up */
 extern struct timespec g_backoff_until;
 extern int g_backoff;
+extern long long g_gone_since;
 extern unsigned char *g_rx;       /* HDR + MAX_PAYLOAD */
 extern size_t g_rxlen;
 extern unsigned char g_tx[HDR + CHUNK];
@@ -172,5 +179,12 @@ void umount_all(void);
 void loopback_up(void);
 void net_sysctls(void);
 void net_up(const char *val);
+
+/* -------------------------------------------------------------- identity.c */
+
+extern char g_restored_from[SNAPSHOT_ID_MAX + 1];  /* "" unless restored from a snapshot */
+
+void set_hostname(const char *host, int at_boot);
+void do_identity(uint32_t ch, const unsigned char *payload, size_t len);
 
 #endif

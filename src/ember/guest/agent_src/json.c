@@ -399,6 +399,10 @@ void req_free(struct req *r)
     free_strv(r->env, r->envc);
     free(r->cwd);
     free(r->user);
+    free(r->hostname);
+    free(r->entropy);
+    free(r->machine_id);
+    free(r->snapshot);
     memset(r, 0, sizeof *r);
 }
 
@@ -458,6 +462,17 @@ int parse_req(const unsigned char *buf, size_t len, struct req *r, const char **
             } else if (!strcmp(key, "signal")) {
                 rc = jp_int(&p, &r->sig);
                 r->has_sig = 1;
+            } else if (!strcmp(key, "time_ns")) {
+                rc = jp_int(&p, &r->time_ns);
+                r->has_time = 1;
+            } else if (!strcmp(key, "hostname") || !strcmp(key, "entropy") ||
+                       !strcmp(key, "machine_id") || !strcmp(key, "snapshot")) {
+                char **slot = !strcmp(key, "hostname") ? &r->hostname
+                    : !strcmp(key, "entropy") ? &r->entropy
+                    : !strcmp(key, "machine_id") ? &r->machine_id : &r->snapshot;
+                free(*slot);
+                *slot = NULL;
+                rc = jp_string(&p, slot);
             } else {
                 rc = jp_skip(&p, 1);
             }

@@ -157,18 +157,7 @@ void boot(void)
         mount_inner("", 0);
     }
 
-    if (sethostname(host, strlen(host)) < 0) logmsg("sethostname: %s", strerror(errno));
-    mkdirs("/etc", 0755);
-    {
-        char buf[256];
-        snprintf(buf, sizeof buf, "%s\n", host);
-        write_file("/etc/hostname", buf);
-        if (access("/etc/hosts", F_OK) < 0) {
-            snprintf(buf, sizeof buf, "127.0.0.1\tlocalhost\n::1\tlocalhost\n127.0.1.1\t%s\n",
-                     host);
-            write_file("/etc/hosts", buf);
-        }
-    }
+    set_hostname(host, 1);
     if (mkdir("/tmp", 01777) == 0) chmod("/tmp", 01777);
     loopback_up();
     net_sysctls();

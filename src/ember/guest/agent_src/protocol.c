@@ -20,6 +20,7 @@ int g_port = -1;
 int g_quit;                       /* test mode: the host hung up */
 static int g_desync;              /* framing error: drop input until the host reconnects */
 struct timespec g_backoff_until;
+long long g_gone_since;  /* CLOCK_MONOTONIC ms when the host went away; 0 while connected */
 int g_backoff;
 
 unsigned char *g_rx;              /* HDR + MAX_PAYLOAD */
@@ -36,10 +37,15 @@ void host_gone(void)
     }
     /* virtio-serial without a host: reads give 0, poll gives POLLHUP for as long
      * as nobody is connected. Forget any half frame and poll the port again later. */
+    long long now = now_ms(CLOCK_MONOTONIC);
     g_desync = 0;
     g_backoff = 1;       /* the main loop also drops g_rx */
+    if (!g_gone_since) g_gone_since = now;
     clock_gettime(CLOCK_MONOTONIC, &g_backoff_until);
-    g_backoff_until.tv_nsec += BACKOFF_MS * 1000000L;
+    /* a host that just went away (a clone's port comes up closed, a daemon
+       restarts) is back soon: look often at first, rarely after a second */
+    g_backoff_until.tv_nsec += (now - g_gone_since < 1000 ? BACKOFF_FIRST_MS : BACKOFF_MS)
+                               * 1000000L;
     if (g_backoff_until.tv_nsec >= 1000000000L) {
         g_backoff_until.tv_sec++;
         g_backoff_until.tv_nsec -= 1000000000L;
@@ -147,6 +153,7 @@ static void do_hello(const unsigned char *payload, size_t len)
     jw_int(&w, "uptime_ms", now_ms(CLOCK_BOOTTIME));
     jw_key(&w, "tool");
     jw_puts(&w, g_tool_fd >= 0 ? "true" : "false");
+    if (g_restored_from[0]) jw_kstr(&w, "restored_from", g_restored_from);
     /* the live process channels, so a reconnecting host learns which of the
        processes it knew of ended while it was away (omitted if too many to fit) */
     if (g_nprocs <= 300) {
@@ -176,6 +183,7 @@ static void handle_frame(int type, uint32_t ch, const unsigned char *payload, si
     case T_SIGNAL: do_signal(ch, payload, len); break;
     case T_RESIZE: do_resize(ch, payload, len); break;
     case T_TOOL: do_tool(ch, payload, len); break;
+    case T_IDENTITY: do_identity(ch, payload, len); break;
     case T_SHUTDOWN: do_shutdown(); break;
     default:
         /* Forward compatibility: a request type this agent does not know. On a
@@ -233,6 +241,7 @@ void read_port(void)
         host_gone();
         return;
     }
+    g_gone_since = 0;  /* a host is here */
     if (g_desync) return;
     g_rxlen += (size_t)n;
     process_rx();
