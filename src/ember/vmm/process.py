@@ -36,13 +36,18 @@ class VMProcess:
 
     def __init__(self, spec: MachineSpec, popen: subprocess.Popen[bytes] | _Adopted,
                  dir_fd: int, console: ConsoleRecorder,
-                 cgroup: MachineCgroup | None = None) -> None:
+                 cgroup: MachineCgroup | None = None, *, memory_fd: int | None = None,
+                 incoming_fd: int | None = None) -> None:
         self.spec = spec
         self._popen = popen
         self._dir_fd = dir_fd
         self._console = console
         #: The cgroup confining QEMU (``spec.limit_resources`` on a host that allows it).
         self.cgroup = cgroup
+        #: QEMU's descriptor of a booted machine's memory (a memfd); None for a clone.
+        self.memory_fd = memory_fd
+        #: A clone's: QEMU's descriptor of the device state it loads (``vmm/snapshot.py``).
+        self.incoming_fd = incoming_fd
 
     @property
     def pid(self) -> int:
@@ -71,10 +76,18 @@ class VMProcess:
         except FileExistsError as exc:
             raise VMMError(f"machine state directory {spec.state_dir} exists already") from exc
         spec.save()
+        try:
+            inherited = _inherited_fds(spec)
+        except VMMError:
+            shutil.rmtree(spec.state_dir, ignore_errors=True)
+            raise
+        memory_fd = inherited[0] if spec.restore is None else None
+        incoming_fd = inherited[0] if spec.restore is not None else None
         dir_fd = os.open(spec.state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         # A machine that outlives this process (a daemon's) must get its console
         # back when a restarted daemon listens again: QEMU then reconnects.
-        cmd = build_command(spec, qemu, console_reconnect=not die_with_parent)
+        cmd = build_command(spec, qemu, console_reconnect=not die_with_parent,
+                            memory_fd=memory_fd)
         log.debug("qemu: %s", " ".join(cmd))
         listener = console.listen(f"/proc/self/fd/{dir_fd}/{spec.CONSOLE_SOCKET}")
         cgroup = (MachineCgroup.create(cgroup_name(spec), spec.cpus, memory_limit_mib(spec))
@@ -86,11 +99,14 @@ class VMProcess:
                 popen = subprocess.Popen(
                     cmd, cwd=spec.state_dir, stdin=subprocess.DEVNULL, stdout=qlog,
                     stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+                    pass_fds=inherited,
                     preexec_fn=_preexec(os.getpid() if die_with_parent else None, procs_fds),
                 )
         except (OSError, subprocess.SubprocessError) as exc:
             listener.close()
             os.close(dir_fd)
+            for fd in inherited:
+                os.close(fd)
             why = exc.strerror if isinstance(exc, OSError) else "could not enter its cgroup"
             if cgroup is not None:
                 with contextlib.suppress(HostError):
@@ -99,9 +115,14 @@ class VMProcess:
         finally:
             for fd in procs_fds:
                 os.close(fd)
+        for fd in inherited:  # QEMU holds its own copies now
+            os.close(fd)
         spec.path(spec.PID_FILE).write_text(f"{popen.pid}\n")
+        if memory_fd is not None:
+            spec.path(spec.MEMORY_FD_FILE).write_text(f"{memory_fd}\n")
         return cls(spec, popen, dir_fd,
-                   console.ConsoleRecorder(listener, spec.path(spec.CONSOLE_LOG)), cgroup)
+                   console.ConsoleRecorder(listener, spec.path(spec.CONSOLE_LOG)), cgroup,
+                   memory_fd=memory_fd, incoming_fd=incoming_fd)
 
     @classmethod
     def adopt(cls, spec: MachineSpec) -> VMProcess:
@@ -127,8 +148,12 @@ class VMProcess:
             os.unlink(name)
         listener = console.listen(name)
         cgroup = MachineCgroup.find(cgroup_name(spec)) if spec.limit_resources else None
+        memory_fd: int | None = None
+        with contextlib.suppress(OSError, ValueError):
+            memory_fd = int(spec.path(spec.MEMORY_FD_FILE).read_text())
         return cls(spec, proc, dir_fd,
-                   console.ConsoleRecorder(listener, spec.path(spec.CONSOLE_LOG)), cgroup)
+                   console.ConsoleRecorder(listener, spec.path(spec.CONSOLE_LOG)), cgroup,
+                   memory_fd=memory_fd)
 
     def socket_path(self, name: str) -> str:
         """A short path to a socket in the state directory, valid in this process."""
@@ -206,7 +231,7 @@ class VMProcess:
         return console.tail(self.spec.path(self.spec.CONSOLE_LOG), lines)
 
     def qmp(self) -> Any:
-        """A connected QMP client (``qemu.qmp``'s synchronous wrapper). Imported lazily."""
+        """A connected QMP client (``vmm/qmp.py``). Imported lazily."""
         from ember.vmm.qmp import QMPClient
 
         return QMPClient.connect(self.socket_path(self.spec.QMP_SOCKET))
@@ -270,6 +295,38 @@ class VMProcess:
     def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+
+def _inherited_fds(spec: MachineSpec) -> list[int]:
+    """The descriptors QEMU inherits: a booted machine's memory, or a clone's state and lock.
+
+    A booted machine's RAM is a fresh memfd of the guest's size (sparse: pages
+    are allocated as the guest touches them). A clone gets its snapshot's device
+    state, and the snapshot's memory file open with a shared ``flock``: while
+    any clone's QEMU lives the lock is held, which is how the snapshot store
+    knows a snapshot is in use (``snapshots/store.py``), even after the process
+    that started the clone is gone.
+
+    Raises:
+        VMMError: a snapshot file is missing or unreadable.
+    """
+    import fcntl
+
+    if spec.restore is None:
+        fd = os.memfd_create(f"ember-{spec.name}", os.MFD_CLOEXEC)
+        os.ftruncate(fd, spec.memory_mib << 20)
+        return [fd]
+    fds: list[int] = []
+    try:
+        for path in (spec.restore.state, spec.restore.memory):
+            fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
+        fcntl.flock(fds[1], fcntl.LOCK_SH)
+    except OSError as exc:
+        for fd in fds:
+            os.close(fd)
+        raise VMMError(f"snapshot {spec.restore.snapshot_id}: cannot open "
+                       f"{exc.filename or 'its files'}: {exc.strerror}") from exc
+    return fds
 
 
 def cgroup_name(spec: MachineSpec) -> str:

@@ -10,10 +10,16 @@ Choices and why:
   ``acpi=off`` matters: with ACPI on, QEMU describes the virtio-mmio devices in
   ACPI tables *instead of* appending ``virtio_mmio.device=`` to the kernel command
   line, and the guest kernel (built without ACPI) then sees no disk and no port.
-* Memory is a ``memory-backend-file`` in the state directory, not anonymous
-  memory, so that snapshots and copy-on-write clones (many machines mapping one
-  template's memory privately) need no redesign. ``share=off`` keeps the guest's
-  writes private to this process for now.
+* Memory is a ``memory-backend-file``, not anonymous memory. A booted machine's
+  is a memfd the host creates and QEMU inherits (``mem-path=/proc/self/fd/N``,
+  ``share=on``): no file on any filesystem to leak, and the host can read the
+  guest's RAM for a snapshot (``vmm/snapshot.py``). A clone maps its
+  snapshot's memory file with ``share=off``: copy-on-write, so many clones share
+  the pages they have not written. ``x-ignore-shared`` (set over QMP) keeps
+  shared RAM out of the migration stream, so a snapshot's device state is a few
+  tens of KB.
+* A clone starts with ``-incoming defer`` and loads its device state from an
+  inherited descriptor (``migrate-incoming fd:N``, ``vmm/snapshot.py``).
 * ``-no-reboot`` with the guest's ``reboot=t``: a guest reboot is a triple fault,
   which QEMU turns into its own exit. That is how a guest powers off.
 * Devices sit on the virtio-mmio bus; ``auto-kernel-cmdline`` (on by default)
@@ -45,9 +51,19 @@ TCG_TB_SIZE_MIB = 128
 
 
 def build_command(spec: MachineSpec, qemu: str = "qemu-system-x86_64", *,
-                  console_reconnect: bool = False) -> list[str]:
-    """The argv that starts ``spec``; paths of state files are relative to its state dir."""
+                  console_reconnect: bool = False, memory_fd: int | None = None) -> list[str]:
+    """The argv that starts ``spec``; paths of state files are relative to its state dir.
+
+    ``memory_fd``: the inherited descriptor of a booted machine's memory (a memfd);
+    without one, a file in the state directory mapped privately.
+    """
     S = MachineSpec
+    if spec.restore is not None:
+        memory = f"mem-path={_opt(str(spec.restore.memory))},share=off"
+    elif memory_fd is not None:
+        memory = f"mem-path=/proc/self/fd/{memory_fd},share=on"
+    else:
+        memory = f"mem-path={S.MEMORY_FILE},share=off"
     cmd = [
         qemu,
         "-name", f"ember-{spec.name},debug-threads=on",
@@ -55,8 +71,7 @@ def build_command(spec: MachineSpec, qemu: str = "qemu-system-x86_64", *,
         "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-smp", str(spec.cpus),
         "-m", f"{spec.memory_mib}M",
-        "-object", (f"memory-backend-file,id=mem,size={spec.memory_mib}M,"
-                    f"mem-path={S.MEMORY_FILE},share=off"),
+        "-object", f"memory-backend-file,id=mem,size={spec.memory_mib}M,{memory}",
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initramfs),
         "-append", spec.cmdline,
@@ -83,6 +98,8 @@ def build_command(spec: MachineSpec, qemu: str = "qemu-system-x86_64", *,
                        f"if=none,readonly={ro}"),
             "-device", f"virtio-blk-device,drive=disk{i}",
         ]
+    if spec.restore is not None:
+        cmd += ["-incoming", "defer"]
     return cmd + network_args(spec)
 
 

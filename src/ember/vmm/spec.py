@@ -38,6 +38,28 @@ class DriveSpec:
 
 
 @dataclass(frozen=True)
+class RestoreSpec:
+    """What a machine restored from a snapshot (a clone) starts from, instead of a boot.
+
+    ``memory`` is mapped privately (copy-on-write: the clone's writes are its own
+    and never reach the file, which many clones share); ``state`` is QEMU's
+    device state, loaded at start. See ``vmm/snapshot.py``.
+    """
+
+    snapshot_id: str
+    memory: Path
+    state: Path
+
+    def to_json(self) -> dict[str, str]:
+        return {"snapshot_id": self.snapshot_id, "memory": str(self.memory),
+                "state": str(self.state)}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> RestoreSpec:
+        return cls(str(d["snapshot_id"]), Path(d["memory"]), Path(d["state"]))
+
+
+@dataclass(frozen=True)
 class MachineSpec:
     """A microVM: kernel, initramfs, command line, CPUs, memory, disks, where it lives."""
 
@@ -58,6 +80,8 @@ class MachineSpec:
     #: Confine QEMU to a cgroup holding it to ``cpus`` CPUs and ``memory_mib`` plus
     #: QEMU's overhead (``host/cgroup.py``), where the host allows.
     limit_resources: bool = False
+    #: Start from a snapshot instead of booting (a clone); None: boot.
+    restore: RestoreSpec | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.cpus <= MAX_CPUS:
@@ -81,6 +105,9 @@ class MachineSpec:
     CONSOLE_SOCKET = "console.sock"
     QEMU_LOG = "qemu.log"
     MEMORY_FILE = "memory"
+    #: The number of the descriptor through which QEMU holds a booted machine's
+    #: memory (a memfd): ``/proc/QEMU/fd/N`` is the guest's RAM (``vmm/snapshot.py``).
+    MEMORY_FD_FILE = "memory.fd"
     PID_FILE = "qemu.pid"
     SPEC_FILE = "spec.json"
 
@@ -94,6 +121,7 @@ class MachineSpec:
         d["initramfs"] = str(self.initramfs)
         d["drives"] = [{**asdict(x), "path": str(x.path)} for x in self.drives]
         d["ports"] = [asdict(x) for x in self.ports]
+        d["restore"] = self.restore.to_json() if self.restore else None
         return d
 
     @classmethod
@@ -111,6 +139,7 @@ class MachineSpec:
                                         x["host_ip"], x.get("protocol", "tcp"))
                             for x in d.get("ports", ())),
                 limit_resources=bool(d.get("limit_resources", False)),
+                restore=RestoreSpec.from_json(d["restore"]) if d.get("restore") else None,
             )
         except (EmberError, KeyError, TypeError, ValueError) as exc:
             raise VMMError(f"invalid machine spec: {exc}") from exc
