@@ -56,14 +56,15 @@ import json, sys, time
 t0 = time.perf_counter()
 from ember.run import RunRequest, exec_request, prepare
 t1 = time.perf_counter()
-run_req = RunRequest(image="bench:latest", command=("true",))
-m, process, accel = prepare(run_req, lambda s: None)
+run_req = RunRequest(image="bench:latest", command=("true",), cold=True)
+prep = prepare(run_req, lambda s: None)
+m, process = prep.machine, prep.process
 t2 = time.perf_counter()
 ready = m.start()
 t3 = time.perf_counter()
 m.wait_process(m.exec(exec_request(run_req, process)))
 t4 = time.perf_counter()
-m.shutdown()
+m.kill()
 t5 = time.perf_counter()
 m.close()
 t6 = time.perf_counter()
@@ -105,7 +106,7 @@ def main() -> None:
         # Import: first (cold store: copy blobs, unpack layers, build erofs) then again (hit).
         t_first, _, _ = timed([EMBER, "image", "import", "-q", str(layout), "--tag",
                                "bench:latest"], env)
-        t_first_run, _, _ = timed([EMBER, "run", "-q", "bench:latest", "--", "true"], env)
+        t_first_run, _, _ = timed([EMBER, "run", "-q", "--cold", "bench:latest", "--", "true"], env)
         t_second, _, _ = timed([EMBER, "image", "import", "-q", str(layout), "--tag",
                                 "bench:latest"], env)
 
@@ -118,7 +119,8 @@ def main() -> None:
             "-accel", "kvm" if accel.name == "kvm" else "tcg",
         ] + (["-cpu", "host"] if accel.name == "kvm" else [])
         quiet_cmd = [a + " quiet" if a == guest_cmdline(floor) else a for a in floor_cmd]
-        ember_cmd = [EMBER, "run", "-q", "-m", str(args.memory), "bench:latest", "--", "true"]
+        ember_cmd = [EMBER, "run", "-q", "--cold", "-m", str(args.memory), "bench:latest", "--",
+                     "true"]
 
         floor_t: list[float] = []
         quiet_t: list[float] = []

@@ -10,6 +10,7 @@ Every public method is guarded by the states it is valid in and raises
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import os
@@ -30,7 +31,7 @@ from ember.util import log
 from ember.vmm.network import NETWORK_USER, PortMapping, check_network, guest_cmdline_param
 from ember.vmm.process import VMProcess, is_running_in
 from ember.vmm.qemu import APIC_BUS_HZ
-from ember.vmm.spec import AGENT_PORT_NAME, DriveSpec, MachineSpec
+from ember.vmm.spec import AGENT_PORT_NAME, DriveSpec, MachineSpec, RestoreSpec
 
 if TYPE_CHECKING:
     from ember.agent.client import AgentClient, Process
@@ -140,9 +141,13 @@ class Machine:
     #: Marks the state directory of an ephemeral machine.
     EPHEMERAL_MARK = "ephemeral"
 
-    def __init__(self, spec: MachineSpec, *, ephemeral: bool = False) -> None:
+    def __init__(self, spec: MachineSpec, *, ephemeral: bool = False,
+                 hostname: str | None = None) -> None:
         self.spec = spec
         self.ephemeral = ephemeral
+        #: What a clone is renamed to by the identity refresh (a boot has it from the
+        #: command line): the configured hostname, else the machine's name.
+        self.hostname = hostname or spec.name
         self.state = MachineState.CREATED
         self.vm: VMProcess | None = None
         self.agent: AgentClient | None = None
@@ -155,8 +160,13 @@ class Machine:
     @classmethod
     def create(cls, *, machines_dir: Path, guest: GuestBundle, rootfs: Path,
                accel: AccelChoice, config: MachineConfig = MachineConfig(),
-               name: str | None = None) -> Machine:
-        """A machine booting ``rootfs`` (read-only, with a writable overlay in guest memory)."""
+               name: str | None = None, restore: RestoreSpec | None = None) -> Machine:
+        """A machine booting ``rootfs`` (read-only, with a writable overlay in guest memory).
+
+        With ``restore`` it starts from that snapshot instead of booting (a clone):
+        everything else must be what the snapshot was taken with (the snapshot
+        store checks), except the name, hostname and published ports.
+        """
         name = name or new_machine_id()
         net = guest_cmdline_param(config.network)
         cmdline = guest_cmdline(
@@ -169,9 +179,9 @@ class Machine:
             memory_mib=config.memory_mib, accel=accel.name,
             drives=(DriveSpec(rootfs, readonly=True),),
             network=config.network, ports=config.ports,
-            limit_resources=config.limit_resources,
+            limit_resources=config.limit_resources, restore=restore,
         )
-        return cls(spec, ephemeral=config.ephemeral)
+        return cls(spec, ephemeral=config.ephemeral, hostname=config.hostname)
 
     @classmethod
     def adopt(cls, state_dir: Path, *, hello_timeout: float = 10.0,
@@ -252,9 +262,20 @@ class Machine:
             slow.daemon = True
             slow.start()
         try:
+            if self.spec.restore is not None:
+                self._restore()
             sock = self.vm.connect(MachineSpec.AGENT_SOCKET, timeout=10.0)
-            self.agent = AgentClient(sock)
-            self.ready = self.agent.hello(timeout=boot_timeout)
+            if self.spec.restore is None:
+                self.agent = AgentClient(sock)
+                self.ready = self.agent.hello(timeout=boot_timeout)
+            else:
+                # A clone's channel ids keep clear of the snapshot's live processes,
+                # and its first HELLO can be lost while the restored port comes up.
+                self.agent = AgentClient(sock, first_channel=secrets.randbelow(1 << 30) + (1 << 30))
+                ready = self.agent.hello(timeout=boot_timeout, resend=0.1)
+                snap = self.spec.restore.snapshot_id
+                self.agent.identity(hostname=self.hostname, snapshot=snap)
+                self.ready = dataclasses.replace(ready, restored_from=snap)
         except AgentDisconnected as exc:
             self.state = MachineState.CRASHED
             raise self._crash_error() from exc
@@ -272,6 +293,18 @@ class Machine:
         self.state = MachineState.RUNNING
         log.debug("machine %s ready: %s", self.name, self.ready)
         return self.ready
+
+    def _restore(self) -> None:
+        """Load a clone's device state; QEMU runs it the moment it is loaded."""
+        from ember.vmm import snapshot
+
+        assert self.vm is not None and self.spec.restore is not None
+        try:
+            snapshot.restore(self.vm)
+        except VMMError as exc:
+            self.vm.check_alive()  # QEMU refused the state: its own words say why
+            raise self._give_up(f"cannot restore snapshot {self.spec.restore.snapshot_id}: "
+                                f"{exc}") from exc
 
     def _report_slow_boot(self, progress: Callable[[str], None]) -> None:
         if self.state is not MachineState.BOOTING or self.vm is None:

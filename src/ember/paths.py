@@ -34,3 +34,13 @@ def images_dir() -> Path:
 
 def machines_dir() -> Path:
     return data_dir() / "machines"
+
+
+def snapshots_dir() -> Path:
+    """User snapshots (``ember snapshot create``): a user's own data."""
+    return data_dir() / "snapshots"
+
+
+def boot_snapshots_dir() -> Path:
+    """Boot snapshots (``ember run``'s warm starts): rebuildable, so in the cache."""
+    return cache_dir() / "boot-snapshots"

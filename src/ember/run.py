@@ -7,7 +7,9 @@ with the host terminal in raw mode. The first SIGINT (Ctrl-C) or SIGTERM is
 passed on to the guest command, as ``docker run`` passes signals on; a second
 one stops the machine at once (SIGKILL of ``ember run`` takes QEMU with it).
 Whatever happens, QEMU is gone and the machine's state directory deleted on
-return.
+return. Unless ``--cold``, the machine starts as a clone of a boot snapshot of its
+shape where one exists, and the first run of a shape keeps one
+(``snapshots/start.py``).
 """
 
 from __future__ import annotations
@@ -29,13 +31,16 @@ from ember.guest.bundle import ensure_guest
 from ember.host.probe import AccelChoice, choose_accel, require_qemu
 from ember.images import ImageStore, resolve_process
 from ember.images.store import tag_moved_message
-from ember.machine import Machine, MachineConfig, reap_stale_ephemeral
+from ember.machine import Machine, MachineConfig, new_machine_id, reap_stale_ephemeral
 from ember.util import Progress, log, stderr_progress
 
 if TYPE_CHECKING:
     from ember.agent.client import Process
     from ember.agent.protocol import ExecRequest, ExitStatus
     from ember.images import ProcessSpec
+    from ember.snapshots.compat import HostIdentity
+    from ember.snapshots.store import Snapshot
+    from ember.snapshots.take import ImageInfo, Pending
 
 
 @dataclass(frozen=True)
@@ -60,11 +65,34 @@ class RunRequest:
     name: str | None = None
     #: Say everything (the accelerator's reason every time, not once per host).
     verbose: bool = False
+    #: Boot, even where a boot snapshot of this machine shape would give a warm start.
+    cold: bool = False
+    #: Start as a clone of this user snapshot (id, id prefix or tag) instead of ``image``.
+    from_snapshot: str | None = None
+
+
+@dataclass
+class Prepared:
+    """A machine ready to start, and how it will start."""
+
+    machine: Machine
+    #: The main process; None: follow the snapshot's own main process (``attach``).
+    process: ProcessSpec | None
+    accel: AccelChoice
+    #: How it starts: "boot", "warm" (a clone of its shape's boot snapshot), or
+    #: "snapshot" (``--from``).
+    start: str = "boot"
+    #: After a boot: the key under which to keep a boot snapshot (None: keep none).
+    boot_key: str | None = None
+    image: ImageInfo | None = None
+    host: HostIdentity | None = None
+    snapshot: Snapshot | None = None
 
 
 def prepare(req: RunRequest, progress: Progress, notice: Progress = stderr_progress,
-            ) -> tuple[Machine, ProcessSpec, AccelChoice]:
-    """Resolve the image, the guest bundle and the accelerator; create (not start) the machine.
+            ) -> Prepared:
+    """Resolve the image (or snapshot), the guest bundle and the accelerator; create (not
+    start) the machine, as a clone of its shape's boot snapshot where there is one.
 
     ``notice`` gets what the user should know even without progress lines: a tag the
     import of a path took from another image.
@@ -80,6 +108,10 @@ def prepare(req: RunRequest, progress: Progress, notice: Progress = stderr_progr
     check_network(req.network, ports)
     check_ports_free(ports)
     accel = choose_accel(req.accel)
+    config = MachineConfig(cpus=req.cpus, memory_mib=req.memory_mib, hostname=req.hostname,
+                           ephemeral=True, network=req.network, ports=ports)
+    if req.from_snapshot is not None:
+        return _prepare_from_snapshot(req, accel, config)
     store = ImageStore(paths.images_dir())
     if os.path.exists(req.image) and not _looks_like_ref(req.image, store):
         imported = store.import_archive(Path(req.image), progress=progress)
@@ -94,18 +126,62 @@ def prepare(req: RunRequest, progress: Progress, notice: Progress = stderr_progr
     )
     rootfs = store.rootfs(image, progress=progress)
     guest = ensure_guest(paths.cache_dir(), progress)
+    _reap_and_check_name(req)
+    machine = Machine.create(machines_dir=paths.machines_dir(), guest=guest, rootfs=rootfs,
+                             accel=accel, config=config, name=req.name)
+    prepared = Prepared(machine, process, accel)
+    if req.cold:
+        return prepared
+    from ember.snapshots import start as snapstart
+
+    if snapstart.boot_cache_cap() <= 0:
+        return prepared
+    from ember.snapshots.compat import host_identity
+    from ember.snapshots.take import ImageInfo, boot_key
+
+    host = host_identity(accel.name, paths.cache_dir())
+    key = boot_key(machine.spec, host)
+    restore = snapstart.find_boot_snapshot(snapstart.boot_store(), key, machine.spec, host)
+    if restore is not None:
+        return Prepared(snapstart.as_clone(machine, restore), process, accel, start="warm")
+    prepared.boot_key = key
+    prepared.host = host
+    prepared.image = ImageInfo.of(image.id, req.image, image.config)
+    return prepared
+
+
+def _prepare_from_snapshot(req: RunRequest, accel: AccelChoice,
+                           config: MachineConfig) -> Prepared:
+    """``ember run --from SNAP [-- CMD]``: a clone of a user snapshot, in the foreground."""
+    from ember.snapshots import start as snapstart
+    from ember.snapshots.compat import host_identity
+    from ember.snapshots.take import ImageInfo
+
+    snap = snapstart.user_store().get(req.from_snapshot or "")
+    m = snap.manifest
+    info = ImageInfo(m.image_id, m.image_ref, m.image_config)
+    process: ProcessSpec | None = None
+    if req.command or req.entrypoint is not None or not m.main_channel:
+        process = resolve_process(
+            info.image_config(), command=list(req.command) if req.command else None,
+            entrypoint=_entrypoint(req.entrypoint), env=req.env, workdir=req.workdir,
+            user=req.user)
+    elif req.env or req.workdir or req.user:
+        raise EmberError("-e, -w and -u apply to a command: give one after -- (without one, "
+                         "the clone follows the snapshot's own main process)")
+    _reap_and_check_name(req)
+    host = host_identity(accel.name, paths.cache_dir())
+    machine = snapstart.machine_from_snapshot(
+        snap, host, machines_dir=paths.machines_dir(), config=config,
+        name=req.name or new_machine_id())
+    return Prepared(machine, process, accel, start="snapshot", snapshot=snap, image=info)
+
+
+def _reap_and_check_name(req: RunRequest) -> None:
     reap_stale_ephemeral(paths.machines_dir())
     if req.name is not None and (paths.machines_dir() / req.name).exists():
         raise EmberError(f"a machine named {req.name} is running (ember run --name): "
                          "choose another name")
-    machine = Machine.create(
-        machines_dir=paths.machines_dir(), guest=guest, rootfs=rootfs, accel=accel,
-        config=MachineConfig(cpus=req.cpus, memory_mib=req.memory_mib,
-                             hostname=req.hostname, ephemeral=True, network=req.network,
-                             ports=ports),
-        name=req.name,
-    )
-    return machine, process, accel
 
 
 def exec_request(req: RunRequest, process: ProcessSpec) -> ExecRequest:
@@ -125,28 +201,96 @@ def exec_request(req: RunRequest, process: ProcessSpec) -> ExecRequest:
 
 def run(req: RunRequest, progress: Progress, notice: Progress = stderr_progress) -> int:
     """Run ``req`` to completion; return the guest command's exit code (128+N for signal N)."""
-    machine, process, accel = prepare(req, progress, notice)
+    prep = prepare(req, progress, notice)
+    machine, accel = prep.machine, prep.accel
     why = f" ({accel.reason})" if req.verbose or _first_time(f"{accel.name}: {accel.reason}") \
         else ""
-    progress(f"microVM {machine.name}: {req.cpus} vCPU, {req.memory_mib} MiB, "
-             f"accelerator {accel.name}{why}")
+    how = {"boot": "", "warm": ", warm start (boot snapshot)",
+           "snapshot": f", from snapshot {_snap_name(prep.snapshot)}"}[prep.start]
+    spec = machine.spec
+    progress(f"microVM {machine.name}: {spec.cpus} vCPU, {spec.memory_mib} MiB, "
+             f"accelerator {accel.name}{why}{how}")
+    committing: threading.Thread | None = None
     try:
         with _signals() as set_proc:
             machine.start(boot_timeout=req.boot_timeout, progress=progress)
-            exec_req = exec_request(req, process)
+            if prep.boot_key is not None:
+                committing = _keep_boot_snapshot(prep)
             with _terminal_raw(req.tty):
-                proc = machine.exec(exec_req, on_stdout=_writer(1), on_stderr=_writer(2))
+                if prep.process is None:
+                    proc = _follow_main(prep, req)
+                    exec_stdin = False
+                else:
+                    exec_req = exec_request(req, prep.process)
+                    exec_stdin = exec_req.stdin
+                    proc = machine.exec(exec_req, on_stdout=_writer(1), on_stderr=_writer(2))
                 set_proc(proc)
-                if exec_req.stdin:
+                if exec_stdin:
                     _forward_stdin(proc)
                 status: ExitStatus = machine.wait_process(proc)
-            machine.shutdown()
+        # No guest shutdown: nothing of an `ember run` machine outlives it (its
+        # root is read-only, its writable layer guest RAM), so QEMU is simply
+        # killed below, which saves the guest's power-off path.
         return status.exit_code
     except KeyboardInterrupt:
         raise EmberError("interrupted: machine stopped") from None
     finally:
         machine.kill()
         machine.close(remove_state=True)
+        if committing is not None:
+            committing.join()
+
+
+def _snap_name(snap: Snapshot | None) -> str:
+    return (snap.manifest.tag or snap.manifest.short_id) if snap is not None else "?"
+
+
+def _keep_boot_snapshot(prep: Prepared) -> threading.Thread | None:
+    """Capture the freshly booted machine for later warm starts; commit on a thread.
+
+    The guest is stopped only for the capture (tens of ms); hashing, syncing and
+    the rename happen while the user's command runs. Any failure here costs the
+    next run its warm start, never this run its result.
+    """
+    from ember.snapshots import start as snapstart
+    from ember.snapshots.manifest import SnapshotError
+    from ember.snapshots.take import begin
+
+    assert prep.boot_key is not None and prep.image is not None and prep.host is not None
+    store = snapstart.boot_store()
+    try:
+        pending = begin(prep.machine, store, prep.boot_key)
+    except (SnapshotError, OSError) as exc:
+        log.warning("no boot snapshot kept: %s", exc)
+        return None
+
+    def commit(pending: Pending = pending) -> None:
+        assert prep.image is not None and prep.host is not None
+        try:
+            pending.commit(image=prep.image, host=prep.host, hostname=prep.machine.hostname,
+                           boot_key=prep.boot_key or "")
+            store.evict(snapstart.boot_cache_cap(), keep=prep.boot_key or "")
+        except (EmberError, OSError) as exc:
+            log.warning("no boot snapshot kept: %s", exc)
+
+    t = threading.Thread(target=commit, name="boot-snapshot", daemon=True)
+    t.start()
+    return t
+
+
+def _follow_main(prep: Prepared, req: RunRequest) -> Process:
+    """A clone without a command: follow the snapshot's main process, still running in it."""
+    from ember.agent.protocol import ExecRequest
+
+    snap = prep.snapshot
+    assert snap is not None and prep.machine.agent is not None and prep.machine.ready is not None
+    live = prep.machine.ready.extra.get("channels")
+    channel = snap.manifest.main_channel
+    if isinstance(live, list) and channel not in live:
+        raise EmberError(f"snapshot {_snap_name(snap)}: its main process had ended before the "
+                         "snapshot; give a command after --")
+    return prep.machine.agent.attach(channel, ExecRequest(argv=["(snapshot main process)"]),
+                                     on_stdout=_writer(1), on_stderr=_writer(2))
 
 
 def _entrypoint(value: str | None) -> list[str] | None:

@@ -29,13 +29,23 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise EmberError("--json prints the record of a machine started with -d")
     check_shape(args)
     env = parse_env(args.env)
+    command = command_args(args)
+    image = args.image
+    if args.from_snapshot is not None:
+        # no IMAGE with --from: what argparse took for one is the command's first word
+        if image is not None and image != "--":
+            command = [image, *command]
+        image = ""
+    elif image is None:
+        raise EmberError("the following arguments are required: IMAGE (or --from SNAPSHOT) "
+                         "(see `ember run --help`)")
     req = RunRequest(
-        image=args.image, command=tuple(command_args(args)) or None, entrypoint=args.entrypoint,
+        image=image, command=tuple(command) or None, entrypoint=args.entrypoint,
         env=tuple(f"{k}={v}" for k, v in env.items()), workdir=args.workdir, user=args.user,
         cpus=args.cpus, memory_mib=args.memory, accel=args.accel, interactive=args.interactive,
         tty=args.tty, hostname=args.hostname, boot_timeout=args.boot_timeout,
         network=args.network, ports=tuple(args.publish), name=args.name,
-        verbose=args.verbose)
+        verbose=args.verbose, cold=args.cold, from_snapshot=args.from_snapshot)
     return run(req, progress(args))
 
 
@@ -49,6 +59,9 @@ def run_detached(args: argparse.Namespace) -> int:
                          "(then `ember exec -it NAME sh`)")
     if args.accel:
         raise EmberError("with -d the daemon chooses the accelerator: use `ember serve --accel`")
+    if args.from_snapshot is not None or args.image is None:
+        raise EmberError("run -d --from is not supported yet: use `ember run --from SNAP` in "
+                         "the foreground")
     with client() as c:
         m = create_machine(c, args, start=True)
         if args.json:
@@ -76,8 +89,13 @@ def register(sub: Any) -> None:
                    help="run as a background service under the daemon; print its name")
     r.add_argument("--json", action="store_true",
                    help="with -d: print the machine's record as JSON")
+    r.add_argument("--cold", action="store_true",
+                   help="boot, even where a boot snapshot of this machine shape would give a "
+                   "warm start")
+    r.add_argument("--from", dest="from_snapshot", metavar="SNAPSHOT",
+                   help="start as a clone of this snapshot (id, prefix or tag) instead of IMAGE")
     r.add_argument("--boot-timeout", type=float, default=60.0, metavar="SECONDS",
                    help=argparse.SUPPRESS)
-    r.add_argument("image", metavar="IMAGE")
+    r.add_argument("image", metavar="IMAGE", nargs="?")
     r.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     r.set_defaults(func=cmd_run)
