@@ -15,6 +15,7 @@ shape where one exists, and the first run of a shape keeps one
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -159,6 +160,11 @@ def _prepare_from_snapshot(req: RunRequest, accel: AccelChoice,
 
     snap = snapstart.user_store().get(req.from_snapshot or "")
     m = snap.manifest
+    # the snapshot's shape unless the user asked for one (then it must match)
+    config = dataclasses.replace(
+        config, cpus=m.cpus if req.cpus == 1 else req.cpus,
+        memory_mib=m.memory_mib if req.memory_mib == 256 else req.memory_mib,
+        network=m.network if req.network == "user" and not config.ports else req.network)
     info = ImageInfo(m.image_id, m.image_ref, m.image_config)
     process: ProcessSpec | None = None
     if req.command or req.entrypoint is not None or not m.main_channel:

@@ -25,7 +25,8 @@ Event = dict[str, Any]
 
 
 def create(api: httpx.Client, **body: Any) -> dict[str, Any]:
-    body.setdefault("image", "sample:latest")
+    if "snapshot" not in body:
+        body.setdefault("image", "sample:latest")
     r = api.post("/v1/machines", json=body)
     assert r.status_code == 201, r.text
     return dict(r.json())

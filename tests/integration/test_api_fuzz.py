@@ -19,6 +19,10 @@ Not fuzzed: ``follow=true`` on ``/logs`` and ``/events`` (such a stream only
 ends when the machine stops or the client leaves, so every case sends
 ``follow=false``), and the WebSocket exec, which is not in the document.
 
+A valid clone count is lowered to 1 (up to 256 clones per case is more than two
+cores start in a test's time), and the snapshots the fuzzer takes are removed
+after each operation.
+
 The classic bad inputs (path characters in names, huge numbers, wrong types,
 non-object bodies, a 10 MiB body...) are asserted one by one at the end.
 """
@@ -206,6 +210,8 @@ def fuzz_machines(api: httpx.Client, session_images: dict[str, str]) -> Iterator
     for m in api.get("/v1/machines").json():
         if m["id"] not in before and m["name"] not in (CREATED, RUNNING, HOLDER):
             api.delete(f"/v1/machines/{m['id']}", params={"force": "true"})
+    for snap in api.get("/v1/snapshots").json():  # the fuzzer's (each holds ~25 MB)
+        api.delete(f"/v1/snapshots/{snap['id']}", params={"force": "true"})
     for tag, image_id in session_images.items():
         r = api.post(f"/v1/images/{image_id}/tag", json={"tag": tag})
         assert r.status_code == 201, f"the session image {tag} is gone: {r.text}"
@@ -225,6 +231,10 @@ def _exchange(case: Any, session: requests.Session) -> None:
     """Send one case; its answer must be documented, and an error must be our one-line body."""
     if case.path in ("/v1/machines/{name}/logs", "/v1/events"):
         case.query = {**(case.query or {}), "follow": "false"}
+    count = case.body.get("count") if isinstance(case.body, dict) else None
+    if case.path.endswith("/clone") and type(count) is int and 1 < count <= 256:
+        # a valid count stays valid: one clone is what two cores can start per case
+        case.body = {**case.body, "count": 1}
     response = case.call(base_url=BASE, session=session, timeout=60)
     case.validate_response(response, checks=CHECKS)
     if response.status_code >= 400:

@@ -36,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ember import __version__
 from ember.api import models
+from ember.api.snapshots import add_snapshot_routes
 from ember.daemon.errors import Invalid, ManagerError
 from ember.daemon.events import Reader
 from ember.daemon.logs import LogFollower, LogView
@@ -61,7 +62,7 @@ STREAM_STALL = 10.0
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": models.Error, "description": "Malformed request (e.g. invalid JSON)"},
-    404: {"model": models.Error, "description": "No such machine or image"},
+    404: {"model": models.Error, "description": "No such machine, image or snapshot"},
     409: {"model": models.Error, "description": "Wrong state, name taken, resource in use"},
     422: {"model": models.Error, "description": "The request does not match the schema"},
     500: {"model": models.Error, "description": "A bug in Ember"},
@@ -463,6 +464,8 @@ def create_app(mgr: Manager) -> FastAPI:
         mm = mgr.get(name)
         await call(mm.remove, force)
         return Response(status_code=204)
+
+    add_snapshot_routes(app, mgr, call, machine)
 
     # --- exec
 

@@ -21,6 +21,7 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     field_validator,
+    model_validator,
 )
 
 from ember.vmm.spec import MAX_CPUS, MAX_MEMORY_MIB, MIN_MEMORY_MIB, NAME_PATTERN
@@ -203,7 +204,14 @@ def _utf8(text: str, what: str) -> bytes:
 
 
 class MachineCreate(_Request):
-    image: str = Field(min_length=1, max_length=512, description="Image tag, id or id prefix.")
+    image: str | None = Field(default=None, min_length=1, max_length=512,
+                              description="Image tag, id or id prefix (or give `snapshot`).")
+    snapshot: str | None = Field(
+        default=None, min_length=1, max_length=128,
+        description="Start as a clone of this snapshot (id, id prefix or tag) instead of "
+                    "booting an image: its processes go on running, its files are there, "
+                    "its vCPUs, memory and network are the snapshot's. Without `cmd` or "
+                    "`entrypoint` the main process is the snapshot's own.")
     name: str | None = Field(default=None, pattern=NAME_PATTERN,
                              description="Unique name; default: generated. Letters, digits, "
                                          "`_`, `.`, `-`; at most 63 characters.")
@@ -232,12 +240,20 @@ class MachineCreate(_Request):
     _env = field_validator("env")(_check_env)
     _argv = field_validator("cmd", "entrypoint")(_check_argv)
 
+    @model_validator(mode="after")
+    def _image_or_snapshot(self) -> MachineCreate:
+        if (self.image is None) == (self.snapshot is None):
+            raise ValueError("give exactly one of image and snapshot")
+        return self
+
 
 class Machine(_Response):
     id: str
     name: str
     image: str = Field(description="The reference the machine was created from.")
     image_id: str
+    snapshot: str | None = Field(default=None,
+                                 description="The snapshot it is a clone of (its id), if any.")
     state: MachineState
     cpus: int
     memory_mib: int
@@ -354,3 +370,41 @@ class Version(_Response):
 
 def valid_name(name: str) -> bool:
     return bool(_NAME_RE.match(name))
+
+
+class SnapshotCreate(_Request):
+    tag: str | None = Field(default=None, pattern=NAME_PATTERN,
+                            description="A unique name for the snapshot.")
+
+
+class Snapshot(_Response):
+    id: str
+    kind: Literal["user", "boot"] = Field(
+        description="`user`: taken on request; `boot`: `ember run`'s warm-start cache.")
+    tag: str | None = None
+    parent: str | None = Field(default=None, description="The machine it was taken of.")
+    created: str
+    image: str = Field(description="The image reference of the machine.")
+    image_id: str
+    cpus: int
+    memory_mib: int
+    network: NetworkMode
+    accel: str
+    qemu_version: str
+    size_on_disk: int = Field(description="Bytes on disk (memory is stored sparse).")
+    memory_allocated: int = Field(description="Bytes of guest memory the snapshot holds.")
+    pause_ms: float = Field(description="How long the machine was stopped for the capture.")
+    in_use: bool = Field(description="A running clone maps its memory (it cannot be removed).")
+    clones: list[str] = Field(default_factory=list,
+                              description="The daemon's machines created from it.")
+
+
+class CloneCreate(_Request):
+    count: StrictInt = Field(default=1, ge=1, le=256, description="How many clones.")
+    tag: str | None = Field(default=None, pattern=NAME_PATTERN,
+                            description="A tag for the snapshot the clones start from.")
+
+
+class CloneResult(_Response):
+    snapshot: Snapshot
+    machines: list[Machine]

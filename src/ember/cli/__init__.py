@@ -57,13 +57,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from ember.cli import cp, exec, image, logs, machine, ps, run, system
+    from ember.cli import cp, exec, image, logs, machine, ps, run, snapshot, system
 
     p = Parser(prog="ember", description="Run OCI images as micro virtual machines.")
     p.set_defaults(func=help_command(p))
     p.add_argument("--version", action="version", version=f"ember {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging on stderr")
     sub = p.add_subparsers(metavar="COMMAND")
-    for group in (run, system, image, machine, ps, logs, exec, cp):
+    for group in (run, system, image, machine, snapshot, ps, logs, exec, cp):
         group.register(sub)
     return p

@@ -42,6 +42,25 @@ def create_machine(c: Client, args: argparse.Namespace, *, start: bool) -> Machi
     from ember.sdk import parse_port
 
     image = args.image
+    snapshot = getattr(args, "from_snapshot", None)
+    command = command_args(args)
+    check_shape(args)
+    if snapshot is not None:
+        # no IMAGE with --from: what argparse took for one is the command's first word
+        if image is not None and image != "--":
+            command = [image, *command]
+        m = c.machines.create(
+            snapshot=snapshot, name=args.name,
+            cpus=args.cpus if args.cpus != 1 else None,
+            memory_mib=args.memory if args.memory != 256 else None,
+            env=parse_env(args.env), cmd=command or None,
+            entrypoint=entrypoint_arg(args.entrypoint), workdir=args.workdir, user=args.user,
+            hostname=args.hostname, ports=[parse_port(p) for p in args.publish],
+            network=args.network if args.network != "user" else None, restart=args.restart,
+            auto_remove=bool(getattr(args, "rm", False)), start=False)
+        return _started(m) if start else m
+    if image is None:
+        raise EmberError("the following arguments are required: IMAGE (or --from SNAPSHOT)")
     if ("/" in image or image.endswith(".tar")) and os.path.exists(image):
         # a path, as `ember run` takes it: imported into the daemon's store first
         from ember.cli.common import progress
@@ -49,8 +68,6 @@ def create_machine(c: Client, args: argparse.Namespace, *, start: bool) -> Machi
 
         imported = import_image(c, image, None, progress(args))
         image = imported.tags[0] if imported.tags else imported.id
-    command = command_args(args)
-    check_shape(args)
     m = c.machines.create(
         image, name=args.name, cpus=args.cpus, memory_mib=args.memory,
         env=parse_env(args.env), cmd=command or None, entrypoint=entrypoint_arg(args.entrypoint),
@@ -58,20 +75,24 @@ def create_machine(c: Client, args: argparse.Namespace, *, start: bool) -> Machi
         ports=[parse_port(p) for p in args.publish],
         network=args.network, restart=args.restart,
         auto_remove=bool(getattr(args, "rm", False)), start=False)
-    if start:
-        try:
-            m.start()
-        except EmberError as exc:
-            # `run -d` that fails leaves nothing behind (the name is free again), but
-            # says what the guest's console said first
-            from ember.sdk import Conflict
+    return _started(m) if start else m
 
-            tail = _console_tail(m)
-            with contextlib.suppress(EmberError):
-                m.remove(force=True)
-            if tail and not isinstance(exc, Conflict):
-                raise MachineCrashed(f"{exc} (machine {m.name} removed)", tail) from None
-            raise EmberError(f"{exc} (machine {m.name} removed)") from None
+
+def _started(m: MachineHandle) -> MachineHandle:
+    """Start ``m``; if that fails remove it and say why (with the console's tail)."""
+    try:
+        m.start()
+    except EmberError as exc:
+        # `run -d` that fails leaves nothing behind (the name is free again), but
+        # says what the guest's console said first
+        from ember.sdk import Conflict
+
+        tail = _console_tail(m)
+        with contextlib.suppress(EmberError):
+            m.remove(force=True)
+        if tail and not isinstance(exc, Conflict):
+            raise MachineCrashed(f"{exc} (machine {m.name} removed)", tail) from None
+        raise EmberError(f"{exc} (machine {m.name} removed)") from None
     return m
 
 
@@ -156,7 +177,9 @@ def register(sub: Any) -> None:
                        "name; `ember start NAME` boots it.")
     add_create_options(c)
     c.add_argument("--json", action="store_true", help="print the machine's record as JSON")
-    c.add_argument("image", metavar="IMAGE")
+    c.add_argument("--from", dest="from_snapshot", metavar="SNAPSHOT",
+                   help="a clone of this snapshot (id, prefix or tag) instead of IMAGE")
+    c.add_argument("image", metavar="IMAGE", nargs="?")
     c.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     c.set_defaults(func=pipe_safe(cmd_create))
 

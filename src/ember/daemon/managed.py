@@ -47,7 +47,11 @@ if TYPE_CHECKING:
     from ember.agent.client import Process
     from ember.agent.protocol import ExecRequest
     from ember.daemon.manager import Manager
+    from ember.images.oci import ImageConfig
     from ember.images.store import Image
+    from ember.machine import MachineConfig
+    from ember.snapshots.compat import HostIdentity
+    from ember.snapshots.store import Snapshot, SnapshotStore
 
 
 class Managed(Adoption, RestartPolicy):
@@ -128,20 +132,21 @@ class Managed(Adoption, RestartPolicy):
             raise Conflict(f"image {self.doc['image']} of machine {self.name} "
                            "is no longer in the store") from exc
 
-    def process(self, image: Image) -> ProcessSpec | None:
-        """The main process from the image and the create request; None for an idle machine."""
+    def process(self, config: ImageConfig, *, idle: bool = False) -> ProcessSpec | None:
+        """The main process from the image config and the create request; None for an idle
+        machine (or, with ``idle``, one whose main process is a clone's inherited one)."""
         d = self.doc
-        ep = d["entrypoint"] if d["entrypoint"] is not None else list(image.config.entrypoint or ())
+        ep = d["entrypoint"] if d["entrypoint"] is not None else list(config.entrypoint or ())
         cmd = d["cmd"] if d["cmd"] is not None else (
-            [] if d["entrypoint"] is not None else list(image.config.cmd or ()))
+            [] if d["entrypoint"] is not None else list(config.cmd or ()))
         env = [f"{k}={v}" for k, v in d["env"].items()]
-        if not ep and not cmd:
+        if idle or (not ep and not cmd):
             # no main process: still resolve env/cwd/user for execs
-            spec = resolve_process(image.config, command=["true"], entrypoint=[], env=env,
+            spec = resolve_process(config, command=["true"], entrypoint=[], env=env,
                                    workdir=d["workdir"], user=d["user"])
             self.doc["_defaults"] = [list(spec.env), spec.cwd, spec.user]
             return None
-        spec = resolve_process(image.config, command=cmd, entrypoint=ep, env=env,
+        spec = resolve_process(config, command=cmd, entrypoint=ep, env=env,
                                workdir=d["workdir"], user=d["user"])
         self.doc["_defaults"] = [list(spec.env), spec.cwd, spec.user]
         return spec
@@ -162,18 +167,23 @@ class Managed(Adoption, RestartPolicy):
         """Boot the machine and start its main process. Lock held."""
         self._set("starting")
         m: Machine | None = None
+        follow = 0
         try:
-            image = self._image()
-            rootfs = self.mgr.store.rootfs(image)
-            process = self.process(image)
             ports = self.mgr.assign_ports(self)
             config = self.mgr.machine_config(self.doc, ports)
             if self.state_dir.exists():  # the last boot's, maybe under an older name
                 shutil.rmtree(self.state_dir)
             self.doc["_vm_name"] = self.name
             self.root.mkdir(parents=True, exist_ok=True)
-            m = Machine.create(machines_dir=self.root, guest=self.mgr.guest(), rootfs=rootfs,
-                               accel=self.mgr.accel, config=config, name=self.name)
+            if self.doc.get("snapshot"):
+                m, process, follow = self._clone_machine(config)
+            else:
+                image = self._image()
+                rootfs = self.mgr.store.rootfs(image)
+                process = self.process(image.config)
+                m = Machine.create(machines_dir=self.root, guest=self.mgr.guest(),
+                                   rootfs=rootfs, accel=self.mgr.accel, config=config,
+                                   name=self.name)
             self.machine = m
             m.start(boot_timeout=self.mgr.boot_timeout,
                     progress=lambda msg: log.warning("%s", msg))
@@ -212,6 +222,71 @@ class Managed(Adoption, RestartPolicy):
                          name=f"ember-watch-{self.name}").start()
         if process is not None:
             self._start_main(m, process, gen)
+        elif follow and m.ready is not None and follow in (m.ready.extra.get("channels") or []):
+            self._follow_main(m, follow, gen)
+
+    def _clone_machine(self, config: MachineConfig) -> tuple[Machine, ProcessSpec | None, int]:
+        """A clone of the machine's snapshot, its main process, and the snapshot's main
+        channel to follow when the create request gave no command (0: none)."""
+        from ember.snapshots.start import machine_from_snapshot
+        from ember.snapshots.take import ImageInfo
+
+        snap = self.mgr.snapshot_store.find(self.doc["snapshot"])
+        if snap is None:
+            raise Conflict(f"snapshot {self.doc['snapshot'][:12]} of machine {self.name} is "
+                           "gone or damaged")
+        man = snap.manifest
+        own = self.doc["cmd"] is not None or self.doc["entrypoint"] is not None
+        image_config = ImageInfo(man.image_id, man.image_ref, man.image_config).image_config()
+        process = self.process(image_config, idle=not own and bool(man.main_channel))
+        m = machine_from_snapshot(snap, self.mgr.host_identity(), machines_dir=self.root,
+                                  config=config, name=self.name)
+        return m, process, 0 if own else man.main_channel
+
+    def _follow_main(self, m: Machine, channel: int, gen: int) -> None:
+        """A clone's main process is its snapshot's, still running: follow its channel."""
+        from ember.agent.protocol import ExecRequest
+
+        assert m.agent is not None
+        out = self._output()
+        proc = m.agent.attach(channel, ExecRequest(argv=["(snapshot main process)"]),
+                              on_stdout=out.write, on_stderr=out.write)
+        self.main = proc
+        self.doc["_main_channel"] = channel
+        self.doc["_main_request"] = [list(proc.request.argv), [], "/", ""]
+        self.save()
+        threading.Thread(target=self._watch_main, args=(proc, gen), daemon=True,
+                         name=f"ember-main-{self.name}").start()
+
+    def take_snapshot(self, store: SnapshotStore, host: HostIdentity, tag: str) -> Snapshot:
+        """Capture this running or paused machine into ``store``; it goes on afterwards."""
+        from ember.snapshots.manifest import SnapshotError
+        from ember.snapshots.take import ImageInfo, begin
+
+        with self.lock:
+            self._require("snapshot", "running", "paused")
+            m = self.machine
+            assert m is not None
+            if self.doc.get("snapshot"):
+                source = self.mgr.snapshot_store.find(self.doc["snapshot"])
+                if source is None:
+                    raise Conflict(f"the snapshot machine {self.name} was cloned from is gone")
+                man = source.manifest
+                info = ImageInfo(man.image_id, man.image_ref, man.image_config)
+            else:
+                image = self._image()
+                info = ImageInfo.of(image.id, self.doc["image"], image.config)
+            try:
+                pending = begin(m, store)
+                snap = pending.commit(image=info, host=host, tag=tag, parent=self.name,
+                                      main_channel=int(self.doc.get("_main_channel") or 0),
+                                      hostname=str(self.doc["hostname"]))
+            except SnapshotError as exc:
+                raise Conflict(str(exc)) from None
+            self.mgr.events.publish(self.id, self.name, "snapshot",
+                                    f"snapshot {snap.manifest.tag or snap.manifest.short_id} "
+                                    f"taken (paused {snap.manifest.pause_ms:g} ms)")
+            return snap
 
     def _start_main(self, m: Machine, process: ProcessSpec, gen: int) -> None:
         from ember.agent.client import ExecFailed

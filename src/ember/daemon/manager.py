@@ -22,6 +22,7 @@ from ember.daemon.db import StateDB
 from ember.daemon.errors import Conflict, Invalid, ManagerError, NotFound
 from ember.daemon.events import EventBus, now
 from ember.daemon.managed import Managed
+from ember.daemon.snapshots import Snapshots
 from ember.daemon.states import ACTIVE
 from ember.errors import AmbiguousImage, EmberError, ImageConflict, ImageError, ImageNotFound
 from ember.guest.bundle import GuestBundle, ensure_guest
@@ -39,8 +40,8 @@ if TYPE_CHECKING:
 __all__ = ["ACTIVE", "Conflict", "Invalid", "Managed", "Manager", "ManagerError", "NotFound"]
 
 
-class Manager:
-    """All machines and images of one Ember home."""
+class Manager(Snapshots):
+    """All machines, images and snapshots of one Ember home."""
 
     def __init__(self, home: Path | None = None, *, accel: str | None = None,
                  boot_timeout: float = 60.0) -> None:
@@ -163,11 +164,18 @@ class Manager:
 
     def create(self, body: models.MachineCreate) -> Managed:
         with self._image_use:
-            return self._create(body, self.image(body.image))
+            if body.snapshot is not None:
+                return self.create_from_snapshot(body)
+            assert body.image is not None
+            image = self.image(body.image)
+            return self._create_doc(body, {"image": body.image, "image_id": image.id})
 
-    def _create(self, body: models.MachineCreate, image: Image) -> Managed:
+    def _create_doc(self, body: models.MachineCreate, fields: dict[str, Any]) -> Managed:
+        """Register a new machine from ``body``; ``fields`` (the image, or the snapshot and
+        the shape it imposes) take precedence over the body's."""
         try:
-            check_machine_shape(body.cpus, body.memory_mib)
+            check_machine_shape(fields.get("cpus", body.cpus),
+                                fields.get("memory_mib", body.memory_mib))
         except ShapeError as exc:
             raise Invalid(str(exc)) from None
         if body.auto_remove and body.restart != models.RestartPolicy.no:
@@ -183,7 +191,7 @@ class Manager:
         mid = secrets.token_hex(6)
         name = body.name or f"ember-{mid[:6]}"
         doc: dict[str, Any] = {
-            "id": mid, "name": name, "image": body.image, "image_id": image.id,
+            "id": mid, "name": name, "snapshot": None,
             "state": "created", "cpus": body.cpus, "memory_mib": body.memory_mib,
             "env": dict(body.env), "cmd": body.cmd, "entrypoint": body.entrypoint,
             "workdir": body.workdir, "user": body.user, "hostname": body.hostname or name,
@@ -194,6 +202,7 @@ class Manager:
             "pid": None, "accel": None, "limits": {},
             "_port_specs": [p.model_dump() for p in body.ports], "_user_stopped": False,
         }
+        doc.update(fields)
         mm = Managed(self, doc)
         with self._lock:
             if any(x.name == name for x in self._machines.values()):
@@ -225,10 +234,14 @@ class Manager:
             raise Invalid(str(exc)) from None
 
     def image_users(self) -> dict[str, list[str]]:
-        """Image id -> names of the machines (in any state) created from it."""
+        """Image id -> names of the machines (in any state) created from it, and of the
+        snapshots taken of them (a snapshot needs its image's root filesystem)."""
         out: dict[str, list[str]] = {}
         for mm in self.all():
             out.setdefault(mm.doc["image_id"], []).append(mm.name)
+        for snap in self.snapshots():
+            out.setdefault(snap.manifest.image_id, []).append(
+                f"snapshot {snap.manifest.tag or snap.manifest.short_id}")
         return {k: sorted(v) for k, v in out.items()}
 
     def import_image(self, path: Path, tag: str | None) -> Imported:

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from ember import __version__, paths
-from ember.errors import HostError
+from ember.errors import EmberError, HostError
 from ember.guest.bundle import guest_status
 from ember.host.cgroup import probe as probe_cgroups
 from ember.host.probe import choose_accel, free_disk_bytes, kvm_status, qemu_path, qemu_version
@@ -40,9 +40,24 @@ def doctor_report(accel: str | None = None) -> dict[str, Any]:
         "resource_limits": {"cgroup_version": cg.version, "controllers": list(cg.controllers),
                             "reason": cg.reason},
         "user": {"uid": os.getuid(), "root": os.getuid() == 0},
+        "boot_snapshots": _boot_snapshots(),
     }
     report["ok"] = bool(report["qemu"]["path"] and accel_info["name"] and not missing)
     return report
+
+
+def _boot_snapshots() -> dict[str, Any]:
+    """The warm-start cache: its entries, their size on disk and the cap."""
+    from ember.snapshots.start import boot_cache_cap, boot_store
+
+    store = boot_store()
+    snaps = store.all()
+    try:
+        cap: int | str = boot_cache_cap()
+    except EmberError as exc:  # a bad EMBER_BOOT_CACHE: say so, do not fail the report
+        cap = str(exc)
+    return {"path": str(store.root), "entries": len(snaps),
+            "bytes": sum(s.manifest.size_on_disk for s in snaps), "cap_bytes": cap}
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -66,6 +81,12 @@ def format_report(r: dict[str, Any]) -> str:
         f"limits       {'' if r['resource_limits']['controllers'] else 'unavailable: '}"
         f"{r['resource_limits']['reason']}",
     ]
+    b = r["boot_snapshots"]
+    cap = b["cap_bytes"]
+    lines.append(f"boot snapshots {b['entries']} ({b['bytes'] / (1 << 20):.0f} MiB of "
+                 + (f"{cap / (1 << 20):.0f} MiB" if isinstance(cap, int) else str(cap))
+                 + f"; warm starts of ember run) in {b['path']}"
+                 + ("" if not isinstance(cap, int) or cap else " (off: EMBER_BOOT_CACHE=0)"))
     if r["missing_packages"]:
         lines.append(f"missing      {' '.join(r['missing_packages'])} (run `ember setup`)")
     lines.append("status       " + ("ready" if r["ok"] else "not ready"))

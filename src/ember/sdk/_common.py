@@ -203,26 +203,40 @@ def _argv(value: Sequence[str] | None, what: str) -> list[str] | None:
     return [str(a) for a in value]
 
 
-def machine_create_body(image: str, *, name: str | None, cpus: int, memory_mib: int,
-                        env: Mapping[str, str] | None, cmd: Sequence[str] | None,
-                        entrypoint: Sequence[str] | None, workdir: str | None,
-                        user: str | None, hostname: str | None,
-                        ports: Sequence[PortLike] | None, network: str,
-                        restart: str, auto_remove: bool = False) -> dict[str, Any]:
-    """The JSON body of ``POST /v1/machines``, checked against the contract before sending."""
+def machine_create_body(image: str | None, *, name: str | None, cpus: int | None,
+                        memory_mib: int | None, env: Mapping[str, str] | None,
+                        cmd: Sequence[str] | None, entrypoint: Sequence[str] | None,
+                        workdir: str | None, user: str | None, hostname: str | None,
+                        ports: Sequence[PortLike] | None, network: str | None,
+                        restart: str, auto_remove: bool = False,
+                        snapshot: str | None = None) -> dict[str, Any]:
+    """The JSON body of ``POST /v1/machines``, checked against the contract before sending.
+
+    Only what is given is sent (``None``: the daemon's default, or a snapshot's own).
+    """
+    given: dict[str, Any] = {"image": image, "snapshot": snapshot, "name": name, "cpus": cpus,
+                             "memory_mib": memory_mib, "workdir": workdir, "user": user,
+                             "hostname": hostname}
     try:
-        body = models.MachineCreate(
-            image=image, name=name, cpus=cpus, memory_mib=memory_mib, env=dict(env or {}),
-            cmd=_argv(cmd, "cmd"), entrypoint=_argv(entrypoint, "entrypoint"),
-            workdir=workdir, user=user, hostname=hostname,
-            ports=[port_spec(p) for p in ports or ()],
-            network=models.NetworkMode(network), restart=models.RestartPolicy(restart),
-            auto_remove=auto_remove)
+        kwargs = {k: v for k, v in given.items() if v is not None}
+        if env:
+            kwargs["env"] = dict(env)
+        if cmd is not None:
+            kwargs["cmd"] = _argv(cmd, "cmd")
+        if entrypoint is not None:
+            kwargs["entrypoint"] = _argv(entrypoint, "entrypoint")
+        if ports:
+            kwargs["ports"] = [port_spec(p) for p in ports]
+        if network is not None:
+            kwargs["network"] = models.NetworkMode(network)
+        kwargs["restart"] = models.RestartPolicy(restart)
+        kwargs["auto_remove"] = auto_remove
+        body = models.MachineCreate(**kwargs)
     except ValidationError as exc:
         raise invalid(validation_message(exc)) from None
     except ValueError as exc:  # an enum value
         raise invalid(str(exc)) from None
-    return body.model_dump(mode="json", exclude_none=True)
+    return body.model_dump(mode="json", exclude_unset=True)
 
 
 def exec_body(cmd: Sequence[str], *, env: Mapping[str, str] | None, workdir: str | None,
@@ -311,7 +325,8 @@ def decode_exec_event(line: bytes | str) -> ExecEvent:
                      truncated=bool(ev.truncated))
 
 
-def parse_list(model: type[models.Image] | type[models.Machine], data: bytes) -> list[Any]:
+def parse_list(model: type[models.Image] | type[models.Machine] | type[models.Snapshot],
+               data: bytes) -> list[Any]:
     return [model.model_validate(x) for x in json.loads(data)]
 
 

@@ -209,18 +209,19 @@ class AsyncMachines:
     def __init__(self, client: AsyncClient) -> None:
         self._c = client
 
-    async def create(self, image: str, *, name: str | None = None, cpus: int = 1,
-                     memory_mib: int = 256, env: Mapping[str, str] | None = None,
+    async def create(self, image: str | None = None, *, snapshot: str | None = None,
+                     name: str | None = None, cpus: int | None = None,
+                     memory_mib: int | None = None, env: Mapping[str, str] | None = None,
                      cmd: Sequence[str] | None = None, entrypoint: Sequence[str] | None = None,
                      workdir: str | None = None, user: str | None = None,
                      hostname: str | None = None, ports: Sequence[PortLike] | None = None,
-                     network: str = "user", restart: str = "no", auto_remove: bool = False,
-                     start: bool = True) -> AsyncMachineHandle:
+                     network: str | None = None, restart: str = "no",
+                     auto_remove: bool = False, start: bool = True) -> AsyncMachineHandle:
         """See :meth:`ember.sdk.client.Machines.create`."""
         body = c.machine_create_body(
             image, name=name, cpus=cpus, memory_mib=memory_mib, env=env, cmd=cmd,
             entrypoint=entrypoint, workdir=workdir, user=user, hostname=hostname, ports=ports,
-            network=network, restart=restart, auto_remove=auto_remove)
+            network=network, restart=restart, auto_remove=auto_remove, snapshot=snapshot)
         resp = await self._c._request("POST", "/v1/machines", json=body)
         handle = AsyncMachineHandle(self._c, models.Machine.model_validate_json(resp.content))
         if start:

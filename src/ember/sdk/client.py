@@ -69,6 +69,7 @@ class Client:
             timeout=httpx.Timeout(timeout, connect=c.CONNECT_TIMEOUT), trust_env=False)
         self.images = Images(self)
         self.machines = Machines(self)
+        self.snapshots = Snapshots(self)
 
     @classmethod
     def connect_or_start(cls, socket_path: str | os.PathLike[str] | None = None, *,
@@ -246,6 +247,29 @@ class Images:
         return models.ImageRemoval.model_validate_json(resp.content)
 
 
+class Snapshots:
+    """``client.snapshots``: snapshots of machines (``machine.snapshot()`` takes one)."""
+
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def list(self, all: bool = False) -> list[models.Snapshot]:
+        """User snapshots; ``all``: also the boot snapshots of ``ember run``'s warm starts."""
+        resp = self._c._request("GET", "/v1/snapshots", params={"all": all})
+        return c.parse_list(models.Snapshot, resp.content)
+
+    def get(self, ref: str) -> models.Snapshot:
+        """The snapshot with this id, id prefix or tag. Raises NotFound."""
+        resp = self._c._request("GET", f"/v1/snapshots/{c.quote_ref(ref)}")
+        return models.Snapshot.model_validate_json(resp.content)
+
+    def remove(self, ref: str, force: bool = False) -> None:
+        """Remove a snapshot. Raises Conflict while clones of it exist (``force``: the
+        daemon's clones are removed first) or a running clone maps its memory."""
+        self._c._request("DELETE", f"/v1/snapshots/{c.quote_ref(ref)}",
+                         params={"force": force})
+
+
 def _chunks(f: IO[bytes]) -> Iterator[bytes]:
     while chunk := f.read(_UPLOAD_CHUNK):
         yield chunk
@@ -257,14 +281,20 @@ class Machines:
     def __init__(self, client: Client) -> None:
         self._c = client
 
-    def create(self, image: str, *, name: str | None = None, cpus: int = 1,
-               memory_mib: int = 256, env: Mapping[str, str] | None = None,
+    def create(self, image: str | None = None, *, snapshot: str | None = None,
+               name: str | None = None, cpus: int | None = None,
+               memory_mib: int | None = None, env: Mapping[str, str] | None = None,
                cmd: Sequence[str] | None = None, entrypoint: Sequence[str] | None = None,
                workdir: str | None = None, user: str | None = None,
                hostname: str | None = None, ports: Sequence[PortLike] | None = None,
-               network: str = "user", restart: str = "no", auto_remove: bool = False,
+               network: str | None = None, restart: str = "no", auto_remove: bool = False,
                start: bool = True) -> MachineHandle:
-        """Create a machine from ``image`` and (unless ``start=False``) boot it.
+        """Create a machine from ``image`` (or as a clone of ``snapshot``) and (unless
+        ``start=False``) start it.
+
+        A clone has its snapshot's vCPUs, memory and network (defaults: 1 vCPU,
+        256 MiB, ``"user"`` for an image); without ``cmd``/``entrypoint`` its main
+        process is the snapshot's own, still running.
 
         ``cmd``/``entrypoint`` replace the image's; with neither, and none in
         the image, the machine idles until stopped (a sandbox to exec into).
@@ -280,7 +310,7 @@ class Machines:
         body = c.machine_create_body(
             image, name=name, cpus=cpus, memory_mib=memory_mib, env=env, cmd=cmd,
             entrypoint=entrypoint, workdir=workdir, user=user, hostname=hostname, ports=ports,
-            network=network, restart=restart, auto_remove=auto_remove)
+            network=network, restart=restart, auto_remove=auto_remove, snapshot=snapshot)
         resp = self._c._request("POST", "/v1/machines", json=body)
         handle = MachineHandle(self._c, models.Machine.model_validate_json(resp.content))
         if start:
@@ -365,6 +395,22 @@ class MachineHandle(c.MachineRecord):
         ended: state, exit code, reason."""
         resp = self._c._request("POST", f"{self._path}/wait", timeout=None)
         return models.WaitResult.model_validate_json(resp.content)
+
+    def snapshot(self, tag: str | None = None) -> models.Snapshot:
+        """Snapshot this running or paused machine; it goes on afterwards."""
+        body = {"tag": tag} if tag else {}
+        resp = self._c._request("POST", f"{self._path}/snapshots", json=body)
+        return models.Snapshot.model_validate_json(resp.content)
+
+    def clone(self, count: int = 1, tag: str | None = None
+              ) -> tuple[models.Snapshot, list[MachineHandle]]:
+        """Snapshot this machine and start ``count`` clones of it; their handles."""
+        body: dict[str, Any] = {"count": count}
+        if tag:
+            body["tag"] = tag
+        resp = self._c._request("POST", f"{self._path}/clone", json=body)
+        result = models.CloneResult.model_validate_json(resp.content)
+        return result.snapshot, [MachineHandle(self._c, m) for m in result.machines]
 
     def pause(self) -> models.Machine:
         return self._update(self._c._request("POST", f"{self._path}/pause"))

@@ -1,0 +1,166 @@
+"""The daemon's snapshots: taking them of its machines, listing, removing, and clones.
+
+A mixin of :class:`~ember.daemon.manager.Manager`. A snapshot is taken under
+the machine's lock (no lifecycle action interleaves with the capture); the
+machine is stopped only for the capture itself and goes on running (a paused
+one stays paused). Clones are ordinary daemon machines whose record names
+their snapshot (``snapshot``): each start of one is a fresh clone of it.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any
+
+from ember import paths
+from ember.api import models
+from ember.daemon.errors import Conflict, Invalid, NotFound
+from ember.daemon.events import now
+from ember.snapshots.compat import HostIdentity, host_identity
+from ember.snapshots.manifest import SnapshotError
+from ember.snapshots.store import Snapshot, SnapshotInUse, SnapshotNotFound, SnapshotStore
+
+if TYPE_CHECKING:
+    from ember.daemon.managed import Managed
+    from ember.host.probe import AccelChoice
+
+
+class Snapshots:
+    """Snapshot operations of the manager (which provides ``get``, ``all``, ``accel``...)."""
+
+    accel: AccelChoice
+
+    if TYPE_CHECKING:
+        def all(self) -> list[Managed]: ...
+        def get(self, ref: str) -> Managed: ...
+        def _create_doc(self, body: models.MachineCreate,
+                        fields: dict[str, Any]) -> Managed: ...
+
+    _host: HostIdentity | None = None
+    _host_lock = threading.Lock()
+
+    @property
+    def snapshot_store(self) -> SnapshotStore:
+        return SnapshotStore(paths.snapshots_dir(), "user")
+
+    @property
+    def boot_snapshot_store(self) -> SnapshotStore:
+        return SnapshotStore(paths.boot_snapshots_dir(), "boot")
+
+    def host_identity(self) -> HostIdentity:
+        with self._host_lock:
+            if self._host is None:
+                self._host = host_identity(self.accel.name, paths.cache_dir())
+            return self._host
+
+    # --- reading
+
+    def snapshots(self, include_boot: bool = False) -> list[Snapshot]:
+        out = self.snapshot_store.all()
+        if include_boot:
+            out += self.boot_snapshot_store.all()
+        return out
+
+    def snapshot(self, ref: str) -> Snapshot:
+        try:
+            return self.snapshot_store.get(ref)
+        except SnapshotNotFound as exc:
+            try:
+                return self.boot_snapshot_store.get(ref)
+            except SnapshotError:
+                raise NotFound(str(exc)) from None
+        except SnapshotError as exc:
+            raise Conflict(str(exc)) from None
+
+    def clones_of(self, snap_id: str) -> list[str]:
+        return sorted(mm.name for mm in self.all() if mm.doc.get("snapshot") == snap_id)
+
+    def snapshot_model(self, snap: Snapshot) -> models.Snapshot:
+        m = snap.manifest
+        store = self.snapshot_store if m.kind == "user" else self.boot_snapshot_store
+        return models.Snapshot(
+            id=m.id, kind=m.kind, tag=m.tag or None, parent=m.parent or None, created=m.created,  # type: ignore[arg-type]
+            image=m.image_ref, image_id=m.image_id, cpus=m.cpus, memory_mib=m.memory_mib,
+            network=models.NetworkMode(m.network), accel=m.accel, qemu_version=m.qemu_version,
+            size_on_disk=m.size_on_disk, memory_allocated=m.memory_allocated,
+            pause_ms=m.pause_ms, in_use=store.in_use(snap), clones=self.clones_of(m.id))
+
+    # --- taking and removing
+
+    def take_snapshot(self, mm: Managed, tag: str | None) -> Snapshot:
+        """Snapshot the running (or paused) machine ``mm``; it goes on afterwards."""
+        if tag:
+            try:
+                self.snapshot_store.get(tag)
+                raise Conflict(f"a snapshot tagged {tag!r} exists already")
+            except SnapshotNotFound:
+                pass
+            except SnapshotError:
+                pass
+        return mm.take_snapshot(self.snapshot_store, self.host_identity(), tag or "")
+
+    def remove_snapshot(self, ref: str, force: bool = False) -> None:
+        """Delete a user snapshot; with ``force``, the daemon's clones of it first."""
+        store = self.snapshot_store
+        try:
+            snap = store.get(ref)
+        except SnapshotNotFound as exc:
+            raise NotFound(str(exc)) from None
+        except SnapshotError as exc:
+            raise Conflict(str(exc)) from None
+        clones = [mm for mm in self.all() if mm.doc.get("snapshot") == snap.id]
+        if clones and not force:
+            raise Conflict(f"snapshot {snap.manifest.tag or snap.manifest.short_id} has clones "
+                           f"({', '.join(sorted(mm.name for mm in clones))}): remove them "
+                           "first, or force")
+        for mm in clones:
+            mm.remove(force=True)
+        try:
+            store.remove(snap.id)
+        except SnapshotInUse as exc:
+            raise Conflict(str(exc)) from None
+
+    # --- clones
+
+    def create_from_snapshot(self, body: models.MachineCreate) -> Managed:
+        assert body.snapshot is not None
+        snap = self.snapshot(body.snapshot)
+        m = snap.manifest
+        if m.kind != "user":
+            raise Invalid("boot snapshots are ember run's cache: snapshot a machine to clone it")
+        given = body.model_fields_set
+        for field, have in (("cpus", m.cpus), ("memory_mib", m.memory_mib),
+                            ("network", m.network)):
+            want = getattr(body, field)
+            want = want.value if isinstance(want, models.NetworkMode) else want
+            if field in given and want != have:
+                raise Invalid(f"snapshot {m.tag or m.short_id} is of a machine with "
+                              f"{field} {have}: a clone has the shape of its snapshot")
+        if body.network == models.NetworkMode.none and body.ports:
+            raise Invalid("ports cannot be published with network none")
+        return self._create_doc(body, {
+            "image": m.image_ref, "image_id": m.image_id, "snapshot": m.id,
+            "cpus": m.cpus, "memory_mib": m.memory_mib, "network": m.network,
+        })
+
+    def clone(self, mm: Managed, count: int, tag: str | None) -> tuple[Snapshot, list[Managed]]:
+        """Snapshot ``mm`` and start ``count`` clones of it (named after it: NAME-1, ...)."""
+        snap = self.take_snapshot(mm, tag)
+        names = {x.name for x in self.all()}
+        made: list[Managed] = []
+        i = 0
+        for _ in range(count):
+            i += 1
+            while f"{mm.name}-{i}" in names:
+                i += 1
+            body = models.MachineCreate(snapshot=snap.id, name=f"{mm.name}-{i}",
+                                        restart=models.RestartPolicy(mm.doc["restart"]),
+                                        ports=[models.PortSpec(host_ip=p["host_ip"],
+                                                               host_port=0,
+                                                               guest_port=p["guest_port"])
+                                               for p in mm.doc.get("_port_specs") or []])
+            clone = self.create_from_snapshot(body)
+            clone.doc["created_at"] = now()
+            clone.start()
+            made.append(clone)
+        return snap, made
