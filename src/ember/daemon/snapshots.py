@@ -9,13 +9,14 @@ their snapshot (``snapshot``): each start of one is a fresh clone of it.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from typing import TYPE_CHECKING, Any
 
 from ember import paths
 from ember.api import models
 from ember.daemon.errors import Conflict, Invalid, NotFound
-from ember.daemon.events import now
 from ember.snapshots.compat import HostIdentity, host_identity
 from ember.snapshots.manifest import SnapshotError
 from ember.snapshots.store import Snapshot, SnapshotInUse, SnapshotNotFound, SnapshotStore
@@ -107,7 +108,13 @@ class Snapshots:
         except SnapshotNotFound as exc:
             raise NotFound(str(exc)) from None
         except SnapshotError as exc:
-            raise Conflict(str(exc)) from None
+            if not (paths.snapshots_dir() / ref).is_dir():
+                raise Conflict(str(exc)) from None
+            try:
+                store.remove(ref)  # a damaged snapshot, named by its id
+            except SnapshotInUse as exc2:
+                raise Conflict(str(exc2)) from None
+            return
         clones = [mm for mm in self.all() if mm.doc.get("snapshot") == snap.id]
         if clones and not force:
             raise Conflict(f"snapshot {snap.manifest.tag or snap.manifest.short_id} has clones "
@@ -144,7 +151,14 @@ class Snapshots:
         })
 
     def clone(self, mm: Managed, count: int, tag: str | None) -> tuple[Snapshot, list[Managed]]:
-        """Snapshot ``mm`` and start ``count`` clones of it (named after it: NAME-1, ...)."""
+        """Snapshot ``mm`` and start ``count`` clones of it (named after it: NAME-1, ...).
+
+        The clones start in parallel (a few at a time: each start is mostly QEMU's
+        and the guest's CPU). If one cannot start, it is removed, the others are
+        kept, and the error says how many started.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
         snap = self.take_snapshot(mm, tag)
         names = {x.name for x in self.all()}
         made: list[Managed] = []
@@ -159,8 +173,24 @@ class Snapshots:
                                                                host_port=0,
                                                                guest_port=p["guest_port"])
                                                for p in mm.doc.get("_port_specs") or []])
-            clone = self.create_from_snapshot(body)
-            clone.doc["created_at"] = now()
-            clone.start()
-            made.append(clone)
+            made.append(self.create_from_snapshot(body))
+        workers = max(1, min(len(made), 2 * (os.cpu_count() or 1)))
+        with ThreadPoolExecutor(workers, thread_name_prefix="ember-clone") as pool:
+            outcomes = list(pool.map(_start, made))
+        failed = [(c, exc) for c, exc in zip(made, outcomes, strict=True) if exc is not None]
+        for c, _ in failed:
+            with contextlib.suppress(Exception):
+                c.remove(force=True)
+        if failed:
+            started = len(made) - len(failed)
+            raise Conflict(f"{len(failed)} of {count} clones of {mm.name} could not start "
+                           f"({started} did): {failed[0][1]}")
         return snap, made
+
+
+def _start(mm: Managed) -> BaseException | None:
+    try:
+        mm.start()
+        return None
+    except Exception as exc:  # reported by the caller, with the others'
+        return exc

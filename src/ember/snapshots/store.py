@@ -269,19 +269,22 @@ class SnapshotStore:
         finally:
             os.close(fd)
 
-    def remove(self, ref: str) -> Manifest:
-        """Delete a snapshot that no running clone uses.
+    def remove(self, ref: str) -> Manifest | None:
+        """Delete a snapshot that no running clone uses; None: it was damaged (and is gone).
 
         Raises:
             SnapshotNotFound: no such snapshot. SnapshotInUse: a clone maps its memory.
         """
-        try:
+        path = self.root / ref
+        if ID_RE.fullmatch(ref) and path.is_dir():
+            try:
+                snap = self._load(path)
+            except SnapshotError:
+                # a damaged one can still be removed (unless a clone maps it)
+                self._remove(Snapshot(_stub(ref), path))
+                return None
+        else:
             snap = self.get(ref)
-        except SnapshotNotFound:
-            if ID_RE.fullmatch(ref) and (self.root / ref).is_dir():
-                self._delete(self.root / ref)  # a damaged one can still be removed
-                raise SnapshotNotFound(f"snapshot {ref[:12]} was damaged; removed") from None
-            raise
         self._remove(snap)
         return snap.manifest
 
@@ -333,6 +336,18 @@ class SnapshotStore:
             yield
         finally:
             os.close(fd)
+
+
+def _stub(snap_id: str) -> Manifest:
+    """A placeholder manifest naming a damaged snapshot (for messages only)."""
+    from ember.snapshots.manifest import FileRef
+
+    ref = FileRef("", 0, "0" * 64)
+    return Manifest(id=snap_id, kind="user", created="", qemu_version="", qemu_build="",
+                    accel="tcg", cpu_model="", cpus=1, memory_mib=64, network="none",
+                    devices=(), kernel=ref, initramfs=ref, rootfs=ref, cmdline="", image_id="",
+                    image_ref="", image_config={}, state_size=0, state_sha256="",
+                    memory_size=0, memory_allocated=0, size_on_disk=0, pause_ms=0.0)
 
 
 def disk_usage(path: Path) -> int:
