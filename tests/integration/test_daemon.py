@@ -193,10 +193,14 @@ def test_vmm_killed_marks_crashed_frees_resources_spares_others(
     from ember.vmm.spec import MachineSpec
 
     created = create(api, name="victim", cmd=["sleep", "3600"])
-    memory = daemon.home / "machines" / "daemon" / created["id"] / "victim" / \
-        MachineSpec.MEMORY_FILE
+    state = daemon.home / "machines" / "daemon" / created["id"] / "victim"
     pid = start(api, "victim")["pid"]
-    assert memory.is_file() and memory.stat().st_size == 256 << 20  # the guest's RAM
+    # the guest's RAM: a memfd QEMU holds, on no filesystem
+    fd = int((state / MachineSpec.MEMORY_FD_FILE).read_text())
+    memory = Path(f"/proc/{pid}/fd/{fd}")
+    assert os.readlink(memory).startswith("/memfd:ember-victim")
+    assert memory.stat().st_size == 256 << 20
+    assert not (state / MachineSpec.MEMORY_FILE).exists()
     os.kill(pid, signal.SIGKILL)
     m = wait_state(api, "victim", "crashed")
     assert "QEMU exited unexpectedly (signal 9)" in m["reason"]

@@ -384,3 +384,49 @@ def test_boot_snapshots_are_listed_with_all(api: httpx.Client, store: ImageStore
     assert all(s["kind"] == "user" for s in api.get("/v1/snapshots").json())
     proc = ember("doctor")
     assert b"boot snapshots" in proc.stdout + proc.stderr
+
+
+def test_daemon_machines_start_warm_and_can_be_snapshotted(api: httpx.Client,
+                                                           store: ImageStore) -> None:
+    """The daemon's machines use the boot snapshots too; such a machine (its memory a
+    copy of the boot snapshot's) is snapshotted like a booted one."""
+    names = ["warm-d1", "warm-d2"]
+    try:
+        create(api, name=names[0], cmd=["sleep", "3600"])
+        start(api, names[0])  # keeps the shape's boot snapshot if none exists yet
+
+        def warm_second() -> bool:  # (committed on a thread: a start may come too early)
+            delete(api, names[1])
+            create(api, name=names[1], cmd=["sleep", "3600"])
+            start(api, names[1])
+            console = api.get(f"/v1/machines/{names[1]}/logs",
+                              params={"source": "console"}).text
+            return "restored from snapshot" in console and "Linux version" in console
+
+        wait_for("a warm start", warm_second, timeout=60)
+        assert run(api, names[1], "hostname")["stdout"] == f"{names[1]}\n"
+        assert run(api, names[1], "sh", "-c", "echo warm-write > /tmp/w")["exit_code"] == 0
+        r = api.post(f"/v1/machines/{names[1]}/snapshots", json={"tag": "warm-d2-snap"})
+        assert r.status_code == 201, r.text
+        proc = ember("run", "-q", "--from", "warm-d2-snap", "--", "cat", "/tmp/w")
+        assert (proc.returncode, proc.stdout) == (0, b"warm-write\n"), proc.stderr.decode()
+    finally:
+        for name in names:
+            delete(api, name)
+        api.delete("/v1/snapshots/warm-d2-snap", params={"force": "true"})
+
+
+def test_a_clone_can_be_snapshotted_and_cloned_again(api: httpx.Client,
+                                                     snapshot: dict[str, Any]) -> None:
+    create(api, snapshot=snapshot["id"], name="snap-gen1", cmd=["sleep", "3600"])
+    try:
+        start(api, "snap-gen1")
+        assert run(api, "snap-gen1", "sh", "-c", "echo gen1 > /tmp/gen")["exit_code"] == 0
+        r = api.post("/v1/machines/snap-gen1/snapshots", json={"tag": "snap-gen1-s"})
+        assert r.status_code == 201, r.text
+        proc = ember("run", "-q", "--from", "snap-gen1-s", "--", "sh", "-c",
+                     "cat /tmp/before /tmp/gen")
+        assert (proc.returncode, proc.stdout) == (0, b"before\ngen1\n"), proc.stderr.decode()
+    finally:
+        delete(api, "snap-gen1")
+        api.delete("/v1/snapshots/snap-gen1-s", params={"force": "true"})

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_agent_host import Running, T, start_agent
+from test_agent_host import T, start_agent
 
 import ember.guest.agent as agent_builder
 from ember.agent.client import AgentClient

@@ -175,6 +175,7 @@ class Managed(Adoption, RestartPolicy):
                 shutil.rmtree(self.state_dir)
             self.doc["_vm_name"] = self.name
             self.root.mkdir(parents=True, exist_ok=True)
+            keep: str | None = None
             if self.doc.get("snapshot"):
                 m, process, follow = self._clone_machine(config)
             else:
@@ -184,9 +185,15 @@ class Managed(Adoption, RestartPolicy):
                 m = Machine.create(machines_dir=self.root, guest=self.mgr.guest(),
                                    rootfs=rootfs, accel=self.mgr.accel, config=config,
                                    name=self.name)
+                m, keep = self.mgr.warm(m)  # a clone of its shape's boot snapshot, if any
             self.machine = m
             m.start(boot_timeout=self.mgr.boot_timeout,
                     progress=lambda msg: log.warning("%s", msg))
+            if keep is not None:  # the first boot of its shape: keep it, before its command
+                from ember.snapshots.take import ImageInfo
+
+                self.mgr.keep_boot_snapshot(m, keep, ImageInfo.of(image.id, self.doc["image"],
+                                                                  image.config))
         except (EmberError, OSError) as exc:
             detail = str(exc)
             if isinstance(exc, MachineCrashed) and m is not None:

@@ -10,6 +10,7 @@ their snapshot (``snapshot``): each start of one is a fresh clone of it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 from typing import TYPE_CHECKING, Any
@@ -17,13 +18,17 @@ from typing import TYPE_CHECKING, Any
 from ember import paths
 from ember.api import models
 from ember.daemon.errors import Conflict, Invalid, NotFound
+from ember.errors import EmberError
 from ember.snapshots.compat import HostIdentity, host_identity
 from ember.snapshots.manifest import SnapshotError
 from ember.snapshots.store import Snapshot, SnapshotInUse, SnapshotNotFound, SnapshotStore
+from ember.util import log
 
 if TYPE_CHECKING:
     from ember.daemon.managed import Managed
     from ember.host.probe import AccelChoice
+    from ember.machine import Machine
+    from ember.snapshots.take import ImageInfo
 
 
 class Snapshots:
@@ -126,6 +131,54 @@ class Snapshots:
             store.remove(snap.id)
         except SnapshotInUse as exc:
             raise Conflict(str(exc)) from None
+
+    # --- warm starts of image machines
+
+    def warm(self, machine: Machine) -> tuple[Machine, str | None]:
+        """``machine`` (created, not started) as a clone of its shape's boot snapshot, if
+        there is one; else itself, and the key under which to keep one after its boot
+        (None: warm starts are off)."""
+        from ember.snapshots import start as snapstart
+        from ember.snapshots.take import boot_key
+
+        try:
+            if snapstart.boot_cache_cap() <= 0:
+                return machine, None
+            host = self.host_identity()
+            key = boot_key(machine.spec, host)
+            restore = snapstart.find_boot_snapshot(self.boot_snapshot_store, key,
+                                                   machine.spec, host)
+        except (EmberError, OSError) as exc:
+            log.warning("no warm start for %s: %s", machine.name, exc)
+            return machine, None
+        if restore is None:
+            return machine, key
+        # a copy, not a shared mapping: a daemon machine is snapshotted as fast as a
+        # booted one, and nothing ties it to the (evictable) boot snapshot
+        return snapstart.as_clone(machine, dataclasses.replace(restore, copy=True)), None
+
+    def keep_boot_snapshot(self, machine: Machine, key: str, image: ImageInfo) -> None:
+        """Capture a freshly booted machine (before its main process) for later warm
+        starts of its shape; committed on a thread. Failures only cost a warm start."""
+        from ember.snapshots import start as snapstart
+        from ember.snapshots.take import begin
+
+        store = self.boot_snapshot_store
+        try:
+            pending = begin(machine, store, key)
+        except (EmberError, OSError) as exc:
+            log.warning("no boot snapshot kept: %s", exc)
+            return
+
+        def commit() -> None:
+            try:
+                pending.commit(image=image, host=self.host_identity(),
+                               hostname=machine.hostname, boot_key=key)
+                store.evict(snapstart.boot_cache_cap(), keep=key)
+            except (EmberError, OSError) as exc:
+                log.warning("no boot snapshot kept: %s", exc)
+
+        threading.Thread(target=commit, name="ember-boot-snapshot", daemon=True).start()
 
     # --- clones
 

@@ -81,8 +81,11 @@ class VMProcess:
         except VMMError:
             shutil.rmtree(spec.state_dir, ignore_errors=True)
             raise
-        memory_fd = inherited[0] if spec.restore is None else None
+        memory_fd = inherited[0] if spec.restore is None else (
+            inherited[2] if spec.restore.copy else None)
         incoming_fd = inherited[0] if spec.restore is not None else None
+        if spec.restore is not None:
+            _seed_console(spec)
         dir_fd = os.open(spec.state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         # A machine that outlives this process (a daemon's) must get its console
         # back when a restarted daemon listens again: QEMU then reconnects.
@@ -297,6 +300,15 @@ class VMProcess:
         self.close()
 
 
+def _seed_console(spec: MachineSpec) -> None:
+    """A clone's console log starts with its snapshot's (the boot it came from)."""
+    assert spec.restore is not None
+    with contextlib.suppress(OSError):
+        kept = (spec.restore.state.parent / "console.log").read_bytes()
+        spec.path(spec.CONSOLE_LOG).write_bytes(
+            kept + f"[ember: restored from snapshot {spec.restore.snapshot_id[:12]}]\n".encode())
+
+
 def _inherited_fds(spec: MachineSpec) -> list[int]:
     """The descriptors QEMU inherits: a booted machine's memory, or a clone's state and lock.
 
@@ -320,7 +332,12 @@ def _inherited_fds(spec: MachineSpec) -> list[int]:
     try:
         for path in (spec.restore.state, spec.restore.memory):
             fds.append(os.open(path, os.O_RDONLY | os.O_CLOEXEC))
-        fcntl.flock(fds[1], fcntl.LOCK_SH)
+        if spec.restore.copy:
+            from ember.vmm.snapshot import copy_into_memfd
+
+            fds.append(copy_into_memfd(fds[1], spec))
+        else:
+            fcntl.flock(fds[1], fcntl.LOCK_SH)
     except OSError as exc:
         for fd in fds:
             os.close(fd)

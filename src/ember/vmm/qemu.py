@@ -58,7 +58,7 @@ def build_command(spec: MachineSpec, qemu: str = "qemu-system-x86_64", *,
     without one, a file in the state directory mapped privately.
     """
     S = MachineSpec
-    if spec.restore is not None:
+    if spec.restore is not None and not spec.restore.copy:
         memory = f"mem-path={_opt(str(spec.restore.memory))},share=off"
     elif memory_fd is not None:
         memory = f"mem-path=/proc/self/fd/{memory_fd},share=on"

@@ -36,6 +36,7 @@ from ember.errors import VMMError
 if TYPE_CHECKING:
     from ember.vmm.process import VMProcess
     from ember.vmm.qmp import QMPClient
+    from ember.vmm.spec import MachineSpec
 
 _IGNORE_SHARED = [{"capability": "x-ignore-shared", "state": True}]
 
@@ -68,12 +69,18 @@ def capture(vm: VMProcess, dest: Path, *, timeout: float = 30.0) -> Capture:
     """
     from ember.vmm.qmp import QMPClient
 
-    if vm.memory_fd is None:
-        raise VMMError(f"machine {vm.spec.name} was started from a snapshot: its memory is a "
-                       "private copy-on-write mapping that cannot be captured yet")
     size = vm.spec.memory_mib << 20
+    clone: tuple[int, Path] | None = None
     try:
-        src = os.open(f"/proc/{vm.pid}/fd/{vm.memory_fd}", os.O_RDONLY | os.O_CLOEXEC)
+        if vm.memory_fd is not None:
+            src = os.open(f"/proc/{vm.pid}/fd/{vm.memory_fd}", os.O_RDONLY | os.O_CLOEXEC)
+        elif vm.spec.restore is not None:
+            # a clone: its RAM is its snapshot's file plus the pages it wrote since
+            base = vm.spec.restore.memory
+            clone = (_find_mapping(vm.pid, base, size), base)
+            src = os.open(base, os.O_RDONLY | os.O_CLOEXEC)
+        else:
+            raise VMMError(f"machine {vm.spec.name}: its memory is not one Ember can capture")
     except OSError as exc:
         raise VMMError(f"machine {vm.spec.name}: cannot open its memory: {exc.strerror}") \
             from exc
@@ -90,7 +97,8 @@ def capture(vm: VMProcess, dest: Path, *, timeout: float = 30.0) -> Capture:
                 q.execute("migrate", uri="fd:ember-snapshot")
                 stopped = True
                 _wait_migration(q, timeout, "snapshot")
-                copied = _copy_memory(src, dest / MEMORY_FILE, size)
+                copied = _copy_memory(src, dest / MEMORY_FILE, size,
+                                      private=(vm.pid, clone[0]) if clone else None)
             finally:
                 os.close(fd)
                 if stopped and was_running:
@@ -98,8 +106,40 @@ def capture(vm: VMProcess, dest: Path, *, timeout: float = 30.0) -> Capture:
             pause = time.monotonic() - t0
     finally:
         os.close(src)
+    _keep_console(vm, dest)
     return Capture(pause_s=pause, state_bytes=state_path.stat().st_size,
                    memory_bytes=copied, memory_size=size)
+
+
+#: How much of the machine's console a snapshot keeps (its clones' console starts with it).
+CONSOLE_KEEP = 64 << 10
+CONSOLE_FILE = "console.log"
+
+
+def _keep_console(vm: VMProcess, dest: Path) -> None:
+    """Keep the console's last bytes (the boot's messages) for the clones' consoles."""
+    with contextlib.suppress(OSError):
+        data = vm.spec.path(vm.spec.CONSOLE_LOG).read_bytes()[-CONSOLE_KEEP:]
+        fd = os.open(dest / CONSOLE_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                     0o444)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+
+
+def _find_mapping(pid: int, path: Path, size: int) -> int:
+    """The address at which QEMU ``pid`` maps ``path`` (the guest RAM of a clone)."""
+    ino = os.stat(path).st_ino
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            fields = line.split(maxsplit=5)
+            if len(fields) < 6 or fields[4] != str(ino) or int(fields[2], 16) != 0:
+                continue
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if hi - lo == size:
+                return lo
+    raise VMMError(f"QEMU (pid {pid}) does not map its snapshot's memory {path}")
 
 
 def restore(vm: VMProcess, *, timeout: float = 30.0) -> None:
@@ -155,28 +195,98 @@ def _wait_migration(q: QMPClient, timeout: float, what: str) -> None:
         delay = min(delay * 2, 0.01)
 
 
-def _copy_memory(src: int, dest: Path, size: int) -> int:
-    """Copy the data (not the holes) of the memfd ``src`` into a new sparse file ``dest``."""
+def copy_into_memfd(src: int, spec: MachineSpec) -> int:
+    """A memfd of the guest's size holding the data of the snapshot memory ``src``."""
+    fd = os.memfd_create(f"ember-{spec.name}", os.MFD_CLOEXEC)
+    try:
+        size = spec.memory_mib << 20
+        os.ftruncate(fd, size)
+        _copy_extents(src, fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _copy_extents(src: int, out: int, size: int) -> int:
+    """Copy the data extents (not the holes) of ``src`` to the same offsets of ``out``."""
+    copied = 0
+    off = 0
+    while off < size:
+        try:
+            data = os.lseek(src, off, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after off
+                break
+            raise
+        hole = min(os.lseek(src, data, os.SEEK_HOLE), size)
+        _copy_range(src, out, data, hole - data)
+        copied += hole - data
+        off = hole
+    return copied
+
+
+def _copy_memory(src: int, dest: Path, size: int, *,
+                 private: tuple[int, int] | None = None) -> int:
+    """Copy the data (not the holes) of ``src`` into a new sparse file ``dest``.
+
+    ``private``: (pid, address) of a clone's QEMU, whose RAM is ``src`` (its snapshot's
+    memory, mapped privately) plus the pages it wrote since: those (anonymous
+    in ``/proc/PID/pagemap``: present or swapped, and not file pages) are then
+    read from ``/proc/PID/mem`` over the copy.
+    """
     out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
     copied = 0
     try:
         os.ftruncate(out, size)
-        off = 0
-        while off < size:
-            try:
-                data = os.lseek(src, off, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # no data after off
-                    break
-                raise
-            hole = min(os.lseek(src, data, os.SEEK_HOLE), size)
-            _copy_range(src, out, data, hole - data)
-            copied += hole - data
-            off = hole
+        copied = _copy_extents(src, out, size)
+        if private is not None:
+            copied += _copy_private_pages(private[0], private[1], size, out)
     except OSError as exc:
         raise VMMError(f"cannot write the snapshot's memory {dest}: {exc.strerror}") from exc
     finally:
         os.close(out)
+    return copied
+
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+_PRESENT, _SWAPPED, _FILE = 1 << 63, 1 << 62, 1 << 61
+
+
+def _copy_private_pages(pid: int, addr: int, size: int, out: int) -> int:
+    """Write the pages QEMU ``pid`` holds privately in [addr, addr+size) into ``out``."""
+    import array
+
+    npages = size // PAGE
+    pm = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+    copied = 0
+    try:
+        entries = array.array("Q")
+        want = npages * 8
+        raw = b""
+        while len(raw) < want:
+            chunk = os.pread(pm, want - len(raw), (addr // PAGE) * 8 + len(raw))
+            if not chunk:
+                raise OSError(errno.EIO, "short read of the clone's page map")
+            raw += chunk
+        entries.frombytes(raw)
+        i = 0
+        while i < npages:
+            e = entries[i]
+            if not (e & (_PRESENT | _SWAPPED)) or e & _FILE:
+                i += 1
+                continue
+            j = i + 1
+            while j < npages and entries[j] & (_PRESENT | _SWAPPED) and not entries[j] & _FILE:
+                j += 1
+            data = os.pread(mem, (j - i) * PAGE, addr + i * PAGE)
+            os.pwrite(out, data, i * PAGE)
+            copied += len(data)
+            i = j
+    finally:
+        os.close(pm)
+        os.close(mem)
     return copied
 
 

@@ -44,19 +44,25 @@ class RestoreSpec:
     ``memory`` is mapped privately (copy-on-write: the clone's writes are its own
     and never reach the file, which many clones share); ``state`` is QEMU's
     device state, loaded at start. See ``vmm/snapshot.py``.
+
+    ``copy``: instead, the memory is copied into a memfd of the clone's own, as a
+    booted machine has: it shares nothing, and can itself be snapshotted as fast
+    as a booted machine (a daemon's warm starts).
     """
 
     snapshot_id: str
     memory: Path
     state: Path
+    copy: bool = False
 
-    def to_json(self) -> dict[str, str]:
+    def to_json(self) -> dict[str, Any]:
         return {"snapshot_id": self.snapshot_id, "memory": str(self.memory),
-                "state": str(self.state)}
+                "state": str(self.state), "copy": self.copy}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RestoreSpec:
-        return cls(str(d["snapshot_id"]), Path(d["memory"]), Path(d["state"]))
+        return cls(str(d["snapshot_id"]), Path(d["memory"]), Path(d["state"]),
+                   bool(d.get("copy", False)))
 
 
 @dataclass(frozen=True)
