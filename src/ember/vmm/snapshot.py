@@ -62,28 +62,26 @@ def capture(vm: VMProcess, dest: Path, *, timeout: float = 30.0) -> Capture:
     ``dest`` must exist; ``state`` and ``memory`` are created in it (the caller
     renames the directory into place once everything is written).
 
+    A clone that maps its snapshot privately has RAM QEMU does not share: the
+    stream carries it (a longer pause, a state file the size of the touched RAM,
+    and clones of the result share nothing); its ``memory`` file stays holes.
+
     Raises:
-        VMMError: the machine cannot be snapshotted (a clone, whose memory is a
-            private mapping), or QEMU failed; the machine is resumed in any case
-            if it was running.
+        VMMError: QEMU failed; the machine is resumed in any case if it was running.
     """
     from ember.vmm.qmp import QMPClient
 
     size = vm.spec.memory_mib << 20
-    clone: tuple[int, Path] | None = None
-    try:
-        if vm.memory_fd is not None:
+    src: int | None = None
+    if vm.memory_fd is not None:
+        try:
             src = os.open(f"/proc/{vm.pid}/fd/{vm.memory_fd}", os.O_RDONLY | os.O_CLOEXEC)
-        elif vm.spec.restore is not None:
-            # a clone: its RAM is its snapshot's file plus the pages it wrote since
-            base = vm.spec.restore.memory
-            clone = (_find_mapping(vm.pid, base, size), base)
-            src = os.open(base, os.O_RDONLY | os.O_CLOEXEC)
-        else:
-            raise VMMError(f"machine {vm.spec.name}: its memory is not one Ember can capture")
-    except OSError as exc:
-        raise VMMError(f"machine {vm.spec.name}: cannot open its memory: {exc.strerror}") \
-            from exc
+        except OSError as exc:
+            raise VMMError(f"machine {vm.spec.name}: cannot open its memory: "
+                           f"{exc.strerror}") from exc
+    # else a clone mapping its snapshot privately: that RAM is not shared, so the
+    # migration stream carries it (slower, and its clones share nothing), and the
+    # memory file stays all holes
     try:
         with QMPClient.connect(vm.socket_path(vm.spec.QMP_SOCKET), timeout=timeout) as q:
             was_running = q.execute("query-status").get("status") == "running"
@@ -97,15 +95,15 @@ def capture(vm: VMProcess, dest: Path, *, timeout: float = 30.0) -> Capture:
                 q.execute("migrate", uri="fd:ember-snapshot")
                 stopped = True
                 _wait_migration(q, timeout, "snapshot")
-                copied = _copy_memory(src, dest / MEMORY_FILE, size,
-                                      private=(vm.pid, clone[0]) if clone else None)
+                copied = _copy_memory(src, dest / MEMORY_FILE, size)
             finally:
                 os.close(fd)
                 if stopped and was_running:
                     q.execute("cont")
             pause = time.monotonic() - t0
     finally:
-        os.close(src)
+        if src is not None:
+            os.close(src)
     _keep_console(vm, dest)
     return Capture(pause_s=pause, state_bytes=state_path.stat().st_size,
                    memory_bytes=copied, memory_size=size)
@@ -126,20 +124,6 @@ def _keep_console(vm: VMProcess, dest: Path) -> None:
             os.write(fd, data)
         finally:
             os.close(fd)
-
-
-def _find_mapping(pid: int, path: Path, size: int) -> int:
-    """The address at which QEMU ``pid`` maps ``path`` (the guest RAM of a clone)."""
-    ino = os.stat(path).st_ino
-    with open(f"/proc/{pid}/maps") as f:
-        for line in f:
-            fields = line.split(maxsplit=5)
-            if len(fields) < 6 or fields[4] != str(ino) or int(fields[2], 16) != 0:
-                continue
-            lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            if hi - lo == size:
-                return lo
-    raise VMMError(f"QEMU (pid {pid}) does not map its snapshot's memory {path}")
 
 
 def restore(vm: VMProcess, *, timeout: float = 30.0) -> None:
@@ -226,67 +210,18 @@ def _copy_extents(src: int, out: int, size: int) -> int:
     return copied
 
 
-def _copy_memory(src: int, dest: Path, size: int, *,
-                 private: tuple[int, int] | None = None) -> int:
-    """Copy the data (not the holes) of ``src`` into a new sparse file ``dest``.
-
-    ``private``: (pid, address) of a clone's QEMU, whose RAM is ``src`` (its snapshot's
-    memory, mapped privately) plus the pages it wrote since: those (anonymous
-    in ``/proc/PID/pagemap``: present or swapped, and not file pages) are then
-    read from ``/proc/PID/mem`` over the copy.
-    """
+def _copy_memory(src: int | None, dest: Path, size: int) -> int:
+    """Copy the data (not the holes) of ``src`` into a new sparse file ``dest``; with no
+    ``src``, ``dest`` is all holes."""
     out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444)
     copied = 0
     try:
         os.ftruncate(out, size)
-        copied = _copy_extents(src, out, size)
-        if private is not None:
-            copied += _copy_private_pages(private[0], private[1], size, out)
+        copied = _copy_extents(src, out, size) if src is not None else 0
     except OSError as exc:
         raise VMMError(f"cannot write the snapshot's memory {dest}: {exc.strerror}") from exc
     finally:
         os.close(out)
-    return copied
-
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
-_PRESENT, _SWAPPED, _FILE = 1 << 63, 1 << 62, 1 << 61
-
-
-def _copy_private_pages(pid: int, addr: int, size: int, out: int) -> int:
-    """Write the pages QEMU ``pid`` holds privately in [addr, addr+size) into ``out``."""
-    import array
-
-    npages = size // PAGE
-    pm = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-    mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
-    copied = 0
-    try:
-        entries = array.array("Q")
-        want = npages * 8
-        raw = b""
-        while len(raw) < want:
-            chunk = os.pread(pm, want - len(raw), (addr // PAGE) * 8 + len(raw))
-            if not chunk:
-                raise OSError(errno.EIO, "short read of the clone's page map")
-            raw += chunk
-        entries.frombytes(raw)
-        i = 0
-        while i < npages:
-            e = entries[i]
-            if not (e & (_PRESENT | _SWAPPED)) or e & _FILE:
-                i += 1
-                continue
-            j = i + 1
-            while j < npages and entries[j] & (_PRESENT | _SWAPPED) and not entries[j] & _FILE:
-                j += 1
-            data = os.pread(mem, (j - i) * PAGE, addr + i * PAGE)
-            os.pwrite(out, data, i * PAGE)
-            copied += len(data)
-            i = j
-    finally:
-        os.close(pm)
-        os.close(mem)
     return copied
 
 
