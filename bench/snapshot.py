@@ -6,7 +6,7 @@ Interleaved in one run, ``--runs`` rounds (medians reported):
 * warm ``ember run IMAGE -- true`` (a clone of the shape's boot snapshot);
 * ``ember run --from SNAP -- true`` (a clone of a user snapshot);
 * under the daemon, create-to-first-exec (create + start + ``exec true``) from
-  the image and from a snapshot.
+  the image (``cold``, and warm from its boot snapshot) and from a snapshot.
 
 Then: ``ember clone -n 20`` of an idle machine (clones per second, snapshot
 included); host memory of the 20 idle clones of that 256 MiB snapshot against
@@ -105,6 +105,7 @@ def main() -> None:
         warm: list[float] = []
         from_snap: list[float] = []
         d_image: list[float] = []
+        d_warm: list[float] = []
         d_snap: list[float] = []
         for i in range(args.runs):
             cold.append(timed([EMBER, "run", "-q", "--cold", "bench:latest", "--", "true"], env))
@@ -112,9 +113,14 @@ def main() -> None:
             from_snap.append(timed([EMBER, "run", "-q", "--from", "bench-snap", "--", "true"],
                                    env))
             t0 = time.perf_counter()
-            m = c.machines.create("bench:latest", name=f"img-{i}", cmd=IDLE)
+            m = c.machines.create("bench:latest", name=f"img-{i}", cmd=IDLE, cold=True)
             m.exec(["true"])
             d_image.append(time.perf_counter() - t0)
+            m.remove(force=True)
+            t0 = time.perf_counter()
+            m = c.machines.create("bench:latest", name=f"warm-{i}", cmd=IDLE)
+            m.exec(["true"])
+            d_warm.append(time.perf_counter() - t0)
             m.remove(force=True)
             t0 = time.perf_counter()
             m = c.machines.create(snapshot="bench-snap", name=f"snap-{i}")
@@ -122,7 +128,8 @@ def main() -> None:
             d_snap.append(time.perf_counter() - t0)
             m.remove(force=True)
             print(f"round {i + 1}/{args.runs}: cold {cold[-1]:.3f} s, warm {warm[-1]:.3f} s, "
-                  f"--from {from_snap[-1]:.3f} s, daemon image {d_image[-1]:.3f} s, "
+                  f"--from {from_snap[-1]:.3f} s, daemon image {d_image[-1]:.3f} s "
+                  f"(warm {d_warm[-1]:.3f} s), "
                   f"daemon snapshot {d_snap[-1]:.3f} s", file=sys.stderr)
 
         # Clones per second, and the memory of idle clones against idle booted machines.
@@ -137,7 +144,8 @@ def main() -> None:
         booted = []
         t0 = time.perf_counter()
         for i in range(args.clones):
-            booted.append(c.machines.create("bench:latest", name=f"boot-{i}", cmd=IDLE))
+            booted.append(c.machines.create("bench:latest", name=f"boot-{i}", cmd=IDLE,
+                                            cold=True))
         t_boot = time.perf_counter() - t0
         time.sleep(5)
         boot_mem = memory_of([m.refresh().pid or 0 for m in booted])
@@ -159,7 +167,9 @@ def main() -> None:
             "warm_over_cold": round(statistics.median(warm) / statistics.median(cold), 3),
             "from_snapshot_over_cold": round(statistics.median(from_snap)
                                              / statistics.median(cold), 3),
-            "daemon_create_to_first_exec_s": {"image": med(d_image), "snapshot": med(d_snap)},
+            "daemon_create_to_first_exec_s": {"image_cold": med(d_image),
+                                              "image_warm": med(d_warm),
+                                              "snapshot": med(d_snap)},
             "snapshot": {"pause_ms": snap.pause_ms, "size_on_disk_mib":
                          round(snap.size_on_disk / 2**20, 1),
                          "memory_allocated_mib": round(snap.memory_allocated / 2**20, 1),

@@ -236,6 +236,9 @@ class MachineCreate(_Request):
     auto_remove: bool = Field(default=False,
                               description="Remove the machine when it stops (`run --rm`); "
                                           "not with a restart policy.")
+    cold: bool = Field(default=False,
+                       description="Boot at every start, even where a boot snapshot of the "
+                                   "machine's shape would give a warm start.")
 
     _env = field_validator("env")(_check_env)
     _argv = field_validator("cmd", "entrypoint")(_check_argv)

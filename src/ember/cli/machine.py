@@ -74,7 +74,7 @@ def create_machine(c: Client, args: argparse.Namespace, *, start: bool) -> Machi
         workdir=args.workdir, user=args.user, hostname=args.hostname,
         ports=[parse_port(p) for p in args.publish],
         network=args.network, restart=args.restart,
-        auto_remove=bool(getattr(args, "rm", False)), start=False)
+        auto_remove=bool(getattr(args, "rm", False)), start=False, cold=args.cold)
     return _started(m) if start else m
 
 
@@ -249,5 +249,8 @@ def add_create_options(p: argparse.ArgumentParser) -> None:
                    help="user: NAT with outbound access (default); none: no network")
     p.add_argument("--restart", choices=("no", "on-failure", "always"), default="no",
                    help="restart policy (default no; a daemon machine's)")
+    p.add_argument("--cold", action="store_true",
+                   help="boot, even where a boot snapshot of this machine shape would give a "
+                   "warm start")
     p.add_argument("--rm", action="store_true",
                    help="remove the machine when it stops (a foreground run always is)")

@@ -89,9 +89,6 @@ def register(sub: Any) -> None:
                    help="run as a background service under the daemon; print its name")
     r.add_argument("--json", action="store_true",
                    help="with -d: print the machine's record as JSON")
-    r.add_argument("--cold", action="store_true",
-                   help="boot, even where a boot snapshot of this machine shape would give a "
-                   "warm start")
     r.add_argument("--from", dest="from_snapshot", metavar="SNAPSHOT",
                    help="start as a clone of this snapshot (id, prefix or tag) instead of IMAGE")
     r.add_argument("--boot-timeout", type=float, default=60.0, metavar="SECONDS",

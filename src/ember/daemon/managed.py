@@ -185,7 +185,8 @@ class Managed(Adoption, RestartPolicy):
                 m = Machine.create(machines_dir=self.root, guest=self.mgr.guest(),
                                    rootfs=rootfs, accel=self.mgr.accel, config=config,
                                    name=self.name)
-                m, keep = self.mgr.warm(m)  # a clone of its shape's boot snapshot, if any
+                if not self.doc.get("_cold"):  # a clone of its shape's boot snapshot, if any
+                    m, keep = self.mgr.warm(m)
             self.machine = m
             m.start(boot_timeout=self.mgr.boot_timeout,
                     progress=lambda msg: log.warning("%s", msg))

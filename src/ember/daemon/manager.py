@@ -197,6 +197,7 @@ class Manager(Snapshots):
             "workdir": body.workdir, "user": body.user, "hostname": body.hostname or name,
             "network": body.network.value, "ports": [],
             "publish": [p.model_dump() for p in body.ports], "auto_remove": body.auto_remove,
+            "_cold": body.cold,
             "restart": body.restart.value, "restart_count": 0, "created_at": now(),
             "started_at": None, "finished_at": None, "exit_code": None, "reason": None,
             "pid": None, "accel": None, "limits": {},

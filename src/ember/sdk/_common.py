@@ -209,7 +209,7 @@ def machine_create_body(image: str | None, *, name: str | None, cpus: int | None
                         workdir: str | None, user: str | None, hostname: str | None,
                         ports: Sequence[PortLike] | None, network: str | None,
                         restart: str, auto_remove: bool = False,
-                        snapshot: str | None = None) -> dict[str, Any]:
+                        snapshot: str | None = None, cold: bool = False) -> dict[str, Any]:
     """The JSON body of ``POST /v1/machines``, checked against the contract before sending.
 
     Only what is given is sent (``None``: the daemon's default, or a snapshot's own).
@@ -231,6 +231,8 @@ def machine_create_body(image: str | None, *, name: str | None, cpus: int | None
             kwargs["network"] = models.NetworkMode(network)
         kwargs["restart"] = models.RestartPolicy(restart)
         kwargs["auto_remove"] = auto_remove
+        if cold:
+            kwargs["cold"] = True
         body = models.MachineCreate(**kwargs)
     except ValidationError as exc:
         raise invalid(validation_message(exc)) from None

@@ -216,12 +216,14 @@ class AsyncMachines:
                      workdir: str | None = None, user: str | None = None,
                      hostname: str | None = None, ports: Sequence[PortLike] | None = None,
                      network: str | None = None, restart: str = "no",
-                     auto_remove: bool = False, start: bool = True) -> AsyncMachineHandle:
+                     auto_remove: bool = False, start: bool = True,
+                     cold: bool = False) -> AsyncMachineHandle:
         """See :meth:`ember.sdk.client.Machines.create`."""
         body = c.machine_create_body(
             image, name=name, cpus=cpus, memory_mib=memory_mib, env=env, cmd=cmd,
             entrypoint=entrypoint, workdir=workdir, user=user, hostname=hostname, ports=ports,
-            network=network, restart=restart, auto_remove=auto_remove, snapshot=snapshot)
+            network=network, restart=restart, auto_remove=auto_remove, snapshot=snapshot,
+            cold=cold)
         resp = await self._c._request("POST", "/v1/machines", json=body)
         handle = AsyncMachineHandle(self._c, models.Machine.model_validate_json(resp.content))
         if start:

@@ -288,7 +288,7 @@ class Machines:
                workdir: str | None = None, user: str | None = None,
                hostname: str | None = None, ports: Sequence[PortLike] | None = None,
                network: str | None = None, restart: str = "no", auto_remove: bool = False,
-               start: bool = True) -> MachineHandle:
+               start: bool = True, cold: bool = False) -> MachineHandle:
         """Create a machine from ``image`` (or as a clone of ``snapshot``) and (unless
         ``start=False``) start it.
 
@@ -310,7 +310,8 @@ class Machines:
         body = c.machine_create_body(
             image, name=name, cpus=cpus, memory_mib=memory_mib, env=env, cmd=cmd,
             entrypoint=entrypoint, workdir=workdir, user=user, hostname=hostname, ports=ports,
-            network=network, restart=restart, auto_remove=auto_remove, snapshot=snapshot)
+            network=network, restart=restart, auto_remove=auto_remove, snapshot=snapshot,
+            cold=cold)
         resp = self._c._request("POST", "/v1/machines", json=body)
         handle = MachineHandle(self._c, models.Machine.model_validate_json(resp.content))
         if start:
