@@ -59,9 +59,6 @@ def run_detached(args: argparse.Namespace) -> int:
                          "(then `ember exec -it NAME sh`)")
     if args.accel:
         raise EmberError("with -d the daemon chooses the accelerator: use `ember serve --accel`")
-    if args.from_snapshot is not None or args.image is None:
-        raise EmberError("run -d --from is not supported yet: use `ember run --from SNAP` in "
-                         "the foreground")
     with client() as c:
         m = create_machine(c, args, start=True)
         if args.json:
