@@ -159,13 +159,14 @@ def test_create_sends_the_contracts_body_then_starts(d: Daemon) -> None:
                               memory_mib=512, restart="on-failure")
     assert m.state == "running" and m.name == "web"
     body = json.loads(d.sent("POST", "/v1/machines")[0].content)
+    # what was given, no more: the daemon applies its defaults (1 vCPU, network user, tcp)
     assert body == {
-        "image": "sample:latest", "name": "web", "cpus": 1, "memory_mib": 512,
-        "env": {"A": "1"}, "cmd": ["sleep", "600"], "network": "user",
+        "image": "sample:latest", "name": "web", "memory_mib": 512,
+        "env": {"A": "1"}, "cmd": ["sleep", "600"],
         "restart": "on-failure", "auto_remove": False, "ports": [
-            {"guest_port": 80, "host_port": 8080, "host_ip": "127.0.0.1", "protocol": "tcp"},
-            {"guest_port": 81, "host_port": 0, "host_ip": "127.0.0.1", "protocol": "tcp"},
-            {"guest_port": 90, "host_port": 9000, "host_ip": "10.0.0.1", "protocol": "tcp"}]}
+            {"guest_port": 80, "host_port": 8080, "host_ip": "127.0.0.1"},
+            {"guest_port": 81, "host_port": 0, "host_ip": "127.0.0.1"},
+            {"guest_port": 90, "host_port": 9000, "host_ip": "10.0.0.1"}]}
 
 
 def test_a_machine_that_fails_to_boot_is_removed_again(d: Daemon) -> None:
@@ -508,3 +509,47 @@ def test_a_daemon_that_is_starting_is_waited_for_not_doubled(held_lock: Path) ->
         f"the ember daemon (pid 4242) accepts connections on {held_lock / 'ember.sock'} but "
         f"did not answer within 0.3 s; see {held_lock / 'daemon.log'}")
     assert not (held_lock / "spawns").exists()
+
+
+SNAPSHOT = {"id": "ab" * 16, "kind": "user", "tag": "v1", "parent": "web",
+            "created": "2026-12-01T00:00:00.000Z", "image": "sample:latest",
+            "image_id": "sha256:x", "cpus": 1, "memory_mib": 256, "network": "user",
+            "accel": "tcg", "qemu_version": "7.2", "size_on_disk": 1, "memory_allocated": 1,
+            "pause_ms": 20.0, "in_use": False, "clones": []}
+
+
+def test_snapshots_and_clones_from_both_clients(d: Daemon) -> None:
+    d.on("GET", "/v1/machines/web", 200, MACHINE)
+    d.on("POST", "/v1/machines/abc123def456/snapshots", 201, SNAPSHOT)
+    d.on("POST", "/v1/machines/abc123def456/clone", 201,
+         {"snapshot": SNAPSHOT, "machines": [{**MACHINE, "name": "web-1"}]})
+    d.on("GET", "/v1/snapshots", 200, [SNAPSHOT])
+    d.on("DELETE", "/v1/snapshots/v1", 409, err("conflict", "has clones"))
+    d.on("POST", "/v1/machines", 201, {**MACHINE, "snapshot": "ab" * 16})
+    with d.client() as c:
+        m = c.machines.get("web")
+        assert m.snapshot("v1").pause_ms == 20.0
+        snap, clones = m.clone(1)
+        assert snap.tag == "v1" and [x.name for x in clones] == ["web-1"]
+        assert [s.id for s in c.snapshots.list()] == ["ab" * 16]
+        with pytest.raises(Conflict, match="has clones"):
+            c.snapshots.remove("v1")
+        c.machines.create(snapshot="v1", start=False)
+
+    async def main() -> None:
+        async with d.aclient() as c:
+            m = await c.machines.get("web")
+            assert (await m.snapshot()).id == "ab" * 16
+            _, clones = await m.clone(1, tag="t")
+            assert clones[0].name == "web-1"
+            assert len(await c.snapshots.list(all=True)) == 1
+
+    asyncio.run(main())
+    sent = [json.loads(r.content) for r in d.sent("POST", "/v1/machines/abc123def456/snapshots")]
+    assert sent == [{"tag": "v1"}, {}]
+    assert json.loads(d.sent("POST", "/v1/machines/abc123def456/clone")[1].content) == \
+        {"count": 1, "tag": "t"}
+    # a clone's body names only what was given: the snapshot's shape is the daemon's to apply
+    assert json.loads(d.sent("POST", "/v1/machines")[0].content) == \
+        {"snapshot": "v1", "restart": "no", "auto_remove": False}
+    assert d.sent("GET", "/v1/snapshots")[1].url.params["all"] == "true"

@@ -47,6 +47,7 @@ class AsyncClient:
             timeout=httpx.Timeout(timeout, connect=c.CONNECT_TIMEOUT), trust_env=False)
         self.images = AsyncImages(self)
         self.machines = AsyncMachines(self)
+        self.snapshots = AsyncSnapshots(self)
 
     @classmethod
     async def connect_or_start(cls, socket_path: str | os.PathLike[str] | None = None, *,
@@ -203,6 +204,25 @@ async def _achunks(f: IO[bytes]) -> AsyncIterator[bytes]:
         yield chunk
 
 
+class AsyncSnapshots:
+    """See :class:`ember.sdk.client.Snapshots`."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def list(self, all: bool = False) -> list[models.Snapshot]:
+        resp = await self._c._request("GET", "/v1/snapshots", params={"all": all})
+        return c.parse_list(models.Snapshot, resp.content)
+
+    async def get(self, ref: str) -> models.Snapshot:
+        resp = await self._c._request("GET", f"/v1/snapshots/{c.quote_ref(ref)}")
+        return models.Snapshot.model_validate_json(resp.content)
+
+    async def remove(self, ref: str, force: bool = False) -> None:
+        await self._c._request("DELETE", f"/v1/snapshots/{c.quote_ref(ref)}",
+                               params={"force": force})
+
+
 class AsyncMachines:
     """``client.machines`` of an :class:`AsyncClient`."""
 
@@ -296,6 +316,22 @@ class AsyncMachineHandle(c.MachineRecord):
         """See :meth:`ember.sdk.client.MachineHandle.wait`."""
         resp = await self._c._request("POST", f"{self._path}/wait", timeout=None)
         return models.WaitResult.model_validate_json(resp.content)
+
+    async def snapshot(self, tag: str | None = None) -> models.Snapshot:
+        """See :meth:`ember.sdk.client.MachineHandle.snapshot`."""
+        resp = await self._c._request("POST", f"{self._path}/snapshots",
+                                      json={"tag": tag} if tag else {})
+        return models.Snapshot.model_validate_json(resp.content)
+
+    async def clone(self, count: int = 1, tag: str | None = None
+                    ) -> tuple[models.Snapshot, list[AsyncMachineHandle]]:
+        """See :meth:`ember.sdk.client.MachineHandle.clone`."""
+        body: dict[str, Any] = {"count": count}
+        if tag:
+            body["tag"] = tag
+        resp = await self._c._request("POST", f"{self._path}/clone", json=body)
+        result = models.CloneResult.model_validate_json(resp.content)
+        return result.snapshot, [AsyncMachineHandle(self._c, m) for m in result.machines]
 
     async def pause(self) -> models.Machine:
         return self._update(await self._c._request("POST", f"{self._path}/pause"))
