@@ -36,6 +36,7 @@ from ember.vmm.spec import AGENT_PORT_NAME, DriveSpec, MachineSpec, RestoreSpec
 if TYPE_CHECKING:
     from ember.agent.client import AgentClient, Process
     from ember.agent.protocol import ExecRequest, ExitStatus, ReadyInfo
+    from ember.snapshots.plan import Speculative
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -238,7 +239,8 @@ class Machine:
 
     @require(MachineState.CREATED)
     def start(self, boot_timeout: float = 60.0,
-              progress: Callable[[str], None] | None = None) -> ReadyInfo:
+              progress: Callable[[str], None] | None = None,
+              speculative: Speculative | None = None) -> ReadyInfo:
         """Start QEMU and wait for the agent's READY.
 
         A boot still waiting after :data:`SLOW_BOOT` seconds is reported once to
@@ -249,9 +251,13 @@ class Machine:
                 ``boot_timeout`` (then QEMU is killed); it carries the console's tail.
         """
         self.state = MachineState.BOOTING
-        self.vm = VMProcess.start(self.spec, die_with_parent=self.ephemeral)
-        if self.ephemeral:
-            self.spec.path(self.EPHEMERAL_MARK).touch()
+        if speculative is not None:  # QEMU already started from a plan (snapshots/plan.py)
+            assert speculative.vm.spec == self.spec
+            self.vm = speculative.vm
+        else:
+            self.vm = VMProcess.start(self.spec, die_with_parent=self.ephemeral)
+            if self.ephemeral:
+                self.spec.path(self.EPHEMERAL_MARK).touch()
         # Imported only now, while the guest boots on QEMU's thread: the agent
         # client's modules cost ~20 ms that need not delay QEMU's start.
         from ember.agent.client import AgentClient
@@ -263,7 +269,7 @@ class Machine:
             slow.start()
         try:
             if self.spec.restore is not None:
-                self._restore()
+                self._restore(speculative)
             sock = self.vm.connect(MachineSpec.AGENT_SOCKET, timeout=10.0)
             if self.spec.restore is None:
                 self.agent = AgentClient(sock)
@@ -294,13 +300,16 @@ class Machine:
         log.debug("machine %s ready: %s", self.name, self.ready)
         return self.ready
 
-    def _restore(self) -> None:
+    def _restore(self, speculative: Speculative | None = None) -> None:
         """Load a clone's device state; QEMU runs it the moment it is loaded."""
         from ember.vmm import snapshot
 
         assert self.vm is not None and self.spec.restore is not None
         try:
-            snapshot.restore(self.vm)
+            if speculative is not None:
+                speculative.wait_restored()  # loading since QEMU started
+            else:
+                snapshot.restore(self.vm)
         except VMMError as exc:
             self.vm.check_alive()  # QEMU refused the state: its own words say why
             raise self._give_up(f"cannot restore snapshot {self.spec.restore.snapshot_id}: "

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from ember.agent.protocol import ExecRequest, ExitStatus
     from ember.images import ProcessSpec
     from ember.snapshots.compat import HostIdentity
+    from ember.snapshots.plan import Speculative
     from ember.snapshots.store import Snapshot
     from ember.snapshots.take import ImageInfo, Pending
 
@@ -88,16 +89,36 @@ class Prepared:
     image: ImageInfo | None = None
     host: HostIdentity | None = None
     snapshot: Snapshot | None = None
+    #: QEMU already started from a plan, whose spec is this machine's.
+    speculative: Speculative | None = None
 
 
 def prepare(req: RunRequest, progress: Progress, notice: Progress = stderr_progress,
-            ) -> Prepared:
+            speculative: Speculative | None = None) -> Prepared:
     """Resolve the image (or snapshot), the guest bundle and the accelerator; create (not
     start) the machine, as a clone of its shape's boot snapshot where there is one.
 
     ``notice`` gets what the user should know even without progress lines: a tag the
-    import of a path took from another image.
+    import of a path took from another image. ``speculative``: a QEMU started from a
+    plan (``snapshots/plan.py``); used if its spec is the one made here, else killed.
     """
+    try:
+        prep = _prepare(req, progress, notice, speculative)
+    except BaseException:
+        if speculative is not None:
+            speculative.discard()
+        raise
+    if speculative is not None and prep.speculative is not speculative:
+        log.debug("machine %s was started ahead from a plan that no longer holds: discarded",
+                  speculative.vm.spec.name)
+        speculative.discard()
+    elif speculative is not None:
+        log.debug("machine %s was started ahead from its plan", speculative.vm.spec.name)
+    return prep
+
+
+def _prepare(req: RunRequest, progress: Progress, notice: Progress,
+             speculative: Speculative | None) -> Prepared:
     require_qemu()
     from ember.host.resources import check_machine_shape
     from ember.vmm.network import check_network, check_ports_free, parse_port
@@ -128,8 +149,9 @@ def prepare(req: RunRequest, progress: Progress, notice: Progress = stderr_progr
     rootfs = store.rootfs(image, progress=progress)
     guest = ensure_guest(paths.cache_dir(), progress)
     _reap_and_check_name(req)
+    name = req.name or (speculative.vm.spec.name if speculative is not None else None)
     machine = Machine.create(machines_dir=paths.machines_dir(), guest=guest, rootfs=rootfs,
-                             accel=accel, config=config, name=req.name)
+                             accel=accel, config=config, name=name)
     prepared = Prepared(machine, process, accel)
     if req.cold:
         return prepared
@@ -144,7 +166,10 @@ def prepare(req: RunRequest, progress: Progress, notice: Progress = stderr_progr
     key = boot_key(machine.spec, host)
     restore = snapstart.find_boot_snapshot(snapstart.boot_store(), key, machine.spec, host)
     if restore is not None:
-        return Prepared(snapstart.as_clone(machine, restore), process, accel, start="warm")
+        clone = snapstart.as_clone(machine, restore)
+        used = speculative if speculative is not None and speculative.vm.spec == clone.spec \
+            else None
+        return Prepared(clone, process, accel, start="warm", speculative=used)
     prepared.boot_key = key
     prepared.host = host
     prepared.image = ImageInfo.of(image.id, req.image, image.config)
@@ -205,9 +230,21 @@ def exec_request(req: RunRequest, process: ProcessSpec) -> ExecRequest:
         raise EmberError(f"invalid command: {exc}") from None
 
 
-def run(req: RunRequest, progress: Progress, notice: Progress = stderr_progress) -> int:
-    """Run ``req`` to completion; return the guest command's exit code (128+N for signal N)."""
-    prep = prepare(req, progress, notice)
+def run(req: RunRequest, progress: Progress, notice: Progress = stderr_progress, *,
+        plan_key: str | None = None, speculative: Speculative | None = None) -> int:
+    """Run ``req`` to completion; return the guest command's exit code (128+N for signal N).
+
+    ``plan_key``: the key of this run's plan (``snapshots/plan.py``): a warm start
+    keeps one, a boot forgets it. ``speculative``: the QEMU started from it.
+    """
+    prep = prepare(req, progress, notice, speculative)
+    if plan_key is not None and prep.speculative is None:
+        from ember.snapshots import plan
+
+        if prep.start == "warm":
+            plan.save(paths.cache_dir(), plan_key, prep.machine.spec)
+        else:
+            plan.forget(paths.cache_dir(), plan_key)
     machine, accel = prep.machine, prep.accel
     why = f" ({accel.reason})" if req.verbose or _first_time(f"{accel.name}: {accel.reason}") \
         else ""
@@ -219,7 +256,8 @@ def run(req: RunRequest, progress: Progress, notice: Progress = stderr_progress)
     committing: threading.Thread | None = None
     try:
         with _signals() as set_proc:
-            machine.start(boot_timeout=req.boot_timeout, progress=progress)
+            machine.start(boot_timeout=req.boot_timeout, progress=progress,
+                          speculative=prep.speculative)
             if prep.boot_key is not None:
                 committing = _keep_boot_snapshot(prep)
             with _terminal_raw(req.tty):

@@ -430,3 +430,27 @@ def test_a_clone_can_be_snapshotted_and_cloned_again(api: httpx.Client,
     finally:
         delete(api, "snap-gen1")
         api.delete("/v1/snapshots/snap-gen1-s", params={"force": "true"})
+
+
+def test_a_warm_run_starts_ahead_from_its_plan_and_a_stale_plan_changes_nothing(
+        store: ImageStore) -> None:
+    _warm_entry()
+    _warm_entry()  # a warm run keeps the plan the next one starts from
+    proc = ember("-v", "run", "sample", "--", "echo", "ahead")
+    assert proc.returncode == 0 and proc.stdout == b"ahead\n", proc.stderr.decode()
+    assert b"started ahead from its plan" in proc.stderr
+    # a plan that no longer holds (another memory size here) is discarded, and the run
+    # is as it would have been without it
+    plans = list((paths.cache_dir() / "run-plans").glob("*.json"))
+    assert plans
+    for p in plans:
+        doc = json.loads(p.read_text())
+        doc["spec"]["memory_mib"] = 128
+        p.write_text(json.dumps(doc))
+    before = _machines()
+    proc = ember("-v", "run", "sample", "--", "echo", "still")
+    assert proc.returncode == 0 and proc.stdout == b"still\n", proc.stderr.decode()
+    assert b"no longer holds: discarded" in proc.stderr
+    assert _machines() == before  # the speculative machine is gone
+    proc = ember("-v", "run", "sample", "--", "echo", "again")  # the plan was renewed
+    assert b"started ahead from its plan" in proc.stderr, proc.stderr.decode()

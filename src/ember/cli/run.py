@@ -20,7 +20,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise EmberError("--rm and --restart exclude each other")
     if args.detach:
         return run_detached(args)
-    from ember.run import RunRequest, run
+    plan_key, speculative = _speculate(args)
+    try:
+        from ember.run import RunRequest, run
+    except BaseException:
+        if speculative is not None:
+            speculative.discard()
+        raise
 
     if args.restart != "no":
         raise EmberError("--restart is for machines under the daemon: add -d (a foreground "
@@ -46,7 +52,30 @@ def cmd_run(args: argparse.Namespace) -> int:
         tty=args.tty, hostname=args.hostname, boot_timeout=args.boot_timeout,
         network=args.network, ports=tuple(args.publish), name=args.name,
         verbose=args.verbose, cold=args.cold, from_snapshot=args.from_snapshot)
-    return run(req, progress(args))
+    return run(req, progress(args), plan_key=plan_key, speculative=speculative)
+
+
+def _speculate(args: argparse.Namespace) -> tuple[str | None, Any]:
+    """A warm start's QEMU, spawned at once from this run's plan where there is one.
+
+    Only for the plain case: an image reference (not a path), no name, no published
+    ports, not cold. Whatever is spawned, ``ember.run.prepare`` checks it against the
+    spec it builds, and kills it if they differ (``snapshots/plan.py``).
+    """
+    import os
+
+    if (args.cold or args.from_snapshot is not None or args.name or args.publish
+            or args.image is None or os.path.exists(args.image)):
+        return None, None
+    from ember import paths
+    from ember.snapshots import plan
+
+    k = plan.key({"image": args.image, "cpus": args.cpus, "memory": args.memory,
+                  "network": args.network, "hostname": args.hostname,
+                  "accel": args.accel or os.environ.get("EMBER_ACCEL") or "auto",
+                  "home": str(paths.data_dir()), "boot_cache": os.environ.get(
+                      "EMBER_BOOT_CACHE", "")})
+    return k, plan.spawn(paths.cache_dir(), paths.machines_dir(), k)
 
 
 def run_detached(args: argparse.Namespace) -> int:
