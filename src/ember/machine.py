@@ -270,6 +270,14 @@ class Machine:
         try:
             if self.spec.restore is not None:
                 self._restore(speculative)
+            if speculative is not None and speculative.agent is not None:
+                # restored, greeted and given its identity while Ember imported
+                assert speculative.ready is not None and self.spec.restore is not None
+                self.agent = speculative.agent
+                self.ready = dataclasses.replace(speculative.ready,
+                                                 restored_from=self.spec.restore.snapshot_id)
+                self.state = MachineState.RUNNING
+                return self.ready
             sock = self.vm.connect(MachineSpec.AGENT_SOCKET, timeout=10.0)
             if self.spec.restore is None:
                 self.agent = AgentClient(sock)

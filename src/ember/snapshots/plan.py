@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ember.agent.client import AgentClient
+    from ember.agent.protocol import ReadyInfo
     from ember.vmm.process import VMProcess
     from ember.vmm.spec import MachineSpec
 
@@ -47,9 +49,12 @@ class Speculative:
     vm: VMProcess
     thread: threading.Thread
     error: list[BaseException] = field(default_factory=list)
+    #: Once restored: the agent connection, its READY, after the identity refresh.
+    agent: AgentClient | None = None
+    ready: ReadyInfo | None = None
 
     def wait_restored(self) -> None:
-        """Wait for the state load; re-raise what it failed with."""
+        """Wait for the state load and the agent's greeting; re-raise what failed."""
         self.thread.join()
         if self.error:
             raise self.error[0]
@@ -58,6 +63,8 @@ class Speculative:
         """Kill the QEMU and remove its state directory."""
         self.vm.kill()
         self.thread.join(10)
+        if self.agent is not None:
+            self.agent.close()
         self.vm.close(remove_state=True)
 
 
@@ -94,17 +101,29 @@ def spawn(cache_dir: Path, machines_dir: Path, plan_key: str) -> Speculative | N
     except (EmberError, OSError):
         return None
     spec.path("ephemeral").touch()
+    hostname = next((w.partition("=")[2] for w in spec.cmdline.split()
+                     if w.startswith("ember.hostname=")), name)
     spec_errors: list[BaseException] = []
+    restore = spec.restore
 
     def load() -> None:
+        # all that Machine.start does for a clone once QEMU runs, while Ember imports
         try:
             snapshot.restore(vm)
+            from ember.agent.client import AgentClient
+
+            sock = vm.connect(MachineSpec.AGENT_SOCKET, timeout=10.0)
+            agent = AgentClient(sock, first_channel=secrets.randbelow(1 << 30) + (1 << 30))
+            sp.agent = agent
+            sp.ready = agent.hello(timeout=60.0, resend=0.1)
+            agent.identity(hostname=hostname, snapshot=restore.snapshot_id)
         except BaseException as exc:  # reported by wait_restored
             spec_errors.append(exc)
 
     t = threading.Thread(target=load, name="ember-restore", daemon=True)
+    sp = Speculative(vm, t, spec_errors)
     t.start()
-    return Speculative(vm, t, spec_errors)
+    return sp
 
 
 def save(cache_dir: Path, plan_key: str, spec: MachineSpec) -> None:
