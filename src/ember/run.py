@@ -262,7 +262,7 @@ def run(req: RunRequest, progress: Progress, notice: Progress = stderr_progress,
                 committing = _keep_boot_snapshot(prep)
             with _terminal_raw(req.tty):
                 if prep.process is None:
-                    proc = _follow_main(prep, req)
+                    proc = _follow_main(prep)
                     exec_stdin = False
                 else:
                     exec_req = exec_request(req, prep.process)
@@ -322,7 +322,7 @@ def _keep_boot_snapshot(prep: Prepared) -> threading.Thread | None:
     return t
 
 
-def _follow_main(prep: Prepared, req: RunRequest) -> Process:
+def _follow_main(prep: Prepared) -> Process:
     """A clone without a command: follow the snapshot's main process, still running in it."""
     from ember.agent.protocol import ExecRequest
 

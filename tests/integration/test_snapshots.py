@@ -95,7 +95,7 @@ def test_a_snapshot_pauses_briefly_and_the_machine_goes_on(api: httpx.Client,
                                                           snapshot: dict[str, Any]) -> None:
     assert snapshot["kind"] == "user" and snapshot["parent"] == TEMPLATE
     assert snapshot["tag"] == "snap-tmpl-1" and snapshot["image"] == "sample:latest"
-    assert 0 < snapshot["pause_ms"] < 5000
+    assert snapshot["pause_ms"] > 0  # reported (how long is bench/snapshot.py's to say)
     # sparse: the guest touched a few tens of MB of its 256 MiB
     assert 0 < snapshot["memory_allocated"] < 256 << 20
     assert snapshot["size_on_disk"] < 256 << 20

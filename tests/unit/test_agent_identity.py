@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,7 +61,7 @@ def test_malformed_identity_is_refused(client: AgentClient, payload: dict[str, o
     assert client.hello(T).restored_from == ""  # nothing was applied
 
 
-def test_hello_is_resent_until_ready(client: AgentClient) -> None:
-    t0 = time.monotonic()
+def test_hello_with_resend_returns_the_ready(client: AgentClient) -> None:
     assert client.hello(T, resend=0.05).version == 1
-    assert time.monotonic() - t0 < T
+    # a resent HELLO's extra READY is harmless: the connection still works
+    assert client.hello(T).version == 1

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import time
 from pathlib import Path
@@ -142,4 +141,3 @@ def test_file_refs_notice_a_changed_dependency(tmp_path: Path) -> None:
     (tmp_path / "rootfs").unlink()
     with pytest.raises(SnapshotError, match="which is gone"):
         ref.check("root filesystem")
-    json.dumps(ref.__dict__)

@@ -99,9 +99,6 @@ def machine_from_snapshot(snap: Snapshot, host: HostIdentity, *, machines_dir: P
     if config.network != m.network:
         raise SnapshotError(f"snapshot {m.tag or m.short_id} is of a machine with network "
                             f"{m.network}: a clone has the network mode of its snapshot")
-    m.kernel.check("kernel")
-    m.initramfs.check("initramfs")
-    m.rootfs.check("root filesystem")
     restore = snap.restore_spec()
     spec = MachineSpec(
         name=name, state_dir=machines_dir / name, kernel=Path(m.kernel.path),
@@ -109,5 +106,6 @@ def machine_from_snapshot(snap: Snapshot, host: HostIdentity, *, machines_dir: P
         memory_mib=m.memory_mib, accel=m.accel,
         drives=(DriveSpec(Path(m.rootfs.path), readonly=True),), network=m.network,
         ports=config.ports, limit_resources=config.limit_resources, restore=restore)
+    check_shape(m, spec)  # the devices, and the kernel, initramfs and rootfs still there
     snap.touch()
     return Machine(spec, ephemeral=config.ephemeral, hostname=config.hostname)

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ember.snapshots.manifest import ID_RE, Manifest, SnapshotError, sha256_file
+from ember.snapshots.manifest import ID_RE, Manifest, SnapshotError, sha256_bytes
 from ember.util import log
 from ember.vmm.snapshot import MEMORY_FILE, STATE_FILE
 from ember.vmm.spec import RestoreSpec
@@ -71,7 +71,7 @@ class Snapshot:
         except OSError as exc:
             raise SnapshotError(f"{what} is damaged: {Path(exc.filename or '?').name} "
                                 f"is unreadable ({exc.strerror})") from None
-        if len(data) != m.state_size or _sha256(data) != m.state_sha256:
+        if len(data) != m.state_size or sha256_bytes(data) != m.state_sha256:
             raise SnapshotError(f"{what} is damaged: its device state does not match its "
                                 "manifest (truncated or corrupted)")
         if mem_size != m.memory_size:
@@ -218,7 +218,7 @@ class SnapshotStore:
                     # of one machine shape): theirs stands
                     self.discard(tmp, lock)
                     return self._load(final)
-                _fsync_dir(self.root)
+                _fsync(self.root)  # the rename itself
         except BaseException:
             self.discard(tmp, lock)
             raise
@@ -256,18 +256,10 @@ class SnapshotStore:
     def in_use(self, snap: Snapshot) -> bool:
         """Whether a running clone maps this snapshot's memory."""
         try:
-            fd = os.open(snap.path / MEMORY_FILE, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return False
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                return True
-            raise
-        finally:
-            os.close(fd)
+            with _unused(snap.path, snap.manifest.tag or snap.manifest.short_id):
+                return False
+        except SnapshotInUse:
+            return True
 
     def remove(self, ref: str) -> Manifest | None:
         """Delete a snapshot that no running clone uses; None: it was damaged (and is gone).
@@ -281,29 +273,16 @@ class SnapshotStore:
                 snap = self._load(path)
             except SnapshotError:
                 # a damaged one can still be removed (unless a clone maps it)
-                self._remove(Snapshot(_stub(ref), path))
+                self._remove(path, ref[:12])
                 return None
         else:
             snap = self.get(ref)
-        self._remove(snap)
+        self._remove(snap.path, snap.manifest.tag or snap.manifest.short_id)
         return snap.manifest
 
-    def _remove(self, snap: Snapshot) -> None:
-        fd = -1
-        with contextlib.suppress(OSError):
-            fd = os.open(snap.path / MEMORY_FILE, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            if fd >= 0:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError:
-                    raise SnapshotInUse(f"snapshot {snap.manifest.tag or snap.manifest.short_id}"
-                                        " is in use by running clones: stop or remove them "
-                                        "first") from None
-            self._delete(snap.path)
-        finally:
-            if fd >= 0:
-                os.close(fd)
+    def _remove(self, path: Path, name: str) -> None:
+        with _unused(path, name):
+            self._delete(path)
 
     def _delete(self, path: Path) -> None:
         trash = self.root / f".trash-{path.name}"
@@ -321,7 +300,7 @@ class SnapshotStore:
             if s.id == keep:
                 continue
             try:
-                self._remove(s)
+                self._remove(s.path, s.id[:12])
             except (SnapshotInUse, OSError):
                 continue
             total -= s.manifest.size_on_disk
@@ -338,16 +317,29 @@ class SnapshotStore:
             os.close(fd)
 
 
-def _stub(snap_id: str) -> Manifest:
-    """A placeholder manifest naming a damaged snapshot (for messages only)."""
-    from ember.snapshots.manifest import FileRef
+@contextlib.contextmanager
+def _unused(path: Path, name: str) -> Iterator[None]:
+    """Hold the snapshot at ``path`` exclusively: no clone maps it meanwhile.
 
-    ref = FileRef("", 0, "0" * 64)
-    return Manifest(id=snap_id, kind="user", created="", qemu_version="", qemu_build="",
-                    accel="tcg", cpu_model="", cpus=1, memory_mib=64, network="none",
-                    devices=(), kernel=ref, initramfs=ref, rootfs=ref, cmdline="", image_id="",
-                    image_ref="", image_config={}, state_size=0, state_sha256="",
-                    memory_size=0, memory_allocated=0, size_on_disk=0, pause_ms=0.0)
+    Raises:
+        SnapshotInUse: a running clone holds its shared lock on the memory file.
+    """
+    try:
+        fd = os.open(path / MEMORY_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:  # no memory file: nothing can map it
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+            raise SnapshotInUse(f"snapshot {name} is in use by running clones: stop or remove "
+                                "them first") from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def disk_usage(path: Path) -> int:
@@ -359,23 +351,9 @@ def disk_usage(path: Path) -> int:
     return total
 
 
-def _sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    _fsync(path)
-
-
-__all__ = ["Snapshot", "SnapshotStore", "SnapshotInUse", "SnapshotNotFound", "disk_usage",
-           "sha256_file"]

@@ -21,7 +21,7 @@ from typing import Any
 from ember.images.oci import ImageConfig
 from ember.machine import Machine
 from ember.snapshots.compat import HostIdentity
-from ember.snapshots.manifest import FileRef, Manifest, SnapshotError
+from ember.snapshots.manifest import FileRef, Manifest, SnapshotError, sha256_bytes
 from ember.snapshots.store import Snapshot, SnapshotStore, disk_usage
 from ember.vmm.network import NETWORK_USER
 from ember.vmm.snapshot import STATE_FILE, Capture, capture
@@ -81,7 +81,7 @@ class Pending:
                 kernel=FileRef.of(spec.kernel), initramfs=FileRef.of(spec.initramfs),
                 rootfs=FileRef.of(spec.drives[0].path), cmdline=spec.cmdline,
                 image_id=image.id, image_ref=image.ref, image_config=image.config,
-                state_size=len(state), state_sha256=hashlib.sha256(state).hexdigest(),
+                state_size=len(state), state_sha256=sha256_bytes(state),
                 memory_size=self.capture.memory_size,
                 memory_allocated=self.capture.memory_bytes,
                 size_on_disk=disk_usage(self.tmp),

@@ -302,9 +302,11 @@ class VMProcess:
 
 def _seed_console(spec: MachineSpec) -> None:
     """A clone's console log starts with its snapshot's (the boot it came from)."""
+    from ember.vmm.snapshot import CONSOLE_FILE
+
     assert spec.restore is not None
     with contextlib.suppress(OSError):
-        kept = (spec.restore.state.parent / "console.log").read_bytes()
+        kept = (spec.restore.state.parent / CONSOLE_FILE).read_bytes()
         spec.path(spec.CONSOLE_LOG).write_bytes(
             kept + f"[ember: restored from snapshot {spec.restore.snapshot_id[:12]}]\n".encode())
 
