@@ -72,3 +72,22 @@ def test_signals_by_name_or_number() -> None:
     for bad in ("SIGNOPE", "0", "65", "SIG_DFL", "-1"):
         with pytest.raises(ValueError):
             parse_signal(bad)
+
+
+def test_the_command_table_names_every_command_of_every_group() -> None:
+    """``ember CMD`` builds only CMD's group parser: the table must match the groups."""
+    import importlib
+
+    from ember.cli import COMMANDS, GROUPS, _command_of
+    from ember.cli.common import Parser
+
+    registered: dict[str, str] = {}
+    for group in GROUPS:
+        p = Parser(prog="ember")
+        sub = p.add_subparsers()
+        importlib.import_module(f"ember.cli.{group}").register(sub)
+        registered.update(dict.fromkeys(sub.choices, group))
+    assert registered == COMMANDS
+    assert _command_of(["-v", "run", "--cpus", "2", "img"]) == "run"
+    assert _command_of(["--version"]) is None
+    assert _command_of(["bogus"]) is None
