@@ -12,7 +12,8 @@ from ember.images.oci import (
     normalize_tag,
     resolve_process,
 )
-from ember.images.store import Image, ImageStore, Imported, Layer, Removal, TagMove, human_size
+from ember.images.rootfs import human_size
+from ember.images.store import Image, ImageStore, Imported, Layer, Removal, TagMove
 from ember.images.unpack import LayerScan, scan_layer, unpack_layer
 
 __all__ = [

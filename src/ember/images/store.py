@@ -26,18 +26,14 @@ using it).
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import io
 import json
 import os
 import re
-import shutil
-import stat
 import tempfile
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,14 +42,13 @@ from typing import IO, Any
 from ember import paths
 from ember.errors import (
     AmbiguousImage,
-    BuildError,
-    EmberError,
     ImageConflict,
     ImageError,
     ImageNotFound,
 )
 from ember.images import oci
 from ember.images.oci import normalize_tag
+from ember.images.rootfs import build_rootfs, human_size, rmtree
 from ember.images.sources import (
     READ_ERRORS,
     ImportPlan,
@@ -64,27 +59,12 @@ from ember.images.sources import (
     plan_oci,
     sniff_media_type,
 )
-from ember.images.unpack import scan_layer, unpack_layer
-from ember.util import Progress, atomic_write, log, run
+from ember.images.unpack import scan_layer
+from ember.util import Progress, atomic_write, log
 
 _HEX_RE = re.compile(r"^[0-9a-f]{1,64}$")
 _BLOB_NAME_RE = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 20
-
-#: Directories the guest agent mounts over; created in every rootfs if missing.
-MOUNT_POINTS = (("dev", 0o755), ("proc", 0o755), ("sys", 0o755), ("run", 0o755),
-                ("tmp", 0o1777), ("etc", 0o755))
-
-
-def human_size(n: int) -> str:
-    """``1234567`` -> ``"1.2 MB"``."""
-    size = float(n)
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    raise AssertionError("unreachable")
-
 
 def _hex(digest: str) -> str:
     return digest.split(":", 1)[1]
@@ -208,7 +188,7 @@ class ImageStore:
         for p in leftovers:
             log.info("removing leftover %s", p)
             if p.is_dir() and not p.is_symlink():
-                _rmtree(p)
+                rmtree(p)
             else:
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
@@ -664,40 +644,9 @@ class ImageStore:
             ImageError: a layer is corrupt, hostile, or does not match its diff_id.
             BuildError: mkfs.erofs failed.
         """
-        final = self.rootfs_dir / f"{image_hex}.erofs"
-        short = image_hex[:12]
-        tree = Path(tempfile.mkdtemp(dir=self.tmp_dir, prefix=f"unpack-{short}-"))
-        fd, out_name = tempfile.mkstemp(dir=self.rootfs_dir, prefix=f".{image_hex}.",
-                                        suffix=".tmp")
-        os.close(fd)
-        out = Path(out_name)
-        try:
-            os.chmod(tree, 0o755)
-            n = len(layers)
-            for i, layer in enumerate(layers):
-                say(f"unpacking layer {i + 1}/{n} ({human_size(layer.unpacked_size)})")
-                unpack_layer(self.blob_path(layer.digest), tree,
-                             compression=oci.layer_compression(layer.media_type),
-                             name=layer.digest, diff_id=layer.diff_id)
-            ensure_mount_points(tree)
-            say(f"building rootfs for sha256:{short}… (erofs)")
-            fs_uuid = str(uuid.UUID(bytes=bytes.fromhex(image_hex[:32])))
-            try:
-                # Without root the unpacked tree is all ours; "root owns all" is
-                # closer to the image than "the host user owns all".
-                owner = [] if os.geteuid() == 0 else ["--all-root"]
-                run(["mkfs.erofs", "--quiet", *owner, "-U", fs_uuid, out, tree])
-            except EmberError as exc:
-                raise BuildError(f"building rootfs for {short} failed: {exc}") from exc
-            with open(out, "rb") as f:
-                os.fsync(f.fileno())
-            os.chmod(out, 0o444)
-            os.replace(out, final)
-        finally:
-            _rmtree(tree)
-            with contextlib.suppress(FileNotFoundError):
-                out.unlink()
-        return final
+        return build_rootfs([(self.blob_path(layer.digest), layer) for layer in layers],
+                            self.rootfs_dir / f"{image_hex}.erofs", scratch=self.tmp_dir,
+                            say=say)
 
 
 def _unlink(path: Path) -> int:
@@ -708,35 +657,3 @@ def _unlink(path: Path) -> int:
     except FileNotFoundError:
         return 0
     return size
-
-
-def ensure_mount_points(tree: Path) -> None:
-    """Create the directories the guest agent mounts over, where nothing is in the way."""
-    for name, mode in MOUNT_POINTS:
-        path = tree / name
-        if os.path.lexists(path):
-            continue
-        os.mkdir(path)
-        os.chmod(path, mode)
-        if os.geteuid() == 0:
-            os.lchown(path, 0, 0)
-
-
-def _rmtree(path: Path) -> None:
-    """Remove a tree even when some directories in it are read-only (non-root runs)."""
-
-    def fix(func: Any, p: str, exc: BaseException) -> None:
-        if isinstance(exc, PermissionError) or (
-            isinstance(exc, OSError) and exc.errno == errno.EACCES
-        ):
-            parent = os.path.dirname(p)
-            with contextlib.suppress(OSError):
-                os.chmod(parent, stat.S_IRWXU)
-                if os.path.isdir(p) and not os.path.islink(p):
-                    os.chmod(p, stat.S_IRWXU)
-            func(p)
-        elif not isinstance(exc, FileNotFoundError):
-            raise exc
-
-    if os.path.lexists(path):
-        shutil.rmtree(path, onerror=lambda f, p, ei: fix(f, p, ei[1]))

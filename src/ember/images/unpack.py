@@ -115,11 +115,11 @@ def _zstd(raw: BinaryIO) -> Iterator[_HashingReader]:
     except ImportError:
         pass
     else:
-        reader = zstandard.ZstdDecompressor().stream_reader(raw)
+        zreader = zstandard.ZstdDecompressor().stream_reader(raw)
         try:
-            yield _HashingReader(reader)
+            yield _HashingReader(zreader)
         finally:
-            reader.close()
+            zreader.close()  # type: ignore[no-untyped-call, unused-ignore]
         return
     try:
         proc = subprocess.Popen(
