@@ -11,7 +11,11 @@ Every error Ember raises on purpose derives from :class:`EmberError`; its
      │    ├── ImageNotFound   no image matches a reference
      │    ├── AmbiguousImage  an id prefix matches several images
      │    ├── ImageConflict   a removal that needs force (image in use, several tags)
-     │    └── UnsafeLayer     a layer entry is hostile (escapes the root, device node...)
+     │    ├── UnsafeLayer     a layer entry is hostile (escapes the root, device node...)
+ │    └── RegistryError   a pull failed: registry unreachable, TLS, bad answers
+ │         ├── RegistryAuthError   credentials missing or refused
+ │         ├── RegistryNotFound    no such repository, tag or manifest
+ │         └── NoMatchingPlatform  the image exists, not for the platform asked
      ├── AgentError           the guest agent misbehaved or went away
      │    ├── ProtocolError   a frame was malformed, oversized or unexpected
      │    └── AgentDisconnected
@@ -63,6 +67,22 @@ class ImageConflict(ImageError):
 
 class UnsafeLayer(ImageError):
     """A layer holds an entry that would escape the root or is not allowed."""
+
+
+class RegistryError(ImageError):
+    """Pulling from a registry failed (unreachable, TLS, a bad or oversized answer)."""
+
+
+class RegistryAuthError(RegistryError):
+    """The registry wants credentials, or refused the ones given."""
+
+
+class RegistryNotFound(RegistryError, ImageNotFound):
+    """The registry has no such repository, tag or manifest."""
+
+
+class NoMatchingPlatform(RegistryError):
+    """The image has no variant for the platform asked for."""
 
 
 class AgentError(EmberError):

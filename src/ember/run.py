@@ -38,7 +38,7 @@ from ember.util import Progress, log, stderr_progress
 if TYPE_CHECKING:
     from ember.agent.client import Process
     from ember.agent.protocol import ExecRequest, ExitStatus
-    from ember.images import ProcessSpec
+    from ember.images import Image, ProcessSpec
     from ember.snapshots.compat import HostIdentity
     from ember.snapshots.plan import Speculative
     from ember.snapshots.store import Snapshot
@@ -71,6 +71,8 @@ class RunRequest:
     cold: bool = False
     #: Start as a clone of this user snapshot (id, id prefix or tag) instead of ``image``.
     from_snapshot: str | None = None
+    #: Pull ``image`` from its registry: "missing" (not in the store), "always", "never".
+    pull: str = "missing"
 
 
 @dataclass
@@ -141,7 +143,7 @@ def _prepare(req: RunRequest, progress: Progress, notice: Progress,
             notice(tag_moved_message(move))
         image = imported.image
     else:
-        image = store.resolve(req.image)
+        image = _resolve_or_pull(store, req, progress)
     process = resolve_process(
         image.config, command=list(req.command) if req.command else None,
         entrypoint=_entrypoint(req.entrypoint), env=req.env, workdir=req.workdir, user=req.user,
@@ -174,6 +176,30 @@ def _prepare(req: RunRequest, progress: Progress, notice: Progress,
     prepared.host = host
     prepared.image = ImageInfo.of(image.id, req.image, image.config)
     return prepared
+
+
+def _resolve_or_pull(store: ImageStore, req: RunRequest, progress: Progress) -> Image:
+    """The image ``req`` names, pulled from its registry first where ``req.pull`` says."""
+    from ember.errors import ImageNotFound
+
+    if req.pull != "always":
+        try:
+            return store.resolve(req.image)
+        except ImageNotFound:
+            if req.pull == "never":
+                raise
+    from ember.images.reference import looks_like_reference
+
+    if not looks_like_reference(req.image):
+        return store.resolve(req.image)
+    from ember.images.registry.pull import describe, pull
+
+    def say(event: dict[str, object]) -> None:
+        line = describe(event)
+        if line is not None:
+            progress(line)
+
+    return pull(store, req.image, on_event=say).imported.image
 
 
 def _prepare_from_snapshot(req: RunRequest, accel: AccelChoice,

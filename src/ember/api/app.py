@@ -17,13 +17,10 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from fastapi import FastAPI, Query, Request, WebSocket, WebSocketDisconnect
@@ -36,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ember import __version__
 from ember.api import models
+from ember.api.images import add_image_routes
 from ember.api.snapshots import add_snapshot_routes
 from ember.daemon.errors import Invalid, ManagerError
 from ember.daemon.events import Reader
@@ -49,7 +47,6 @@ from ember.util import log, parse_signal
 
 if TYPE_CHECKING:
     from ember.agent.client import Process
-    from ember.images.store import Image, Imported, Removal
 
 T = TypeVar("T")
 
@@ -87,28 +84,6 @@ def _validation_message(exc: RequestValidationError | ValidationError) -> tuple[
         parts.append(f"{loc}: {msg}" if loc else msg)
     more = f" (and {len(errs) - 3} more)" if len(errs) > 3 else ""
     return 422, "invalid", "; ".join(parts) + more
-
-
-def image_fields(img: Image, rootfs: Path) -> dict[str, Any]:
-    cfg = img.config
-    return {
-        "id": img.id, "short_id": img.short_id, "tags": list(img.tags), "size": img.size,
-        "created": img.created, "layers": len(img.layers),
-        "entrypoint": list(cfg.entrypoint) if cfg.entrypoint is not None else None,
-        "cmd": list(cfg.cmd) if cfg.cmd is not None else None, "env": list(cfg.env),
-        "workdir": cfg.working_dir, "user": cfg.user,
-        "exposed_ports": sorted(cfg.exposed_ports), "labels": cfg.labels_dict,
-        "stop_signal": cfg.stop_signal, "manifest_digest": img.manifest_digest,
-        "layer_details": [models.ImageLayer(digest=x.digest, media_type=x.media_type,
-                                            size=x.size, diff_id=x.diff_id)
-                          for x in img.layers],
-        "imported": img.imported, "rootfs": str(rootfs),
-    }
-
-
-def removal_model(r: Removal) -> models.ImageRemoval:
-    return models.ImageRemoval(untagged=list(r.untagged), deleted=list(r.deleted),
-                               space_reclaimed=r.reclaimed)
 
 
 class _Pipe:
@@ -301,66 +276,7 @@ def create_app(mgr: Manager) -> FastAPI:
         return models.Version(version=__version__, api=models.API_VERSION,
                               accel=mgr.accel.name, accel_reason=mgr.accel.reason)
 
-    # --- images
-
-    def image_model(img: Image) -> models.Image:
-        return models.Image(**image_fields(img, mgr.store.rootfs_path(img)))
-
-    def imported_model(result: Imported) -> models.ImageImported:
-        return models.ImageImported(
-            **image_fields(result.image, mgr.store.rootfs_path(result.image)),
-            moved_tags=[models.TagMove(tag=m.tag, from_image=m.from_id) for m in result.moved])
-
-    @app.get("/v1/images", response_model=list[models.Image], tags=["images"])
-    async def list_images() -> list[models.Image]:
-        return [image_model(i) for i in await call(mgr.images)]
-
-    @app.post("/v1/images/import", response_model=models.ImageImported, status_code=201,
-              tags=["images"])
-    async def import_image(body: models.ImageImport) -> models.ImageImported:
-        return imported_model(await call(mgr.import_image, Path(body.path), body.tag))
-
-    @app.post("/v1/images/upload", response_model=models.ImageImported, status_code=201,
-              tags=["images"], openapi_extra={"requestBody": {
-                  "required": True, "content": {
-                      "application/x-tar": {"schema": {"type": "string", "format": "binary"}},
-                      "application/octet-stream": {"schema": {"type": "string",
-                                                              "format": "binary"}}}}})
-    async def upload_image(request: Request,
-                           tag: Annotated[str | None, Query(min_length=1, max_length=255)] = None
-                           ) -> models.ImageImported:
-        fd, name = tempfile.mkstemp(dir=mgr.uploads_dir, prefix="upload-", suffix=".tar")
-        try:
-            size = 0
-            with os.fdopen(fd, "wb") as f:
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > MAX_UPLOAD:
-                        raise ManagerError(f"upload larger than {MAX_UPLOAD >> 20} MiB")
-                    await call(f.write, chunk)
-            if size == 0:
-                raise Invalid("the request body is empty: send an image archive")
-            return imported_model(await call(mgr.import_image, Path(name), tag))
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(name)
-
-    @app.post("/v1/images/prune", response_model=models.ImageRemoval, tags=["images"])
-    async def prune_images(all: bool = False) -> models.ImageRemoval:
-        return removal_model(await call(mgr.prune_images, all))
-
-    @app.post("/v1/images/{ref:path}/tag", response_model=models.Image, status_code=201,
-              tags=["images"])
-    async def tag_image(ref: str, body: models.ImageTag) -> models.Image:
-        return image_model(await call(mgr.tag_image, ref, body.tag))
-
-    @app.get("/v1/images/{ref:path}", response_model=models.Image, tags=["images"])
-    async def get_image(ref: str) -> models.Image:
-        return image_model(await call(mgr.image, ref))
-
-    @app.delete("/v1/images/{ref:path}", response_model=models.ImageRemoval, tags=["images"])
-    async def delete_image(ref: str, force: bool = False) -> models.ImageRemoval:
-        return removal_model(await call(mgr.remove_image, ref, force))
+    add_image_routes(app, mgr, call)
 
     # --- machines
 

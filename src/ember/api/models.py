@@ -67,6 +67,16 @@ class ImageImport(_Request):
                             description="Tag to give the image, e.g. `app:1.0`.")
 
 
+class ImagePull(_Request):
+    reference: str = Field(min_length=1, max_length=512,
+                           description="What to pull: `alpine`, `user/app:1`, "
+                                       "`host:5000/a/b@sha256:…` (Docker's reference rules).")
+    platform: str | None = Field(default=None, min_length=3, max_length=64,
+                                 pattern=r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$",
+                                 description="`os/arch[/variant]` to choose from a "
+                                             "multi-platform index; default the host's.")
+
+
 class ImageTag(_Request):
     tag: str = Field(min_length=1, max_length=255,
                      description="The new tag, e.g. `app:2` (`app` means `app:latest`). A tag "
@@ -102,6 +112,10 @@ class Image(_Response):
     imported: str = Field(default="", description="When the image came into the store.")
     rootfs: str = Field(default="", description="Path of its EROFS root file system on the "
                                                 "daemon's host.")
+    repo_digests: list[str] = Field(default_factory=list, description="`NAME@DIGEST` for each "
+                                    "registry reference it was pulled as.")
+    pulled_as: str | None = Field(default=None, description="The reference of its last pull, "
+                                                            "canonical.")
 
 
 class TagMove(_Response):
@@ -114,6 +128,28 @@ class ImageImported(Image):
     """An imported image, and the tags the import took from other images."""
 
     moved_tags: list[TagMove] = Field(default_factory=list)
+
+
+class PullEvent(_Response):
+    """One line of `POST /v1/images/pull`: progress, then `done` with the image (or
+    `error`)."""
+
+    status: Literal["resolved", "layer", "message", "done", "error"]
+    reference: str | None = None
+    digest: str | None = Field(default=None, description="`resolved`: the digest the "
+                                                          "registry serves for the reference.")
+    id: str | None = Field(default=None, description="`layer`: the layer's digest; "
+                                                     "`resolved`: the image id.")
+    state: Literal["exists", "waiting", "downloading", "downloaded", "unpacked"] | None = None
+    current: int | None = None
+    total: int | None = None
+    layers: int | None = None
+    size: int | None = None
+    source: str | None = None
+    message: str | None = None
+    code: int | None = Field(default=None, description="`error`: the HTTP status it would "
+                                                       "have had before the stream began.")
+    image: ImageImported | None = Field(default=None, description="`done`: the image.")
 
 
 class ImageRemoval(_Response):

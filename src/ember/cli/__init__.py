@@ -34,8 +34,9 @@ COMMANDS: dict[str, str] = {
     "logs": "logs",
     "exec": "exec",
     "cp": "cp",
+    **dict.fromkeys(("login", "logout", "pull"), "pull"),
 }
-GROUPS = ("run", "system", "image", "machine", "snapshot", "ps", "logs", "exec", "cp")
+GROUPS = ("run", "system", "image", "pull", "machine", "snapshot", "ps", "logs", "exec", "cp")
 
 
 def entry() -> None:

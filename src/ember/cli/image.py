@@ -110,7 +110,8 @@ def cmd_image_ls(args: argparse.Namespace) -> int:
         images = c.images.list()
     if args.json:
         print(json.dumps([
-            {"id": i.id, "tags": list(i.tags), "size": i.size, "created": i.created}
+            {"id": i.id, "tags": list(i.tags), "size": i.size, "created": i.created,
+             "pulled_as": i.pulled_as, "repo_digests": list(i.repo_digests)}
             for i in images
         ], indent=2))
         return 0
@@ -118,11 +119,13 @@ def cmd_image_ls(args: argparse.Namespace) -> int:
         for i in images:
             print(i.short_id)
         return 0
-    rows = [("ID", "TAGS", "SIZE", "CREATED")]
+    rows = [("ID", "TAGS", "SIZE", "CREATED", "PULLED AS", "DIGEST")]
     for i in images:
         tags = ", ".join(i.tags) or "<none>"
-        rows.append((i.short_id, tags, human_size(i.size), i.created or ""))
-    widths = [max(len(r[col]) for r in rows) for col in range(4)]
+        digest = i.repo_digests[-1].split("@", 1)[1][:19] + "…" if i.repo_digests else ""
+        rows.append((i.short_id, tags, human_size(i.size), i.created or "",
+                     i.pulled_as or "", digest))
+    widths = [max(len(r[col]) for r in rows) for col in range(6)]
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
     return 0
@@ -132,6 +135,7 @@ def inspect_doc(image: Image) -> dict[str, Any]:
     """What ``ember image inspect`` shows of one image (the keys it always had)."""
     return {
         "id": image.id, "tags": list(image.tags), "manifest_digest": image.manifest_digest,
+        "repo_digests": list(image.repo_digests), "pulled_as": image.pulled_as,
         "created": image.created, "size": image.size,
         "layers": [{"digest": x.digest, "media_type": x.media_type, "size": x.size,
                     "diff_id": x.diff_id} for x in image.layer_details],

@@ -68,6 +68,10 @@ def create_machine(c: Client, args: argparse.Namespace, *, start: bool) -> Machi
 
         imported = import_image(c, image, None, progress(args))
         image = imported.tags[0] if imported.tags else imported.id
+    else:
+        ports = [parse_port(p) for p in args.publish]  # bad options fail before any pull
+        entrypoint_arg(args.entrypoint)
+        image = _pulled(c, image, args)
     m = c.machines.create(
         image, name=args.name, cpus=args.cpus, memory_mib=args.memory,
         env=parse_env(args.env), cmd=command or None, entrypoint=entrypoint_arg(args.entrypoint),
@@ -76,6 +80,26 @@ def create_machine(c: Client, args: argparse.Namespace, *, start: bool) -> Machi
         network=args.network, restart=args.restart,
         auto_remove=bool(getattr(args, "rm", False)), start=False, cold=args.cold)
     return _started(m) if start else m
+
+
+def _pulled(c: Client, image: str, args: argparse.Namespace) -> str:
+    """``--pull``: the image pulled through the daemon when it is missing (or always)."""
+    from ember.images.reference import looks_like_reference
+    from ember.sdk import NotFound
+
+    policy = getattr(args, "pull", "missing")
+    if policy == "never" or not looks_like_reference(image):
+        return image
+    if policy == "missing":
+        try:
+            c.images.get(image)
+            return image
+        except NotFound:
+            pass
+    from ember.cli.pull import pull_image
+
+    pull_image(c, image, None, bool(getattr(args, "quiet", False)))
+    return image
 
 
 def _started(m: MachineHandle) -> MachineHandle:
@@ -252,5 +276,8 @@ def add_create_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cold", action="store_true",
                    help="boot, even where a boot snapshot of this machine shape would give a "
                    "warm start")
+    p.add_argument("--pull", choices=("missing", "always", "never"), default="missing",
+                   help="pull the image from its registry: when it is not in the store "
+                   "(default), always, or never")
     p.add_argument("--rm", action="store_true",
                    help="remove the machine when it stops (a foreground run always is)")

@@ -51,7 +51,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         cpus=args.cpus, memory_mib=args.memory, accel=args.accel, interactive=args.interactive,
         tty=args.tty, hostname=args.hostname, boot_timeout=args.boot_timeout,
         network=args.network, ports=tuple(args.publish), name=args.name,
-        verbose=args.verbose, cold=args.cold, from_snapshot=args.from_snapshot)
+        verbose=args.verbose, cold=args.cold, from_snapshot=args.from_snapshot,
+        pull=args.pull)
     return run(req, progress(args), plan_key=plan_key, speculative=speculative)
 
 

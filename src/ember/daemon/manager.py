@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -244,6 +245,17 @@ class Manager(Snapshots):
             out.setdefault(snap.manifest.image_id, []).append(
                 f"snapshot {snap.manifest.tag or snap.manifest.short_id}")
         return {k: sorted(v) for k, v in out.items()}
+
+    def pull_image(self, ref: str, platform: str | None,
+                   on_event: Callable[[dict[str, Any]], None] | None = None) -> Imported:
+        """Pull ``ref`` from its registry into the store (``images/registry/pull.py``),
+        with the daemon's own credentials and ``registries.conf``."""
+        from ember.images.registry.pull import pull
+
+        result = pull(self.store, ref, platform=platform, on_event=on_event)
+        log.info("pulled %s (%d layers fetched, %d bytes) as %s", result.reference,
+                 result.fetched, result.bytes, result.imported.image.id)
+        return result.imported
 
     def import_image(self, path: Path, tag: str | None) -> Imported:
         if not path.is_absolute():

@@ -14,13 +14,13 @@ import shutil
 import stat
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ember.errors import BuildError, EmberError
 from ember.images import oci
-from ember.images.unpack import unpack_layer
+from ember.images.unpack import LayerScan, unpack_layer
 from ember.util import Progress, run
 
 if TYPE_CHECKING:
@@ -41,10 +41,15 @@ def human_size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-def build_rootfs(layers: Sequence[tuple[Path, Layer]], final: Path, *, scratch: Path,
-                 say: Progress) -> Path:
+def build_rootfs(layers: Sequence[tuple[Path | Callable[[], Path], Layer]], final: Path, *,
+                 scratch: Path, say: Progress,
+                 on_layer: Callable[[int, LayerScan], None] | None = None) -> Path:
     """Unpack ``layers`` (blob file, layer) in order into a tree under ``scratch`` and
     build the EROFS image ``final`` (named ``<image hex>.erofs``) from it.
+
+    A blob file may be given as a function that returns it once it is there (a
+    pull unpacks each layer as soon as it and those below it are downloaded).
+    ``on_layer(i, scan)`` is told what each layer held once it is applied.
 
     Raises:
         ImageError: a layer is corrupt, hostile, or does not match its diff_id.
@@ -59,10 +64,14 @@ def build_rootfs(layers: Sequence[tuple[Path, Layer]], final: Path, *, scratch: 
     try:
         os.chmod(tree, 0o755)
         n = len(layers)
-        for i, (path, layer) in enumerate(layers):
-            say(f"unpacking layer {i + 1}/{n} ({human_size(layer.unpacked_size)})")
-            unpack_layer(path, tree, compression=oci.layer_compression(layer.media_type),
-                         name=layer.digest, diff_id=layer.diff_id)
+        for i, (source, layer) in enumerate(layers):
+            path = source if isinstance(source, Path) else source()
+            size = f" ({human_size(layer.unpacked_size)})" if layer.unpacked_size else ""
+            say(f"unpacking layer {i + 1}/{n}{size}")
+            scan = unpack_layer(path, tree, compression=oci.layer_compression(layer.media_type),
+                                name=layer.digest, diff_id=layer.diff_id)
+            if on_layer is not None:
+                on_layer(i, scan)
         ensure_mount_points(tree)
         say(f"building rootfs for sha256:{short}… (erofs)")
         fs_uuid = str(uuid.UUID(bytes=bytes.fromhex(image_hex[:32])))

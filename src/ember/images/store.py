@@ -33,6 +33,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -95,6 +96,11 @@ class Image:
     created: str  #: RFC 3339, from the image config (else the import time)
     manifest_digest: str | None = None
     imported: str = field(default="", compare=False)
+    #: ``NAME@DIGEST`` for each registry reference it was pulled as (the digest the
+    #: registry serves for it: an index's where the tag named an index).
+    repo_digests: tuple[str, ...] = ()
+    #: The canonical reference of its last pull (``docker.io/library/alpine:latest``).
+    pulled_as: str | None = None
 
     @property
     def hex(self) -> str:
@@ -132,6 +138,23 @@ class Removal:
     reclaimed: int = 0  #: bytes freed on disk (blobs, root file systems, records)
 
 
+@dataclass(frozen=True)
+class PulledImage:
+    """What a pull fetched and built, for :meth:`ImageStore.add_pulled`."""
+
+    config_digest: str
+    config_bytes: bytes
+    manifest_digest: str
+    manifest_bytes: bytes
+    layers: tuple[Layer, ...]
+    #: digest -> verified download file, for each layer not already in the store
+    blob_files: Mapping[str, Path]
+    rootfs: Path  #: the built EROFS image, on the store's file system
+    tag: str | None  #: the tag it gets (Docker's familiar form: ``alpine:latest``)
+    repo_digest: str  #: ``docker.io/library/alpine@sha256:…``
+    pulled_as: str  #: ``docker.io/library/alpine:latest``
+
+
 #: Who uses which image: image id -> names of the machines using it.
 Users = Mapping[str, Sequence[str]]
 
@@ -155,13 +178,23 @@ class ImageStore:
         self.tmp_dir = self.root / "tmp"
         self.refs_path = self.root / "refs.json"
         self.lock_path = self.root / "lock"
+        self.pulls_dir = self.root / "pulls"
+        self.downloads_dir = self.root / "downloads"
         self._lock_depth = 0
         self._lock_file: IO[bytes] | None = None
+        # one thread at a time holds the store (the flock below is per open file)
+        self._thread_lock = threading.RLock()
 
     # --- plumbing -------------------------------------------------------------
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
+        with self._thread_lock:
+            with self._flocked():
+                yield
+
+    @contextlib.contextmanager
+    def _flocked(self) -> Iterator[None]:
         if self._lock_depth:
             self._lock_depth += 1
             try:
@@ -184,7 +217,7 @@ class ImageStore:
     def _sweep(self) -> None:
         """Delete temporaries left by a killed process (all writers hold the lock)."""
         leftovers = [*self.blobs_dir.glob(".tmp-*"), *self.rootfs_dir.glob(".*.tmp"),
-                     *self.tmp_dir.iterdir()]
+                     *self.tmp_dir.iterdir(), *self._dead_pulls()]
         for p in leftovers:
             log.info("removing leftover %s", p)
             if p.is_dir() and not p.is_symlink():
@@ -192,6 +225,47 @@ class ImageStore:
             else:
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
+
+    def _dead_pulls(self) -> list[Path]:
+        """Work directories of pulls whose process is gone (their lock is free)."""
+        dead = []
+        with contextlib.suppress(FileNotFoundError):
+            for d in self.pulls_dir.iterdir():
+                try:
+                    with open(d / "lock", "rb") as f:
+                        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a pull under way
+                except OSError:  # no lock file: one starting now, or killed while it started
+                    with contextlib.suppress(OSError):
+                        if time.time() - d.stat().st_mtime < 60:
+                            continue
+                dead.append(d)
+        return dead
+
+    @contextlib.contextmanager
+    def pull_workspace(self) -> Iterator[Path]:
+        """A private work directory for a pull (unpacked tree, rootfs under construction),
+        locked for as long as the pull runs, removed afterwards or by the next sweep."""
+        self.pulls_dir.mkdir(parents=True, exist_ok=True)
+        self.downloads_dir.mkdir(parents=True, exist_ok=True)
+        ws = Path(tempfile.mkdtemp(dir=self.pulls_dir, prefix="pull-"))
+        try:
+            with open(ws / "lock", "wb") as f:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+                yield ws
+        finally:
+            rmtree(ws)
+
+    def download_path(self, digest: str) -> Path:
+        """Where a blob being downloaded grows (kept across pulls, so a download resumes)."""
+        return self.downloads_dir / f"{_hex(oci.check_digest(digest))}.part"
+
+    def has_image(self, image_id: str) -> bool:
+        return self._record_path(image_id).exists()
+
+    def has_blob(self, digest: str) -> bool:
+        return self.blob_path(digest).exists()
 
     def blob_path(self, digest: str) -> Path:
         return self.blobs_dir / _hex(oci.check_digest(digest))
@@ -243,6 +317,8 @@ class ImageStore:
             created=str(rec.get("created") or rec.get("imported") or ""),
             manifest_digest=rec.get("manifest_digest"),
             imported=str(rec.get("imported", "")),
+            repo_digests=tuple(str(d) for d in rec.get("repo_digests") or ()),
+            pulled_as=rec.get("pulled_as"),
         )
 
     def _records(self) -> list[dict[str, Any]]:
@@ -426,6 +502,85 @@ class ImageStore:
         say(f"imported {image.short_id}" + (f" as {', '.join(image.tags)}" if image.tags else ""))
         return Imported(image, moved)
 
+    def add_pulled(self, pulled: PulledImage, say: Progress | None = None) -> Imported:
+        """Commit what a pull fetched and built: blobs (renamed in from their download
+        files), config, manifest, root file system, the record and its tag.
+
+        An image already in the store (pulled meanwhile, or under another name) only
+        gains the tag and the repository digest. On failure the store is as before.
+        """
+        say = say or (lambda _m: None)
+        tags = [pulled.tag] if pulled.tag else []
+        with self._locked():
+            record_path = self._record_path(pulled.config_digest)
+            rec = self._load_record(record_path)
+            if rec is not None:
+                digests = list(rec.get("repo_digests") or ())
+                if pulled.repo_digest not in digests:
+                    digests.append(pulled.repo_digest)
+                rec["repo_digests"] = sorted(digests)
+                rec["pulled_as"] = pulled.pulled_as
+                atomic_write(record_path, json.dumps(rec, indent=1).encode())
+                moved = self._add_tags(pulled.config_digest, tags)
+                return Imported(self.resolve(pulled.config_digest), moved, new=False)
+            if not pulled.layers:
+                raise ImageError(f"image {_hex(pulled.config_digest)[:12]} was removed while "
+                                 "it was pulled: pull it again")
+            created: list[Path] = []
+            temps: list[Path] = []
+            old_refs = self._read_refs()
+            wrote_record = False
+            try:
+                for layer in pulled.layers:
+                    final = self.blob_path(layer.digest)
+                    if final.exists():
+                        continue
+                    part = pulled.blob_files[layer.digest]
+                    os.chmod(part, 0o444)
+                    os.replace(part, final)
+                    created.append(final)
+                self._put_bytes(pulled.config_bytes, "config", created, temps)
+                self._put_bytes(pulled.manifest_bytes, "manifest", created, temps)
+                self._fsync_dir(self.blobs_dir)
+                rootfs = self.rootfs_dir / f"{_hex(pulled.config_digest)}.erofs"
+                os.replace(pulled.rootfs, rootfs)
+                created.append(rootfs)
+                info = oci.parse_config(pulled.config_bytes)
+                now = _now()
+                record = {
+                    "id": pulled.config_digest,
+                    "manifest_digest": pulled.manifest_digest,
+                    "layers": [{"digest": x.digest, "media_type": x.media_type, "size": x.size,
+                                "diff_id": x.diff_id, "unpacked_size": x.unpacked_size}
+                               for x in pulled.layers],
+                    "diff_ids": list(info.diff_ids),
+                    "config": json.loads(pulled.config_bytes),
+                    "tags": sorted(set(tags)),
+                    "created": info.created or now,
+                    "imported": now,
+                    "size": sum(x.unpacked_size for x in pulled.layers),
+                    "repo_digests": [pulled.repo_digest],
+                    "pulled_as": pulled.pulled_as,
+                }
+                wrote_record = True
+                atomic_write(record_path, json.dumps(record, indent=1).encode())
+                moved = self._add_tags(pulled.config_digest, tags)
+            except BaseException:
+                for p in temps + created:
+                    with contextlib.suppress(OSError):
+                        p.unlink()
+                if wrote_record:
+                    with contextlib.suppress(OSError):
+                        record_path.unlink()
+                    with contextlib.suppress(OSError, ImageError):
+                        if self._read_refs() != old_refs:
+                            self._write_refs(old_refs)
+                raise
+            image = self.resolve(pulled.config_digest)
+            say(f"pulled {image.short_id}" + (f" as {', '.join(image.tags)}" if image.tags
+                                               else ""))
+            return Imported(image, moved)
+
     def _add_tags(self, image_id: str, tags: Sequence[str]) -> tuple[TagMove, ...]:
         """Point ``tags`` at ``image_id``; the tags taken from other images. Lock held."""
         if not tags:
@@ -494,6 +649,10 @@ class ImageStore:
                 rec = self._load_record(self._record_path(refs[tag]))
                 if rec is not None:
                     return self._image(rec, refs), tag
+        if bare is None and "@" in ref:
+            found = self._by_repo_digest(ref)
+            if found is not None:
+                return self._image(found, refs), None
         prefix = bare if bare is not None else ref
         if _HEX_RE.match(prefix):
             if len(prefix) == 64:
@@ -513,6 +672,22 @@ class ImageStore:
                     return self._image(matches[0], refs), None
         raise ImageNotFound(f"image {ref!r} not found (ember image ls lists the store; "
                             "ember image import PATH adds an OCI layout or docker-save tar)")
+
+    def _by_repo_digest(self, ref: str) -> dict[str, Any] | None:
+        """The record of ``NAME@sha256:…``: pulled under that name with that digest."""
+        from ember.images.reference import parse
+
+        try:
+            r = parse(ref)
+        except ImageError:
+            return None
+        if r.digest is None:
+            return None
+        want = f"{r.name}@{r.digest}"
+        for rec in self._records():
+            if want in (rec.get("repo_digests") or ()):
+                return rec
+        return None
 
     # --- removal -------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import os
 import posixpath
 import tarfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -101,6 +101,28 @@ def api_error(status: int, body: bytes) -> APIError:
         text = body.decode(errors="replace").strip().splitlines()
         message = text[0][:500] if text else f"the daemon answered HTTP {status}"
     return error_for(status, code, message)
+
+
+def pull_body(reference: str, platform: str | None) -> dict[str, Any]:
+    return {"reference": reference} | ({"platform": platform} if platform else {})
+
+
+def pull_line(line: str, progress: Callable[[models.PullEvent], None] | None
+              ) -> models.ImageImported | None:
+    """One line of a pull's stream: progress is passed on; the image once ``done``; an
+    ``error`` line raises as the status it carries would have."""
+    if not line.strip():
+        return None
+    ev = models.PullEvent.model_validate_json(line)
+    if ev.status == "error":
+        raise error_for(ev.code or 424, "pull_failed", ev.message or "the pull failed")
+    if ev.status == "done":
+        if ev.image is None:
+            raise error_for(502, "bad_stream", "the daemon ended the pull without the image")
+        return ev.image
+    if progress is not None:
+        progress(ev)
+    return None
 
 
 def invalid(message: str) -> InvalidRequest:

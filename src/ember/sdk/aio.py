@@ -22,7 +22,7 @@ from ember.api import models
 from ember.sdk import _common as c
 from ember.sdk._common import ExecEvent, PortLike
 from ember.sdk.client import DEFAULT, _Default, _unreachable
-from ember.sdk.errors import DaemonUnavailable, NotFound
+from ember.sdk.errors import DaemonUnavailable, NotFound, error_for
 
 T = TypeVar("T")
 _UPLOAD_CHUNK = 1 << 20
@@ -158,6 +158,18 @@ class AsyncImages:
     async def get(self, ref: str) -> models.Image:
         resp = await self._c._request("GET", f"/v1/images/{c.quote_ref(ref)}")
         return models.Image.model_validate_json(resp.content)
+
+    async def pull(self, reference: str, *, platform: str | None = None,
+                   progress: Callable[[models.PullEvent], None] | None = None
+                   ) -> models.ImageImported:
+        """:meth:`Images.pull <ember.sdk.client.Images.pull>`, async."""
+        async with self._c._stream("POST", "/v1/images/pull",
+                                   json=c.pull_body(reference, platform)) as resp:
+            async for line in resp.aiter_lines():
+                image = c.pull_line(line, progress)
+                if image is not None:
+                    return image
+        raise error_for(502, "bad_stream", "the daemon's pull stream ended early")
 
     async def import_path(self, path: str | os.PathLike[str],
                           tag: str | None = None) -> models.ImageImported:

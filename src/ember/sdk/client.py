@@ -22,7 +22,7 @@ import httpx
 from ember.api import models
 from ember.sdk import _common as c
 from ember.sdk._common import ExecEvent, PortLike
-from ember.sdk.errors import DaemonUnavailable, NotFound
+from ember.sdk.errors import DaemonUnavailable, NotFound, error_for
 
 T = TypeVar("T")
 _UPLOAD_CHUNK = 1 << 20
@@ -222,6 +222,22 @@ class Images:
         resp = self._c._request("POST", "/v1/images/upload", params=params, content=content,
                                 headers=headers, timeout=None)
         return models.ImageImported.model_validate_json(resp.content)
+
+    def pull(self, reference: str, *, platform: str | None = None,
+             progress: Callable[[models.PullEvent], None] | None = None
+             ) -> models.ImageImported:
+        """Pull ``reference`` (``alpine``, ``host:5000/app:1``...) from its registry into
+        the daemon's store; ``progress`` gets each event (resolved, per-layer bytes).
+
+        Raises NotFound (no such image), APIError 403 (credentials), 424 (registry failed).
+        """
+        with self._c._stream("POST", "/v1/images/pull",
+                             json=c.pull_body(reference, platform)) as resp:
+            for line in resp.iter_lines():
+                image = c.pull_line(line, progress)
+                if image is not None:
+                    return image
+        raise error_for(502, "bad_stream", "the daemon's pull stream ended early")
 
     def tag(self, ref: str, tag: str) -> models.Image:
         """Give the image ``ref`` names the tag ``tag`` (taking it from another image)."""

@@ -1,0 +1,1 @@
+"""Pulling images from OCI distribution registries."""
