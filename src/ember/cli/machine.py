@@ -69,7 +69,8 @@ def create_machine(c: Client, args: argparse.Namespace, *, start: bool) -> Machi
         imported = import_image(c, image, None, progress(args))
         image = imported.tags[0] if imported.tags else imported.id
     else:
-        ports = [parse_port(p) for p in args.publish]  # bad options fail before any pull
+        for p in args.publish:  # bad options fail before any pull
+            parse_port(p)
         entrypoint_arg(args.entrypoint)
         image = _pulled(c, image, args)
     m = c.machines.create(
