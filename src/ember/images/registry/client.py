@@ -484,7 +484,7 @@ class RegistryClient:
                             tell(-have)
                             have, h = 0, hashlib.sha256()
                         f.seek(0, os.SEEK_END)
-                        for chunk in resp.iter_raw(_CHUNK):
+                        for chunk in resp.iter_raw():  # as it arrives: kept on a cut
                             if have + len(chunk) > desc.size:
                                 raise RegistryError(
                                     f"blob {desc.digest[:19]}… from registry {self.name} is "
