@@ -522,7 +522,6 @@ BAD: list[tuple[Breaker, str]] = [
     (diff_id_mismatch, "does not match diff_id"),
     (unsupported_media_type, "unsupported layer media type"),
     (hostile_layer, "'..'"),
-    (device_layer, "device node"),
     (corrupt_gzip_layer, "is corrupt: Compressed file ended"),
     (truncated_docker_save, "is not a readable tar archive: unexpected end of data"),
     (docker_layer_modified, "does not match diff_id"),
@@ -546,6 +545,15 @@ def test_bad_input_leaves_store_untouched(store: ImageStore, tmp_path: Path,
     assert message in str(info.value)
     assert "\n" not in str(info.value)
     assert tree(store.root) == before
+
+
+def test_device_nodes_in_a_layer_are_skipped_not_refused(
+        store: ImageStore, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    image = store.import_path(device_layer(tmp_path), tag="dev:1")
+    with caplog.at_level("WARNING", logger="ember"):
+        rootfs = store.rootfs(image)
+    assert rootfs.is_file()
+    assert [r.getMessage() for r in caplog.records if "skipped 1 device" in r.getMessage()]
 
 
 def test_hostile_layer_is_unsafe_layer(store: ImageStore, tmp_path: Path) -> None:

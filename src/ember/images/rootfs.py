@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from ember.errors import BuildError, EmberError
 from ember.images import oci
-from ember.images.unpack import LayerScan, unpack_layer
-from ember.util import Progress, run
+from ember.images.unpack import LayerScan, skipped_message, unpack_layer
+from ember.util import Progress, log, run
 
 if TYPE_CHECKING:
     from ember.images.store import Layer
@@ -70,6 +70,8 @@ def build_rootfs(layers: Sequence[tuple[Path | Callable[[], Path], Layer]], fina
             say(f"unpacking layer {i + 1}/{n}{size}")
             scan = unpack_layer(path, tree, compression=oci.layer_compression(layer.media_type),
                                 name=layer.digest, diff_id=layer.diff_id)
+            if scan.skipped:
+                log.warning("%s", skipped_message(scan, layer.digest[:19] + "…"))
             if on_layer is not None:
                 on_layer(i, scan)
         ensure_mount_points(tree)

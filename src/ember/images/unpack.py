@@ -3,13 +3,17 @@
 The host is trusted, the image is not. A layer is read twice:
 
 1. :func:`scan_layer` reads every header, rejects hostile entries that can be
-   recognised from the tar alone (absolute names, ``..``, device nodes, odd
-   hardlinks), collects the whiteouts and computes the uncompressed digest
-   (the layer's diff_id). Nothing is written.
+   recognised from the tar alone (absolute names, ``..``, odd hardlinks),
+   collects the whiteouts and computes the uncompressed digest (the layer's
+   diff_id). Nothing is written.
 2. :func:`unpack_layer` scans, applies the whiteouts (``.wh.NAME`` deletes
    NAME from lower layers, ``.wh..wh..opq`` empties a directory's lower
    contents), then extracts every other entry, so an entry is never whited
    out by its own layer.
+
+Device nodes and FIFOs (debootstrap-built images carry ``/dev/*``) are never
+created on the host: they are skipped, counted in :attr:`LayerScan.skipped`,
+and the build says so in one line (the guest mounts its own ``/dev``).
 
 While extracting, each entry's parent is resolved inside the root one
 component at a time with ``lstat``; relative symlinks that stay in the root
@@ -56,6 +60,10 @@ class LayerScan:
     entries: int  #: number of tar entries (whiteouts included)
     whiteouts: tuple[tuple[str, ...], ...] = field(default=(), repr=False)
     opaque_dirs: tuple[tuple[str, ...], ...] = field(default=(), repr=False)
+    #: Device nodes and FIFOs left out (never created on the host): how many, and the
+    #: first few names.
+    skipped: int = 0
+    skipped_names: tuple[str, ...] = ()
 
 
 class _Readable(Protocol):
@@ -159,14 +167,12 @@ def split_name(name: str) -> tuple[str, ...]:
 
 def _check_member(m: tarfile.TarInfo) -> None:
     parts = split_name(m.name)
-    if m.ischr() or m.isblk():
-        raise UnsafeLayer(f"layer entry {m.name!r} is a device node")
     if m.islnk():
         if m.linkname.startswith("/") or ".." in m.linkname.split("/"):
             raise UnsafeLayer(f"layer entry {m.name!r} is a hardlink to {m.linkname!r}")
         if not split_name(m.linkname):
             raise UnsafeLayer(f"layer entry {m.name!r} is a hardlink to the root")
-    elif not (m.isreg() or m.isdir() or m.issym() or m.isfifo()):
+    elif not (m.isreg() or m.isdir() or m.issym() or _is_special(m)):
         raise ImageError(f"layer entry {m.name!r} has unsupported type {m.type!r}")
     if not parts and not m.isdir():
         raise UnsafeLayer(f"layer entry {m.name!r} replaces the root with a non-directory")
@@ -196,12 +202,15 @@ def scan_layer(source: LayerSource, *, compression: str, name: str = "") -> Laye
     whiteouts: list[tuple[str, ...]] = []
     opaque: list[tuple[str, ...]] = []
     count = 0
+    skipped: list[str] = []
     try:
         with _decompressed(source, compression) as reader:
             with tarfile.open(fileobj=reader, mode="r|") as tf:  # type: ignore[call-overload]
                 for m in tf:
                     count += 1
                     _check_member(m)
+                    if _is_special(m):
+                        skipped.append(m.name)
                     parts = split_name(m.name)
                     if parts and parts[-1].startswith(WHITEOUT_PREFIX):
                         base = parts[-1][len(WHITEOUT_PREFIX):]
@@ -228,7 +237,21 @@ def scan_layer(source: LayerSource, *, compression: str, name: str = "") -> Laye
         entries=count,
         whiteouts=tuple(whiteouts),
         opaque_dirs=tuple(opaque),
+        skipped=len(skipped),
+        skipped_names=tuple(skipped[:3]),
     )
+
+
+def _is_special(m: tarfile.TarInfo) -> bool:
+    """A device node or FIFO: never made on the host."""
+    return m.ischr() or m.isblk() or m.isfifo()
+
+
+def skipped_message(scan: LayerScan, label: str) -> str:
+    """The one line a build says for a layer whose device nodes and FIFOs were skipped."""
+    names = ", ".join(scan.skipped_names) + (", ..." if scan.skipped > 3 else "")
+    return (f"layer {label}: skipped {scan.skipped} device node(s)/FIFO(s) ({names}); they "
+            "are never created on the host, and the guest has its own /dev")
 
 
 # --- extraction ----------------------------------------------------------------
@@ -330,6 +353,8 @@ class _Extractor:
         if not parts:  # the root directory's own metadata
             self._dir_meta(self.root, m)
             return
+        if _is_special(m):
+            return  # counted by scan_layer, never created
         parent = self.tree.resolve_dir(parts[:-1], m.name, create=True)
         assert parent is not None
         path = parent / parts[-1]
@@ -359,10 +384,6 @@ class _Extractor:
         elif m.issym():
             os.symlink(m.linkname, path)
             self._chown(path, m)
-        elif m.isfifo():
-            os.mkfifo(path, 0o600)
-            self._chown(path, m)
-            os.chmod(path, m.mode & 0o7777)
         _set_xattrs(path, m)
         os.utime(path, ns=(_mtime_ns(m), _mtime_ns(m)), follow_symlinks=False)
 

@@ -294,6 +294,11 @@ def _fetch_and_build(store: ImageStore, client: Any, reference: Reference, sourc
 
         def on_layer(i: int, scan: Any) -> None:
             sizes[i] = scan.size
+            if scan.skipped:
+                from ember.images.unpack import skipped_message
+
+                emit({"status": "message",
+                      "message": skipped_message(scan, layers[i].digest[:19] + "…")})
             emit({"status": "layer", "id": layers[i].digest, "state": "unpacked",
                   "current": layers[i].size, "total": layers[i].size})
 
