@@ -269,11 +269,13 @@ def test_the_daemon_pulls_and_streams_progress(daemon: object, registry: Registr
 
 
 def test_ember_run_pulls_an_image_on_first_use(ember_home: Path, guest: object,
-                                               registry: Registry) -> None:
+                                               registry: Registry,
+                                               layouts: dict[str, Path]) -> None:
     import subprocess
     import sys
 
-    ref = f"{registry.host}/app:1"
+    registry.push(layouts["app"], "first-use:1")  # a name no other test pulls
+    ref = f"{registry.host}/first-use:1"
     cmd = [sys.executable, "-m", "ember.cli", "run", ref, "--", "cat", "/app/extra.txt"]
     never = subprocess.run([*cmd[:4], "--pull", "never", *cmd[4:]], capture_output=True,
                            timeout=120)

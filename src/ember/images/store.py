@@ -138,23 +138,6 @@ class Removal:
     reclaimed: int = 0  #: bytes freed on disk (blobs, root file systems, records)
 
 
-@dataclass(frozen=True)
-class PulledImage:
-    """What a pull fetched and built, for :meth:`ImageStore.add_pulled`."""
-
-    config_digest: str
-    config_bytes: bytes
-    manifest_digest: str
-    manifest_bytes: bytes
-    layers: tuple[Layer, ...]
-    #: digest -> verified download file, for each layer not already in the store
-    blob_files: Mapping[str, Path]
-    rootfs: Path  #: the built EROFS image, on the store's file system
-    tag: str | None  #: the tag it gets (Docker's familiar form: ``alpine:latest``)
-    repo_digest: str  #: ``docker.io/library/alpine@sha256:…``
-    pulled_as: str  #: ``docker.io/library/alpine:latest``
-
-
 #: Who uses which image: image id -> names of the machines using it.
 Users = Mapping[str, Sequence[str]]
 
@@ -162,6 +145,41 @@ Users = Mapping[str, Sequence[str]]
 def tag_moved_message(move: TagMove) -> str:
     """``tag app:1 moved from image 1a2b3c4d5e6f``: one line for the user."""
     return f"tag {move.tag} moved from image {_hex(move.from_id)[:12]}"
+
+
+@dataclass
+class _Transaction:
+    """What :meth:`ImageStore._transaction` undoes on failure."""
+
+    store: ImageStore
+    record_path: Path
+    old_refs: dict[str, str]
+    created: list[Path] = field(default_factory=list)
+    temps: list[Path] = field(default_factory=list)
+    wrote_record: bool = False
+
+    def record(self, image_id: str, manifest_digest: str | None, config_bytes: bytes,
+               info: oci.ConfigInfo, layers: Sequence[Layer], tags: Sequence[str],
+               **extra: Any) -> tuple[TagMove, ...]:
+        """Write the image's record and give it ``tags``; the tags taken from others."""
+        now = _now()
+        record = {
+            "id": image_id,
+            "manifest_digest": manifest_digest,
+            "layers": [{"digest": x.digest, "media_type": x.media_type, "size": x.size,
+                        "diff_id": x.diff_id, "unpacked_size": x.unpacked_size}
+                       for x in layers],
+            "diff_ids": list(info.diff_ids),
+            "config": json.loads(config_bytes),
+            "tags": sorted(set(tags)),
+            "created": info.created or now,
+            "imported": now,
+            "size": sum(x.unpacked_size for x in layers),
+            **extra,
+        }
+        self.wrote_record = True
+        atomic_write(self.record_path, json.dumps(record, indent=1).encode())
+        return self.store._add_tags(image_id, tags)
 
 
 # --- the store ---------------------------------------------------------------------
@@ -215,9 +233,11 @@ class ImageStore:
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
     def _sweep(self) -> None:
+        from ember.images.pulled import dead_pulls
+
         """Delete temporaries left by a killed process (all writers hold the lock)."""
         leftovers = [*self.blobs_dir.glob(".tmp-*"), *self.rootfs_dir.glob(".*.tmp"),
-                     *self.tmp_dir.iterdir(), *self._dead_pulls()]
+                     *self.tmp_dir.iterdir(), *dead_pulls(self)]
         for p in leftovers:
             log.info("removing leftover %s", p)
             if p.is_dir() and not p.is_symlink():
@@ -225,41 +245,6 @@ class ImageStore:
             else:
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
-
-    def _dead_pulls(self) -> list[Path]:
-        """Work directories of pulls whose process is gone (their lock is free)."""
-        dead = []
-        with contextlib.suppress(FileNotFoundError):
-            for d in self.pulls_dir.iterdir():
-                try:
-                    with open(d / "lock", "rb") as f:
-                        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # a pull under way
-                except OSError:  # no lock file: one starting now, or killed while it started
-                    with contextlib.suppress(OSError):
-                        if time.time() - d.stat().st_mtime < 60:
-                            continue
-                dead.append(d)
-        return dead
-
-    @contextlib.contextmanager
-    def pull_workspace(self) -> Iterator[Path]:
-        """A private work directory for a pull (unpacked tree, rootfs under construction),
-        locked for as long as the pull runs, removed afterwards or by the next sweep."""
-        self.pulls_dir.mkdir(parents=True, exist_ok=True)
-        self.downloads_dir.mkdir(parents=True, exist_ok=True)
-        ws = Path(tempfile.mkdtemp(dir=self.pulls_dir, prefix="pull-"))
-        try:
-            with open(ws / "lock", "wb") as f:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-                yield ws
-        finally:
-            rmtree(ws)
-
-    def download_path(self, digest: str) -> Path:
-        """Where a blob being downloaded grows (kept across pulls, so a download resumes)."""
-        return self.downloads_dir / f"{_hex(oci.check_digest(digest))}.part"
 
     def has_image(self, image_id: str) -> bool:
         return self._record_path(image_id).exists()
@@ -431,13 +416,9 @@ class ImageStore:
         if len(info.diff_ids) != len(plan.layers):
             raise ImageError(f"image config lists {len(info.diff_ids)} diff_ids but the "
                              f"manifest has {len(plan.layers)} layers")
-        created: list[Path] = []
-        temps: list[Path] = []
-        record_path = self._record_path(plan.config_digest)
-        old_refs = self._read_refs()
-        wrote_record = False
-        try:
-            layers: list[dict[str, Any]] = []
+        with self._transaction(plan.config_digest) as txn:
+            created, temps = txn.created, txn.temps
+            layers: list[Layer] = []
             n = len(plan.layers)
             for i, (lp, diff_id) in enumerate(zip(plan.layers, info.diff_ids, strict=True)):
                 what = f"layer {i + 1}/{n}"
@@ -458,8 +439,7 @@ class ImageStore:
                     raise ImageError(f"layer {digest} does not match diff_id {diff_id} "
                                      "in the image config")
                 self._commit_blob(tmp, digest, created, temps)
-                layers.append({"digest": digest, "media_type": media_type, "size": size,
-                               "diff_id": diff_id, "unpacked_size": scan.size})
+                layers.append(Layer(digest, media_type, size, diff_id, scan.size))
             self._put_bytes(plan.config_bytes, "config", created, temps)
             if plan.manifest_bytes is not None:
                 self._put_bytes(plan.manifest_bytes, "manifest", created, temps)
@@ -467,119 +447,31 @@ class ImageStore:
             # Unpack now, not on first run: a layer that is only hostile in context
             # (a symlink made by one entry or layer, a path through it in another)
             # is caught here and the import fails whole, leaving the store as it was.
-            rootfs = self._build_rootfs(_hex(plan.config_digest), [
-                Layer(x["digest"], x["media_type"], int(x["size"]), x["diff_id"],
-                      int(x["unpacked_size"])) for x in layers], say)
-            created.append(rootfs)
-            config_json = json.loads(plan.config_bytes)
-            now = _now()
-            record = {
-                "id": plan.config_digest,
-                "manifest_digest": plan.manifest_digest,
-                "layers": layers,
-                "diff_ids": list(info.diff_ids),
-                "config": config_json,
-                "tags": sorted(set(tags)),
-                "created": info.created or now,
-                "imported": now,
-                "size": sum(int(x["unpacked_size"]) for x in layers),
-            }
-            wrote_record = True
-            atomic_write(record_path, json.dumps(record, indent=1).encode())
-            moved = self._add_tags(plan.config_digest, tags)
-        except BaseException:
-            for p in temps + created:
-                with contextlib.suppress(OSError):
-                    p.unlink()
-            if wrote_record:
-                with contextlib.suppress(OSError):
-                    record_path.unlink()
-                with contextlib.suppress(OSError, ImageError):
-                    if self._read_refs() != old_refs:
-                        self._write_refs(old_refs)
-            raise
+            created.append(self._build_rootfs(_hex(plan.config_digest), layers, say))
+            moved = txn.record(plan.config_digest, plan.manifest_digest, plan.config_bytes,
+                               info, layers, tags)
         image = self.resolve(plan.config_digest)
         say(f"imported {image.short_id}" + (f" as {', '.join(image.tags)}" if image.tags else ""))
         return Imported(image, moved)
 
-    def add_pulled(self, pulled: PulledImage, say: Progress | None = None) -> Imported:
-        """Commit what a pull fetched and built: blobs (renamed in from their download
-        files), config, manifest, root file system, the record and its tag.
-
-        An image already in the store (pulled meanwhile, or under another name) only
-        gains the tag and the repository digest. On failure the store is as before.
-        """
-        say = say or (lambda _m: None)
-        tags = [pulled.tag] if pulled.tag else []
-        with self._locked():
-            record_path = self._record_path(pulled.config_digest)
-            rec = self._load_record(record_path)
-            if rec is not None:
-                digests = list(rec.get("repo_digests") or ())
-                if pulled.repo_digest not in digests:
-                    digests.append(pulled.repo_digest)
-                rec["repo_digests"] = sorted(digests)
-                rec["pulled_as"] = pulled.pulled_as
-                atomic_write(record_path, json.dumps(rec, indent=1).encode())
-                moved = self._add_tags(pulled.config_digest, tags)
-                return Imported(self.resolve(pulled.config_digest), moved, new=False)
-            if not pulled.layers:
-                raise ImageError(f"image {_hex(pulled.config_digest)[:12]} was removed while "
-                                 "it was pulled: pull it again")
-            created: list[Path] = []
-            temps: list[Path] = []
-            old_refs = self._read_refs()
-            wrote_record = False
-            try:
-                for layer in pulled.layers:
-                    final = self.blob_path(layer.digest)
-                    if final.exists():
-                        continue
-                    part = pulled.blob_files[layer.digest]
-                    os.chmod(part, 0o444)
-                    os.replace(part, final)
-                    created.append(final)
-                self._put_bytes(pulled.config_bytes, "config", created, temps)
-                self._put_bytes(pulled.manifest_bytes, "manifest", created, temps)
-                self._fsync_dir(self.blobs_dir)
-                rootfs = self.rootfs_dir / f"{_hex(pulled.config_digest)}.erofs"
-                os.replace(pulled.rootfs, rootfs)
-                created.append(rootfs)
-                info = oci.parse_config(pulled.config_bytes)
-                now = _now()
-                record = {
-                    "id": pulled.config_digest,
-                    "manifest_digest": pulled.manifest_digest,
-                    "layers": [{"digest": x.digest, "media_type": x.media_type, "size": x.size,
-                                "diff_id": x.diff_id, "unpacked_size": x.unpacked_size}
-                               for x in pulled.layers],
-                    "diff_ids": list(info.diff_ids),
-                    "config": json.loads(pulled.config_bytes),
-                    "tags": sorted(set(tags)),
-                    "created": info.created or now,
-                    "imported": now,
-                    "size": sum(x.unpacked_size for x in pulled.layers),
-                    "repo_digests": [pulled.repo_digest],
-                    "pulled_as": pulled.pulled_as,
-                }
-                wrote_record = True
-                atomic_write(record_path, json.dumps(record, indent=1).encode())
-                moved = self._add_tags(pulled.config_digest, tags)
-            except BaseException:
-                for p in temps + created:
-                    with contextlib.suppress(OSError):
-                        p.unlink()
-                if wrote_record:
-                    with contextlib.suppress(OSError):
-                        record_path.unlink()
-                    with contextlib.suppress(OSError, ImageError):
-                        if self._read_refs() != old_refs:
-                            self._write_refs(old_refs)
-                raise
-            image = self.resolve(pulled.config_digest)
-            say(f"pulled {image.short_id}" + (f" as {', '.join(image.tags)}" if image.tags
-                                               else ""))
-            return Imported(image, moved)
+    @contextlib.contextmanager
+    def _transaction(self, image_id: str) -> Iterator[_Transaction]:
+        """Adding an image, all or nothing: on any failure the files it created, its
+        temporaries, its record and its tags go again. Lock held."""
+        txn = _Transaction(self, self._record_path(image_id), self._read_refs())
+        try:
+            yield txn
+        except BaseException:
+            for p in txn.temps + txn.created:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            if txn.wrote_record:
+                with contextlib.suppress(OSError):
+                    txn.record_path.unlink()
+                with contextlib.suppress(OSError, ImageError):
+                    if self._read_refs() != txn.old_refs:
+                        self._write_refs(txn.old_refs)
+            raise
 
     def _add_tags(self, image_id: str, tags: Sequence[str]) -> tuple[TagMove, ...]:
         """Point ``tags`` at ``image_id``; the tags taken from other images. Lock held."""

@@ -41,8 +41,9 @@ from ember.errors import (
     RegistryNotFound,
 )
 from ember.images import oci
+from ember.images.pulled import PulledImage, add_pulled, download_path, pull_workspace
 from ember.images.reference import Reference, parse
-from ember.images.store import ImageStore, Imported, Layer, PulledImage
+from ember.images.store import ImageStore, Imported, Layer
 
 #: Blobs downloaded at once.
 PARALLEL = 4
@@ -217,7 +218,7 @@ def _pull_from(store: ImageStore, reference: Reference, source: _Source, want: P
             for d in manifest.layers:
                 emit({"status": "layer", "id": d.digest, "state": "exists", "current": d.size,
                       "total": d.size})
-            imported = store.add_pulled(PulledImage(
+            imported = add_pulled(store, PulledImage(
                 image_id, b"", manifest_digest, data, (), {}, Path(), tag, repo_digest,
                 pulled_as))
             return Pulled(imported, reference, top_digest, source.name, 0, 0)
@@ -243,7 +244,7 @@ def _fetch_and_build(store: ImageStore, client: Any, reference: Reference, sourc
     count_lock = threading.Lock()
 
     def download(desc: oci.Descriptor) -> Path:
-        part = store.download_path(desc.digest)
+        part = download_path(store, desc.digest)
         done = {"n": 0, "at": 0.0}
 
         def on_bytes(n: int) -> None:
@@ -267,7 +268,7 @@ def _fetch_and_build(store: ImageStore, client: Any, reference: Reference, sourc
               for d, diff_id in zip(manifest.layers, info.diff_ids, strict=True)]
     sizes = [0] * len(layers)
     files: dict[str, Path] = {}
-    with store.pull_workspace() as ws, \
+    with pull_workspace(store) as ws, \
             concurrent.futures.ThreadPoolExecutor(PARALLEL, "ember-pull") as pool:
         futures: dict[str, concurrent.futures.Future[Path]] = {}
         for d in manifest.layers:
@@ -320,7 +321,7 @@ def _fetch_and_build(store: ImageStore, client: Any, reference: Reference, sourc
             tuple(Layer(x.digest, x.media_type, x.size, x.diff_id, s)
                   for x, s in zip(layers, sizes, strict=True)),
             files, rootfs, tag, repo_digest, pulled_as)
-        imported = store.add_pulled(pulled)
+        imported = add_pulled(store, pulled)
     return Pulled(imported, reference, top_digest, source.name, len(futures), counted["bytes"])
 
 
