@@ -41,6 +41,54 @@ def human_size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+#: Unpacked trees in memory are named ``ember-unpack-<pid>-...`` (swept when <pid> is gone).
+MEMORY_PREFIX = "ember-unpack-"
+#: Where an unpacked tree may go instead of the disk: a tmpfs, when it has room to spare.
+MEMORY_DIR = Path("/dev/shm")
+
+
+def _unpacked_estimate(layer: Layer) -> int:
+    if layer.unpacked_size:
+        return layer.unpacked_size
+    compressed = oci.layer_compression(layer.media_type) != "none"
+    return layer.size * (5 if compressed else 1)
+
+
+def memory_scratch(estimate: int) -> Path | None:
+    """A tmpfs directory for an unpacked tree of about ``estimate`` bytes, if one has room
+    for twice that and 1 GiB besides; None: unpack on disk.
+
+    Creating thousands of files costs a disk file system far more than a tmpfs (here
+    1.0 s of a 1.6 s ``tar -x``); the tree only lives until mkfs.erofs has read it.
+    ``EMBER_UNPACK_IN_MEMORY=0`` turns this off.
+    """
+    if os.environ.get("EMBER_UNPACK_IN_MEMORY", "1") == "0":
+        return None
+    try:
+        st = os.statvfs(MEMORY_DIR)
+    except OSError:
+        return None
+    free = st.f_bavail * st.f_frsize
+    if free < 2 * estimate + (1 << 30) or not os.access(MEMORY_DIR, os.W_OK | os.X_OK):
+        return None
+    return MEMORY_DIR
+
+
+def sweep_memory_scratch() -> None:
+    """Remove unpacked trees in memory left by processes that died (SIGKILL)."""
+    with contextlib.suppress(OSError):
+        for d in MEMORY_DIR.glob(f"{MEMORY_PREFIX}*"):
+            pid = d.name[len(MEMORY_PREFIX):].split("-", 1)[0]
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}") and d.owner() == _me():
+                rmtree(d)
+
+
+def _me() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
 def build_rootfs(layers: Sequence[tuple[Path | Callable[[], Path], Layer]], final: Path, *,
                  scratch: Path, say: Progress,
                  on_layer: Callable[[int, LayerScan], None] | None = None) -> Path:
@@ -57,7 +105,10 @@ def build_rootfs(layers: Sequence[tuple[Path | Callable[[], Path], Layer]], fina
     """
     image_hex = final.name.removesuffix(".erofs")
     short = image_hex[:12]
-    tree = Path(tempfile.mkdtemp(dir=scratch, prefix=f"unpack-{short}-"))
+    fast = memory_scratch(sum(_unpacked_estimate(layer) for _, layer in layers))
+    tree = Path(tempfile.mkdtemp(dir=fast or scratch,
+                                 prefix=f"{MEMORY_PREFIX}{os.getpid()}-{short}-" if fast
+                                 else f"unpack-{short}-"))
     fd, out_name = tempfile.mkstemp(dir=final.parent, prefix=f".{image_hex}.", suffix=".tmp")
     os.close(fd)
     out = Path(out_name)

@@ -26,6 +26,7 @@ using it).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import io
@@ -60,7 +61,6 @@ from ember.images.sources import (
     plan_oci,
     sniff_media_type,
 )
-from ember.images.unpack import scan_layer
 from ember.util import Progress, atomic_write, log
 
 _HEX_RE = re.compile(r"^[0-9a-f]{1,64}$")
@@ -234,7 +234,9 @@ class ImageStore:
 
     def _sweep(self) -> None:
         from ember.images.pulled import dead_pulls
+        from ember.images.rootfs import sweep_memory_scratch
 
+        sweep_memory_scratch()
         """Delete temporaries left by a killed process (all writers hold the lock)."""
         leftovers = [*self.blobs_dir.glob(".tmp-*"), *self.rootfs_dir.glob(".*.tmp"),
                      *self.tmp_dir.iterdir(), *dead_pulls(self)]
@@ -433,13 +435,9 @@ class ImageStore:
                 if media_type is None:
                     with open(tmp, "rb") as f:
                         media_type = sniff_media_type(f.read(4))
-                compression = oci.layer_compression(media_type)
-                scan = scan_layer(tmp, compression=compression, name=digest)
-                if scan.diff_id != diff_id:
-                    raise ImageError(f"layer {digest} does not match diff_id {diff_id} "
-                                     "in the image config")
+                oci.layer_compression(media_type)  # a type Ember can apply
                 self._commit_blob(tmp, digest, created, temps)
-                layers.append(Layer(digest, media_type, size, diff_id, scan.size))
+                layers.append(Layer(digest, media_type, size, diff_id, 0))
             self._put_bytes(plan.config_bytes, "config", created, temps)
             if plan.manifest_bytes is not None:
                 self._put_bytes(plan.manifest_bytes, "manifest", created, temps)
@@ -447,7 +445,14 @@ class ImageStore:
             # Unpack now, not on first run: a layer that is only hostile in context
             # (a symlink made by one entry or layer, a path through it in another)
             # is caught here and the import fails whole, leaving the store as it was.
-            created.append(self._build_rootfs(_hex(plan.config_digest), layers, say))
+            # Unpacking also checks each layer against its diff_id, in the same read.
+            sizes = [0] * len(layers)
+            created.append(build_rootfs(
+                [(self.blob_path(x.digest), x) for x in layers],
+                self.rootfs_dir / f"{_hex(plan.config_digest)}.erofs", scratch=self.tmp_dir,
+                say=say, on_layer=lambda i, scan: sizes.__setitem__(i, scan.size)))
+            layers = [dataclasses.replace(x, unpacked_size=n)
+                      for x, n in zip(layers, sizes, strict=True)]
             moved = txn.record(plan.config_digest, plan.manifest_digest, plan.config_bytes,
                                info, layers, tags)
         image = self.resolve(plan.config_digest)

@@ -1,19 +1,15 @@
 """Applying OCI layers onto a directory, safely.
 
-The host is trusted, the image is not. A layer is read twice:
-
-1. :func:`scan_layer` reads every header, rejects hostile entries that can be
-   recognised from the tar alone (absolute names, ``..``, odd hardlinks),
-   collects the whiteouts and computes the uncompressed digest (the layer's
-   diff_id). Nothing is written.
-2. :func:`unpack_layer` scans, applies the whiteouts (``.wh.NAME`` deletes
-   NAME from lower layers, ``.wh..wh..opq`` empties a directory's lower
-   contents), then extracts every other entry, so an entry is never whited
-   out by its own layer.
-
-Device nodes and FIFOs (debootstrap-built images carry ``/dev/*``) are never
-created on the host: they are skipped, counted in :attr:`LayerScan.skipped`,
-and the build says so in one line (the guest mounts its own ``/dev``).
+The host is trusted, the image is not. :func:`unpack_layer` reads a layer
+once, as a stream: it rejects hostile entries that can be recognised from the
+tar alone (absolute names, ``..``, odd hardlinks), applies each whiteout as it
+comes (``.wh.NAME`` deletes NAME from lower layers, ``.wh..wh..opq`` empties a
+directory's lower contents; what this layer itself wrote is never whited out,
+whichever comes first in the tar), extracts every other entry and computes the
+uncompressed digest (the layer's diff_id), checked at the end. A layer that
+fails leaves its partial writes in the tree it was applied to, which is always
+scratch space (``images/rootfs.py``) thrown away with the failure.
+:func:`scan_layer` does the checks and the digest without writing anything.
 
 While extracting, each entry's parent is resolved inside the root one
 component at a time with ``lstat``; relative symlinks that stay in the root
@@ -219,7 +215,7 @@ def scan_layer(source: LayerSource, *, compression: str, name: str = "") -> Laye
                         elif base.startswith(WHITEOUT_PREFIX):
                             continue  # other aufs metadata (.wh..wh.plnk...): ignore
                         elif base in ("", ".", ".."):
-                            raise UnsafeLayer(f"layer entry {m.name!r} is an invalid whiteout")
+                            _check_whiteout(parts, m.name)
                         else:
                             whiteouts.append((*parts[:-1], base))
             reader.drain()
@@ -299,11 +295,6 @@ def _remove(path: Path) -> None:
         os.unlink(path)
 
 
-def _clear_dir(path: Path) -> None:
-    for child in os.listdir(path):
-        _remove(path / child)
-
-
 def _set_xattrs(path: Path, m: tarfile.TarInfo) -> None:
     for key, value in m.pax_headers.items():
         if not key.startswith("SCHILY.xattr."):
@@ -329,45 +320,103 @@ class _Extractor:
         self.root = root
         self.as_root = os.geteuid() == 0
         self.dir_times: list[tuple[Path, int]] = []
+        #: what this layer wrote (never whited out by it), and every parent of those
+        self.written: set[tuple[str, ...]] = set()
+        self.parents: set[tuple[str, ...]] = set()
+        #: entry parents already resolved to real directories, and every prefix of those
+        self._dirs: dict[tuple[str, ...], Path] = {}
+        self._dir_prefixes: set[tuple[str, ...]] = set()
+
+    def _parent(self, parts: tuple[str, ...], entry: str) -> Path:
+        """The real directory ``parts`` names (created if missing), cached."""
+        cached = self._dirs.get(parts)
+        if cached is not None:
+            return cached
+        d = self.tree.resolve_dir(parts, entry, create=True)
+        assert d is not None
+        self._dirs[parts] = d
+        for i in range(len(parts) + 1):
+            self._dir_prefixes.add(parts[:i])
+        return d
+
+    def _replacing(self, parts: tuple[str, ...]) -> None:
+        """``parts`` is about to be replaced or removed: forget cached directories
+        through it (rare: only when it is a prefix of one)."""
+        if parts in self._dir_prefixes:
+            n = len(parts)
+            for key in [k for k in self._dirs if k[:n] == parts]:
+                del self._dirs[key]
+            self._dir_prefixes = {k[:i] for k in self._dirs for i in range(len(k) + 1)}
+
+    def _wrote(self, parts: tuple[str, ...]) -> None:
+        self.written.add(parts)
+        for i in range(len(parts)):
+            self.parents.add(parts[:i])
+
+    def whiteout(self, parts: tuple[str, ...], entry: str) -> None:
+        """Apply the whiteout entry ``parts`` (its last component ``.wh.X``)."""
+        name = parts[-1]
+        if name == OPAQUE_WHITEOUT:
+            target = parts[:-1]
+            d = self.tree.resolve_dir(target, entry, create=False)
+            if d is not None:
+                self._replacing(target)
+                self._clear_lower(d, target)
+            return
+        base = name[len(WHITEOUT_PREFIX):]
+        if base.startswith(WHITEOUT_PREFIX):
+            return  # other aufs metadata (.wh..wh.plnk...): ignore
+        target = (*parts[:-1], base)
+        if target in self.written:
+            return  # this layer's own entry stays
+        d = self.tree.resolve_dir(parts[:-1], entry, create=False)
+        if d is None:
+            return
+        self._replacing(target)
+        if target in self.parents:  # this layer wrote inside it: keep only that
+            self._clear_lower(d / base, target)
+        else:
+            _remove(d / base)
+
+    def _clear_lower(self, path: Path, parts: tuple[str, ...]) -> None:
+        """Remove what lower layers put in directory ``path``, keeping this layer's."""
+        try:
+            children = os.listdir(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for child in children:
+            cparts = (*parts, child)
+            if cparts in self.written:
+                continue
+            if cparts in self.parents:
+                self._clear_lower(path / child, cparts)
+            else:
+                _remove(path / child)
 
     def _chown(self, path: Path, m: tarfile.TarInfo) -> None:
         if self.as_root:
             os.lchown(path, m.uid, m.gid)
 
-    def apply_whiteouts(self, scan: LayerScan) -> None:
-        for parts in scan.opaque_dirs:
-            entry = "/".join((*parts, OPAQUE_WHITEOUT))
-            d = self.tree.resolve_dir(parts, entry, create=False)
-            if d is not None:
-                _clear_dir(d)
-        for parts in scan.whiteouts:
-            entry = "/".join((*parts[:-1], WHITEOUT_PREFIX + parts[-1]))
-            d = self.tree.resolve_dir(parts[:-1], entry, create=False)
-            if d is not None:
-                _remove(d / parts[-1])
-
-    def extract(self, m: tarfile.TarInfo, tf: tarfile.TarFile) -> None:
-        parts = split_name(m.name)
-        if parts and parts[-1].startswith(WHITEOUT_PREFIX):
-            return
+    def extract(self, m: tarfile.TarInfo, tf: tarfile.TarFile,
+                parts: tuple[str, ...]) -> None:
         if not parts:  # the root directory's own metadata
             self._dir_meta(self.root, m)
             return
-        if _is_special(m):
-            return  # counted by scan_layer, never created
-        parent = self.tree.resolve_dir(parts[:-1], m.name, create=True)
-        assert parent is not None
+        parent = self._parent(parts[:-1], m.name)
         path = parent / parts[-1]
+        self._wrote(parts)
         if m.isdir():
             try:
                 st = os.lstat(path)
             except FileNotFoundError:
                 st = None
             if st is None or not stat.S_ISDIR(st.st_mode):
+                self._replacing(parts)
                 _remove(path)
                 os.mkdir(path, 0o700)
             self._dir_meta(path, m)
             return
+        self._replacing(parts)
         if m.islnk():
             self._hardlink(path, m)
             return
@@ -445,22 +494,47 @@ def unpack_layer(
         ImageError: corrupt, truncated, or diff_id mismatch.
     """
     label = name or (str(source) if isinstance(source, Path) else "stream")
-    scan = scan_layer(source, compression=compression, name=label)
-    if diff_id is not None and scan.diff_id != diff_id:
-        raise ImageError(
-            f"layer {label} is corrupt: its content digest {scan.diff_id[:19]}… "
-            f"does not match diff_id {diff_id[:19]}…"
-        )
     ex = _Extractor(root, label)
-    ex.apply_whiteouts(scan)
+    whiteouts: list[tuple[str, ...]] = []
+    opaque: list[tuple[str, ...]] = []
+    skipped: list[str] = []
+    count = 0
     try:
         with _decompressed(source, compression) as reader:
             with tarfile.open(fileobj=reader, mode="r|") as tf:  # type: ignore[call-overload]
                 for m in tf:
-                    ex.extract(m, tf)
+                    count += 1
+                    _check_member(m)
+                    parts = split_name(m.name)
+                    if parts and parts[-1].startswith(WHITEOUT_PREFIX):
+                        _check_whiteout(parts, m.name)
+                        if parts[-1] == OPAQUE_WHITEOUT:
+                            opaque.append(parts[:-1])
+                        elif not parts[-1][len(WHITEOUT_PREFIX):].startswith(WHITEOUT_PREFIX):
+                            whiteouts.append((*parts[:-1], parts[-1][len(WHITEOUT_PREFIX):]))
+                        ex.whiteout(parts, m.name)
+                    elif _is_special(m):
+                        skipped.append(m.name)  # never created on the host
+                    else:
+                        ex.extract(m, tf, parts)
+            reader.drain()
     except ImageError:
         raise
     except _READ_ERRORS as exc:
         raise _corrupt(label, exc) from exc
+    got = "sha256:" + reader.hash.hexdigest()
+    if diff_id is not None and got != diff_id:
+        raise ImageError(
+            f"layer {label} is corrupt: its content digest {got[:19]}… "
+            f"does not match diff_id {diff_id[:19]}…"
+        )
     ex.finish()
-    return scan
+    return LayerScan(diff_id=got, size=reader.size, entries=count, whiteouts=tuple(whiteouts),
+                     opaque_dirs=tuple(opaque), skipped=len(skipped),
+                     skipped_names=tuple(skipped[:3]))
+
+
+def _check_whiteout(parts: tuple[str, ...], name: str) -> None:
+    base = parts[-1][len(WHITEOUT_PREFIX):]
+    if parts[-1] != OPAQUE_WHITEOUT and base in ("", ".", ".."):
+        raise UnsafeLayer(f"layer entry {name!r} is an invalid whiteout")
