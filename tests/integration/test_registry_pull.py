@@ -286,3 +286,37 @@ def test_ember_run_pulls_an_image_on_first_use(ember_home: Path, guest: object,
     second = subprocess.run(cmd, capture_output=True, timeout=300)
     assert second.returncode == 0 and second.stdout == b"extra\n"
     assert b"pulling" not in second.stderr  # in the store now
+
+
+def test_registries_conf_mirrors_are_tried_first_and_blocked_refused(
+        tmp_path: Path, registry: Registry, layouts: dict[str, Path]) -> None:
+    # ember-mirror.test never resolves: its location is a dead port, its mirror the registry
+    conf = tmp_path / "registries.conf"
+    conf.write_text(f'''
+[[registry]]
+prefix = "ember-mirror.test"
+location = "127.0.0.1:1"
+[[registry.mirror]]
+location = "{registry.host}"
+
+[[registry]]
+prefix = "ember-fallback.test"
+location = "{registry.host}"
+[[registry.mirror]]
+location = "127.0.0.1:1"
+
+[[registry]]
+prefix = "ember-blocked.test"
+blocked = true
+''')
+    env = env_for(tmp_path)
+    store = ImageStore(tmp_path / "store")
+    got = pull(store, "ember-mirror.test/bb:oci", env=env)
+    assert got.source == registry.host and got.imported.image.id == config_id(layouts["base"])
+    assert got.imported.image.tags == ("ember-mirror.test/bb:oci",)
+    events: list[dict[str, object]] = []
+    got = pull(store, "ember-fallback.test/app:1", env=env, on_event=events.append)
+    assert got.source == registry.host
+    assert any("mirror 127.0.0.1:1 failed" in str(e.get("message")) for e in events)
+    with pytest.raises(RegistryError, match="blocked by registries.conf"):
+        pull(store, "ember-blocked.test/bb:oci", env=env)
