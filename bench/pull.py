@@ -6,7 +6,8 @@ this host's files, about 250 MB unpacked and some 14,000 entries: ``/usr/include
 ``/usr/libexec``. It is pushed to a real docker-registry 2.8 on 127.0.0.1.
 
 Interleaved, ``--runs`` rounds, every one from cold caches (a fresh Ember data dir
-and daemon; a fresh podman ``--root``; page caches are left warm for all alike):
+and daemon; a fresh podman ``--root``; page caches are left warm for all alike),
+each timed step after a ``sync`` (so none pays for the writeback of another):
 
 * ``ember pull -q REF`` through a running daemon;
 * ``podman pull -q REF`` (overlay storage, as root);
@@ -62,6 +63,7 @@ def build_layout(dest: Path) -> Path:
 
 
 def timed(cmd: list[str], env: dict[str, str] | None = None) -> float:
+    os.sync()  # every contender starts with no writeback of the others pending
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     if proc.returncode != 0:
@@ -95,12 +97,14 @@ def floor(host: str, repo: str, layout: Path, work: Path, scratch: Path) -> dict
                            index["manifests"][0]["digest"].split(":")[1]).read_text())
     blobs = work / "blobs"
     blobs.mkdir()
+    os.sync()
     t = time.perf_counter()
     for d in [manifest["config"], *manifest["layers"]]:
         subprocess.run(["curl", "-sSf", "-o", str(blobs / d["digest"].split(":")[1]),
                         f"http://{host}/v2/{repo}/blobs/{d['digest']}"], check=True)
     t_fetch = time.perf_counter() - t
     tree = Path(tempfile.mkdtemp(dir=scratch, prefix="floor-tree-"))
+    os.sync()
     t = time.perf_counter()
     for d in manifest["layers"]:
         subprocess.run(["tar", "-C", str(tree), "-xzf", str(blobs / d["digest"].split(":")[1])],

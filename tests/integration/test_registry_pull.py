@@ -320,3 +320,17 @@ blocked = true
     assert any("mirror 127.0.0.1:1 failed" in str(e.get("message")) for e in events)
     with pytest.raises(RegistryError, match="blocked by registries.conf"):
         pull(store, "ember-blocked.test/bb:oci", env=env)
+
+
+def test_the_daemon_trusts_a_ca_given_with_the_pull(daemon: object, tmp_path: Path,
+                                                    layouts: dict[str, Path]) -> None:
+    from ember.sdk import APIError, Client
+
+    with start_registry(tmp_path / "reg", tls=True) as reg, Client(autostart=False) as c:
+        reg.push(layouts["base"], "tls:1")
+        with pytest.raises(APIError, match="TLS failure") as info:
+            c.images.pull(f"{reg.host}/tls:1")
+        assert info.value.status == 424
+        assert reg.ca is not None
+        image = c.images.pull(f"{reg.host}/tls:1", ca_cert=reg.ca)
+        assert image.id == config_id(layouts["base"])

@@ -149,7 +149,7 @@ def add_image_routes(app: FastAPI, mgr: Manager, call: Call) -> None:
         def work() -> None:
             try:
                 put("done", mgr.pull_image(body.reference, body.platform,
-                                           lambda e: put("event", e)))
+                                           lambda e: put("event", e), body.ca_cert))
             except Exception as exc:
                 put("error", exc)
 

@@ -75,6 +75,10 @@ class ImagePull(_Request):
                                  pattern=r"^[a-z0-9]+/[a-z0-9_]+(/[a-z0-9]+)?$",
                                  description="`os/arch[/variant]` to choose from a "
                                              "multi-platform index; default the host's.")
+    ca_cert: str | None = Field(default=None, min_length=1, max_length=4096,
+                                description="A PEM CA certificate to trust for this registry "
+                                            "(a path on the daemon's host), besides "
+                                            "/etc/containers/certs.d/HOST:PORT/*.crt.")
 
 
 class ImageTag(_Request):

@@ -22,20 +22,22 @@ if TYPE_CHECKING:
     from ember.sdk import Client
 
 
-def pull_image(c: Client, ref: str, platform: str | None, quiet: bool) -> ImageImported:
+def pull_image(c: Client, ref: str, platform: str | None, quiet: bool,
+               ca_cert: str | None = None) -> ImageImported:
     """Pull ``ref`` through the daemon, showing progress on stderr unless ``quiet``."""
     if quiet:
-        return c.images.pull(ref, platform=platform)
+        return c.images.pull(ref, platform=platform, ca_cert=ca_cert)
     if sys.stderr.isatty():
-        return _pull_with_bars(c, ref, platform)
-    return _pull_with_lines(c, ref, platform)
+        return _pull_with_bars(c, ref, platform, ca_cert)
+    return _pull_with_lines(c, ref, platform, ca_cert)
 
 
 def _short(digest: str | None) -> str:
     return (digest or "").split(":", 1)[-1][:12]
 
 
-def _pull_with_lines(c: Client, ref: str, platform: str | None) -> ImageImported:
+def _pull_with_lines(c: Client, ref: str, platform: str | None,
+                     ca_cert: str | None) -> ImageImported:
     from ember.images import human_size
 
     started = time.monotonic()
@@ -54,7 +56,7 @@ def _pull_with_lines(c: Client, ref: str, platform: str | None) -> ImageImported
                 f"downloaded {human_size(ev.total or 0)}"
             print(f"ember: layer {_short(ev.id)}: {what}", file=sys.stderr)
 
-    image = c.images.pull(ref, platform=platform, progress=show)
+    image = c.images.pull(ref, platform=platform, progress=show, ca_cert=ca_cert)
     took = time.monotonic() - started
     print(f"ember: pulled {image.short_id} ({human_size(fetched['bytes'])} downloaded in "
           f"{took:.1f} s)" + (f" as {', '.join(image.tags)}" if image.tags else ""),
@@ -62,7 +64,8 @@ def _pull_with_lines(c: Client, ref: str, platform: str | None) -> ImageImported
     return image
 
 
-def _pull_with_bars(c: Client, ref: str, platform: str | None) -> ImageImported:
+def _pull_with_bars(c: Client, ref: str, platform: str | None,
+                    ca_cert: str | None) -> ImageImported:
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -100,7 +103,7 @@ def _pull_with_bars(c: Client, ref: str, platform: str | None) -> ImageImported:
                 bars.advance(overall[0], max(0, current - int(before)))
 
     with bars:
-        image = c.images.pull(ref, platform=platform, progress=show)
+        image = c.images.pull(ref, platform=platform, progress=show, ca_cert=ca_cert)
     console.print(f"pulled {image.short_id}" + (f" as {', '.join(image.tags)}"
                                                if image.tags else ""))
     return image
@@ -108,7 +111,7 @@ def _pull_with_bars(c: Client, ref: str, platform: str | None) -> ImageImported:
 
 def cmd_pull(args: argparse.Namespace) -> int:
     with client() as c:
-        image = pull_image(c, args.reference, args.platform, args.quiet)
+        image = pull_image(c, args.reference, args.platform, args.quiet, args.ca_cert)
     print(image.id)
     return 0
 
@@ -167,6 +170,9 @@ def register(sub: Any) -> None:
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
                    help="the platform to pull from a multi-platform image (default: "
                    "the host's, linux/amd64)")
+    p.add_argument("--ca-cert", metavar="PEM",
+                   help="a CA certificate to trust for this registry, besides "
+                   "/etc/containers/certs.d/HOST:PORT/*.crt")
     p.add_argument("-q", "--quiet", action="store_true", help="print only the image id")
     p.set_defaults(func=cmd_pull)
 

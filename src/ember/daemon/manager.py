@@ -247,12 +247,19 @@ class Manager(Snapshots):
         return {k: sorted(v) for k, v in out.items()}
 
     def pull_image(self, ref: str, platform: str | None,
-                   on_event: Callable[[dict[str, Any]], None] | None = None) -> Imported:
+                   on_event: Callable[[dict[str, Any]], None] | None = None,
+                   ca_cert: str | None = None) -> Imported:
         """Pull ``ref`` from its registry into the store (``images/registry/pull.py``),
         with the daemon's own credentials and ``registries.conf``."""
         from ember.images.registry.pull import pull
 
-        result = pull(self.store, ref, platform=platform, on_event=on_event)
+        ca = None
+        if ca_cert is not None:
+            ca = Path(ca_cert)
+            if not ca.is_absolute() or not ca.is_file():
+                raise Invalid(f"ca_cert {ca_cert!r} is not an absolute path of a file on the "
+                              "daemon's host")
+        result = pull(self.store, ref, platform=platform, on_event=on_event, ca_cert=ca)
         log.info("pulled %s (%d layers fetched, %d bytes) as %s", result.reference,
                  result.fetched, result.bytes, result.imported.image.id)
         return result.imported

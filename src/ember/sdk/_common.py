@@ -103,8 +103,10 @@ def api_error(status: int, body: bytes) -> APIError:
     return error_for(status, code, message)
 
 
-def pull_body(reference: str, platform: str | None) -> dict[str, Any]:
-    return {"reference": reference} | ({"platform": platform} if platform else {})
+def pull_body(reference: str, platform: str | None,
+              ca_cert: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    return ({"reference": reference} | ({"platform": platform} if platform else {})
+            | ({"ca_cert": os.path.abspath(ca_cert)} if ca_cert is not None else {}))
 
 
 def pull_line(line: str, progress: Callable[[models.PullEvent], None] | None

@@ -160,11 +160,12 @@ class AsyncImages:
         return models.Image.model_validate_json(resp.content)
 
     async def pull(self, reference: str, *, platform: str | None = None,
-                   progress: Callable[[models.PullEvent], None] | None = None
+                   progress: Callable[[models.PullEvent], None] | None = None,
+                   ca_cert: str | os.PathLike[str] | None = None
                    ) -> models.ImageImported:
         """:meth:`Images.pull <ember.sdk.client.Images.pull>`, async."""
         async with self._c._stream("POST", "/v1/images/pull",
-                                   json=c.pull_body(reference, platform)) as resp:
+                                   json=c.pull_body(reference, platform, ca_cert)) as resp:
             async for line in resp.aiter_lines():
                 image = c.pull_line(line, progress)
                 if image is not None:

@@ -224,15 +224,15 @@ class Images:
         return models.ImageImported.model_validate_json(resp.content)
 
     def pull(self, reference: str, *, platform: str | None = None,
-             progress: Callable[[models.PullEvent], None] | None = None
-             ) -> models.ImageImported:
+             progress: Callable[[models.PullEvent], None] | None = None,
+             ca_cert: str | os.PathLike[str] | None = None) -> models.ImageImported:
         """Pull ``reference`` (``alpine``, ``host:5000/app:1``...) from its registry into
         the daemon's store; ``progress`` gets each event (resolved, per-layer bytes).
 
         Raises NotFound (no such image), APIError 403 (credentials), 424 (registry failed).
         """
         with self._c._stream("POST", "/v1/images/pull",
-                             json=c.pull_body(reference, platform)) as resp:
+                             json=c.pull_body(reference, platform, ca_cert)) as resp:
             for line in resp.iter_lines():
                 image = c.pull_line(line, progress)
                 if image is not None:
