@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ember import __version__
 from ember.api import models
 from ember.api.images import add_image_routes
+from ember.api.metrics import add_metrics_routes
 from ember.api.snapshots import add_snapshot_routes
 from ember.daemon.errors import Invalid, ManagerError
 from ember.daemon.events import Reader
@@ -277,6 +278,7 @@ def create_app(mgr: Manager) -> FastAPI:
                               accel=mgr.accel.name, accel_reason=mgr.accel.reason)
 
     add_image_routes(app, mgr, call)
+    add_metrics_routes(app, mgr)
 
     # --- machines
 

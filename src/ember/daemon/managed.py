@@ -188,8 +188,12 @@ class Managed(Adoption, RestartPolicy):
                 if not self.doc.get("_cold"):  # a clone of its shape's boot snapshot, if any
                     m, keep = self.mgr.warm(m)
             self.machine = m
+            started = time.monotonic()
             m.start(boot_timeout=self.mgr.boot_timeout,
                     progress=lambda msg: log.warning("%s", msg))
+            how = ("clone" if self.doc.get("snapshot") else
+                   "warm" if m.spec.restore is not None else "boot")
+            self.mgr.metrics.start_seconds.labels(how).observe(time.monotonic() - started)
             if keep is not None:  # the first boot of its shape: keep it, before its command
                 from ember.snapshots.take import ImageInfo
 
@@ -554,10 +558,13 @@ class Managed(Adoption, RestartPolicy):
                 argv=list(body.cmd), env=list(env), cwd=body.workdir or cwd,
                 user=body.user if body.user is not None else user, tty=body.tty,
                 stdin=stdin if stdin is not None else body.stdin is not None)
+            started = time.monotonic()
             try:
-                return m.exec(req, on_stdout=on_stdout, on_stderr=on_stderr)
+                proc = m.exec(req, on_stdout=on_stdout, on_stderr=on_stderr)
             except AgentError as exc:
                 raise Conflict(f"machine {self.name}: {exc}") from exc
+            self.mgr.metrics.exec_seconds.observe(time.monotonic() - started)
+            return proc
 
     def check_running(self, action: str) -> None:
         """Raise the 409 (404 once deleted) unless running; no lock: a hint, not a promise."""

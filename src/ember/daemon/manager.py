@@ -66,6 +66,9 @@ class Manager(Snapshots):
         shutil.rmtree(self.uploads_dir, ignore_errors=True)  # a killed daemon's
         self.uploads_dir.mkdir(mode=0o700)
         self._machines: dict[str, Managed] = {}
+        from ember.daemon.metrics import Metrics
+
+        self.metrics = Metrics(self)
         self._guest: GuestBundle | None = None
         self._guest_lock = threading.Lock()
 

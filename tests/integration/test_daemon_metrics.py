@@ -1,0 +1,75 @@
+"""``GET /metrics`` of a real daemon: parses as Prometheus text, has each machine's series
+with figures that match its QEMU's /proc, and drops them when the machine is removed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import httpx
+import pytest
+from daemon_api import create, delete, start
+from prometheus_client.parser import text_string_to_metric_families
+
+if TYPE_CHECKING:
+    from conftest import Daemon
+
+
+@pytest.fixture(scope="module")
+def api(daemon: Daemon) -> Iterator[httpx.Client]:
+    with daemon.http() as c:
+        yield c
+
+
+def scrape(api: httpx.Client) -> dict[str, list[tuple[dict[str, str], float]]]:
+    resp = api.get("/metrics")
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/plain")
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(resp.text):
+        for s in family.samples:
+            out.setdefault(s.name, []).append((dict(s.labels), float(s.value)))
+    return out
+
+
+def of(samples: dict[str, list[tuple[dict[str, str], float]]], name: str,
+       machine: str) -> list[tuple[dict[str, str], float]]:
+    return [(labels, v) for labels, v in samples.get(name, []) if labels.get("name") == machine]
+
+
+def test_metrics_of_a_busy_machine_and_of_the_daemon(api: httpx.Client) -> None:
+    # a guest burning one CPU
+    create(api, name="busy", cmd=["sh", "-c", "while :; do :; done"], memory_mib=192)
+    start(api, "busy")
+    try:
+        pid = api.get("/v1/machines/busy").json()["pid"]
+        assert api.post("/v1/machines/busy/exec", json={"cmd": ["true"]}).status_code == 200
+        first = scrape(api)
+        time.sleep(2.0)
+        second = scrape(api)
+        assert of(second, "ember_machine_state", "busy")[0][0]["state"] == "running"
+        cpu1 = of(first, "ember_machine_cpu_seconds_total", "busy")[0][1]
+        cpu2 = of(second, "ember_machine_cpu_seconds_total", "busy")[0][1]
+        assert cpu2 - cpu1 > 0.5  # about one CPU's worth over 2 s (TCG adds its own)
+        mem = of(second, "ember_machine_memory_bytes", "busy")[0][1]
+        with open(f"/proc/{pid}/status") as f:
+            rss = next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmRSS:"))
+        # the cgroup (QEMU and its threads, page cache included) or QEMU's own RSS
+        assert 0.5 * rss < mem < 4 * rss + (256 << 20)
+        assert of(second, "ember_machine_memory_limit_bytes", "busy")[0][1] == 192 << 20
+        assert of(second, "ember_machine_restarts_total", "busy")[0][1] == 0
+        running = [v for labels, v in second["ember_machines"] if labels["state"] == "running"]
+        assert running and running[0] >= 1
+        assert second["ember_images"][0][1] >= 1 and second["ember_image_store_bytes"][0][1] > 0
+        starts = [labels for labels, _v in second.get("ember_machine_start_seconds_count", [])]
+        assert starts, "a start was observed"
+        assert second["ember_exec_start_seconds_count"][0][1] >= 1
+        reqs = second["ember_api_requests_total"]
+        assert any(labels["route"] == "/v1/machines/{name}/exec" and labels["status"] == "200"
+                   for labels, _v in reqs)
+        assert all("sh -c" not in str(labels) for samples in second.values()
+                   for labels, _v in samples)  # no command lines in labels
+    finally:
+        delete(api, "busy")
+    gone = scrape(api)
+    assert not any(of(gone, name, "busy") for name in gone)
