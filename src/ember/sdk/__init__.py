@@ -8,22 +8,50 @@
 
 See docs/sdk.md. Results are the API's models (``ember.api.models``); errors
 derive from :class:`ember.errors.EmberError` (see :mod:`ember.sdk.errors`).
+
+The names below are imported on first use: a CLI command that only needs the
+errors, or only the sync client, does not pay for the async one.
 """
 
-from ember.sdk._common import ExecEvent, parse_port
-from ember.sdk.aio import AsyncClient, AsyncImages, AsyncMachineHandle, AsyncMachines
-from ember.sdk.client import Client, ExecSession, Images, MachineHandle, Machines
-from ember.sdk.errors import (
-    APIError,
-    Conflict,
-    DaemonUnavailable,
-    InvalidRequest,
-    NotFound,
-    Unauthorized,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ember.sdk._common import ExecEvent, parse_port
+    from ember.sdk.aio import AsyncClient, AsyncImages, AsyncMachineHandle, AsyncMachines
+    from ember.sdk.client import Client, ExecSession, Images, MachineHandle, Machines
+    from ember.sdk.errors import (
+        APIError,
+        Conflict,
+        DaemonUnavailable,
+        InvalidRequest,
+        NotFound,
+        Unauthorized,
+    )
+
+_WHERE = {
+    **dict.fromkeys(("ExecEvent", "parse_port"), "ember.sdk._common"),
+    **dict.fromkeys(("AsyncClient", "AsyncImages", "AsyncMachineHandle", "AsyncMachines"),
+                    "ember.sdk.aio"),
+    **dict.fromkeys(("Client", "ExecSession", "Images", "MachineHandle", "Machines"),
+                    "ember.sdk.client"),
+    **dict.fromkeys(("APIError", "Conflict", "DaemonUnavailable", "InvalidRequest", "NotFound",
+                     "Unauthorized"), "ember.sdk.errors"),
+}
 
 __all__ = [
     "APIError", "AsyncClient", "AsyncImages", "AsyncMachineHandle", "AsyncMachines", "Client",
     "Conflict", "DaemonUnavailable", "ExecEvent", "ExecSession", "Images", "InvalidRequest",
     "MachineHandle", "Machines", "NotFound", "Unauthorized", "parse_port",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'ember.sdk' has no attribute {name!r}")
+    value = getattr(importlib.import_module(where), name)
+    globals()[name] = value
+    return value

@@ -16,8 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from datetime import datetime
 from typing import IO, Any, TypeVar
 
-import httpx
-
+from ember._httpx import httpx
 from ember.api import models
 from ember.sdk import _common as c
 from ember.sdk._common import ExecEvent, PortLike

@@ -17,8 +17,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import IO, Any, TypeVar
 
-import httpx
-
+from ember._httpx import httpx
 from ember.api import models
 from ember.sdk import _common as c
 from ember.sdk._common import ExecEvent, PortLike

@@ -26,8 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
+from ember._httpx import httpx
 from ember.sdk.errors import DaemonUnavailable
 from ember.util import log
 

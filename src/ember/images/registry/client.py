@@ -39,9 +39,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode, urljoin, urlsplit
 
-import httpx
-
 from ember import __version__
+from ember._httpx import httpx
 from ember.errors import (
     RegistryAuthError,
     RegistryError,
