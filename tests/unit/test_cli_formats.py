@@ -11,12 +11,12 @@ import pytest
 
 from ember.api.models import Machine
 from ember.cli.logs import parse_since
-from ember.cli.ps import matches, parse_filters, render
+from ember.cli.ps import MachineView, matches, parse_filters, render
 from ember.errors import EmberError
 from ember.util import parse_signal
 
 
-def machine(**fields: Any) -> Machine:
+def machine(**fields: Any) -> MachineView:
     doc: dict[str, Any] = {
         "id": "0123456789abcdef", "name": "web", "image": "sample:latest",
         "image_id": "sha256:" + "ab" * 32, "state": "running", "cpus": 1, "memory_mib": 256,
@@ -24,7 +24,8 @@ def machine(**fields: Any) -> Machine:
         "hostname": "web", "network": "user", "restart": "no", "created_at": "2026-12-01T08:00:00Z",
         "ports": [{"guest_port": 80, "host_port": 8080, "host_ip": "127.0.0.1",
                    "protocol": "tcp"}]}
-    return Machine.model_validate(doc | fields)
+    # what the daemon sends: the API model's JSON
+    return MachineView(Machine.model_validate(doc | fields).model_dump(mode="json"))
 
 
 def test_filters_same_key_or_different_keys_and() -> None:

@@ -22,7 +22,8 @@ from ember.cli.common import (
 from ember.errors import EmberError
 
 if TYPE_CHECKING:
-    from ember.sdk import ExecEvent, ExecSession, MachineHandle
+    from ember.sdk import ExecSession, MachineHandle
+    from ember.sdk.execevent import ExecEvent
 
 
 def _stdin_is_data() -> bool:
@@ -46,12 +47,11 @@ def cmd_exec(args: argparse.Namespace) -> int:
         raise EmberError("exec needs a command: ember exec NAME -- CMD [ARGS...]")
     opts = {"env": parse_env(args.env), "workdir": args.workdir, "user": args.user,
             "timeout": args.timeout}
-    with client() as c:
-        m = c.machines.get(args.name)
-        if args.interactive or args.tty:
-            return _exec_session(m, command, opts, tty=args.tty, stdin=args.interactive)
+    head, ended = b"", True
+    if not (args.interactive or args.tty):
+        # the common case, on the CLI's lean path: no SDK, one streamed request
         if not _stdin_is_data():
-            return _exit_status(_write_events(m.exec_stream(command, **opts)))
+            return _exit_status(_write_events(_lean_stream(args.name, command, opts, None)))
         head, ended = _read_head(STDIN_INLINE)
         if ended:
             try:
@@ -59,9 +59,38 @@ def cmd_exec(args: argparse.Namespace) -> int:
             except UnicodeDecodeError:  # the request's stdin is text: binary goes over the socket
                 pass
             else:
-                return _exit_status(_write_events(m.exec_stream(command, stdin=text, **opts)))
+                return _exit_status(_write_events(_lean_stream(args.name, command, opts,
+                                                               text)))
+    with client() as c:
+        m = c.machines.get(args.name)
+        if args.interactive or args.tty:
+            return _exec_session(m, command, opts, tty=args.tty, stdin=args.interactive)
         return _exec_session(m, command, opts, tty=False, stdin=True, head=head,
                              rest=not ended)
+
+
+def _lean_stream(name: str, command: list[str], opts: dict[str, Any],
+                 stdin: str | None) -> Iterator[ExecEvent]:
+    """``POST /v1/machines/NAME/exec/stream`` over ``cli/wire.py``: the events as they come."""
+    import json
+
+    from ember.cli.wire import Wire, quote_name
+    from ember.sdk.execevent import ExecEvent
+
+    body: dict[str, Any] = {"cmd": command, "env": opts["env"]}
+    for key in ("workdir", "user", "timeout"):
+        if opts[key] is not None:
+            body[key] = opts[key]
+    if stdin is not None:
+        body["stdin"] = stdin
+    with Wire() as w, w.lines("POST", f"/v1/machines/{quote_name(name)}/exec/stream",
+                              body) as lines:
+        for line in lines:
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                raise EmberError("the daemon sent a malformed exec event") from None
+            yield ExecEvent.from_json(doc)
 
 
 def _read_head(limit: int) -> tuple[bytes, bool]:

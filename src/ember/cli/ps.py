@@ -1,22 +1,54 @@
-"""Looking at machines: ``ember ps`` (filters, formats), ``ember inspect``, ``ember port``."""
+"""Looking at machines: ``ember ps`` (filters, formats), ``ember inspect``, ``ember port``.
+
+On the CLI's lean path (``cli/wire.py``): the daemon's JSON records, read through
+:class:`MachineView`, with no SDK and no rich table.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ember.cli.common import client, console, each, pipe_safe, port_number
+from ember.cli.common import console, pipe_safe, port_number
 from ember.errors import EmberError
 
 if TYPE_CHECKING:
     from datetime import datetime
 
-    from ember.api.models import Machine
-    from ember.sdk import Client
+
+class Port:
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.guest_port = int(doc["guest_port"])
+        self.host_port = int(doc["host_port"])
+        self.host_ip = str(doc.get("host_ip", ""))
+        self.protocol = str(doc.get("protocol", "tcp"))
+
+
+class MachineView:
+    """A machine record as the API sends it (``Machine`` in docs/openapi.json)."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
+        self.id = str(doc["id"])
+        self.name = str(doc["name"])
+        self.state = str(doc["state"])
+        self.image = str(doc.get("image", ""))
+        self.image_id = str(doc.get("image_id") or "")
+        self.restart = str(doc.get("restart", "no"))
+        self.restart_count = int(doc.get("restart_count") or 0)
+        self.exit_code: int | None = doc.get("exit_code")
+        self.created_at: str | None = doc.get("created_at")
+        self.entrypoint: list[str] | None = doc.get("entrypoint")
+        self.cmd: list[str] | None = doc.get("cmd")
+        self.ports = [Port(x) for x in doc.get("ports") or []]
+
+
+Machine = MachineView
 
 
 def _ago(stamp: str | None, now: datetime | None = None) -> str:
@@ -44,7 +76,7 @@ def format_ports(info: Machine) -> str:
 
 
 def _state(info: Machine) -> str:
-    state = info.state.value
+    state = info.state
     if info.exit_code is not None and state in ("stopped", "crashed"):
         return f"{state} ({info.exit_code})"
     return state
@@ -81,10 +113,10 @@ def matches(m: Machine, filters: dict[str, list[str]]) -> bool:
     tests: dict[str, Callable[[str], bool]] = {
         "name": lambda v: v in m.name,
         "id": lambda v: m.id.startswith(v),
-        "status": lambda v: m.state.value == _STATUS_ALIASES.get(v, v),
+        "status": lambda v: m.state == _STATUS_ALIASES.get(v, v),
         "ancestor": lambda v: v in (m.image, m.image_id) or m.image_id.removeprefix(
             "sha256:").startswith(v.removeprefix("sha256:")),
-        "restart": lambda v: m.restart.value == v,
+        "restart": lambda v: m.restart == v,
     }
     return all(any(tests[k](v) for v in vs) for k, vs in filters.items())
 
@@ -96,9 +128,9 @@ _PLACEHOLDER = re.compile(r"\{\{\s*\.(\w+)\s*\}\}")
 
 def _fields(m: Machine) -> dict[str, str]:
     return {"ID": m.id[:12], "FullID": m.id, "Names": m.name, "Name": m.name,
-            "Image": m.image, "Command": _command_text(m, 80), "CreatedAt": m.created_at,
+            "Image": m.image, "Command": _command_text(m, 80), "CreatedAt": m.created_at or "",
             "RunningFor": _ago(m.created_at), "Ports": format_ports(m), "Status": _state(m),
-            "State": m.state.value, "ExitCode": "" if m.exit_code is None else str(m.exit_code),
+            "State": m.state, "ExitCode": "" if m.exit_code is None else str(m.exit_code),
             "Restarts": str(m.restart_count)}
 
 
@@ -116,18 +148,24 @@ def render(template: str, m: Machine) -> str:
     return _PLACEHOLDER.sub(field, template.replace("\\t", "\t").replace("\\n", "\n"))
 
 
+def _machines(all: bool) -> list[MachineView]:
+    from ember.cli.wire import Wire
+
+    with Wire() as w:
+        return [MachineView(d) for d in w.call("GET", "/v1/machines", params={"all": all})]
+
+
 def cmd_ps(args: argparse.Namespace) -> int:
     filters = parse_filters(args.filter)
-    with client() as c:
-        machines = [m.info for m in c.machines.list(all=args.all or bool(filters.get("status")))]
-    machines = [m for m in machines if matches(m, filters)]
+    machines = [m for m in _machines(args.all or bool(filters.get("status")))
+                if matches(m, filters)]
     fmt = args.format
     if args.json or fmt == "json":
         if fmt == "json":  # Docker: one object per line
             for m in machines:
-                print(json.dumps(m.model_dump(mode="json")))
+                print(json.dumps(m.doc))
         else:
-            print(json.dumps([m.model_dump(mode="json") for m in machines], indent=2))
+            print(json.dumps([m.doc for m in machines], indent=2))
         return 0
     if args.quiet:
         for m in machines:
@@ -142,30 +180,40 @@ def cmd_ps(args: argparse.Namespace) -> int:
         for m in machines:
             print(render(template, m))
         return 0
-    from rich.table import Table
-
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for col in ("NAME", "ID", "IMAGE", "STATE", "CREATED", "PORTS", "COMMAND"):
-        table.add_column(col, no_wrap=True, overflow="fold")
-    for m in machines:
-        table.add_row(m.name, m.id[:12], m.image, _state(m), _ago(m.created_at),
-                      format_ports(m), _command_text(m))
-    out = console()
-    with out.capture() as captured:
-        out.print(table)
-    for line in captured.get().splitlines():
-        print(line.rstrip())
+    rows = [("NAME", "ID", "IMAGE", "STATE", "CREATED", "PORTS", "COMMAND")]
+    rows += [(m.name, m.id[:12], m.image, _state(m), _ago(m.created_at), format_ports(m),
+              _command_text(m)) for m in machines]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    bold = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    for n, r in enumerate(rows):
+        line = "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
+        print(f"\033[1m{line}\033[0m" if bold and n == 0 else line)
     return 0
+
+
+def _records(names: Sequence[str]) -> tuple[list[dict[str, Any]], int]:
+    """The records of ``names`` (those found) and the exit status (125 if any was not)."""
+    from ember.cli.common import EXIT_EMBER_FAILED, error
+    from ember.cli.wire import Wire, quote_name
+    from ember.sdk.errors import DaemonUnavailable
+
+    found: list[dict[str, Any]] = []
+    status = 0
+    with Wire() as w:
+        for name in names:
+            try:
+                found.append(w.call("GET", f"/v1/machines/{quote_name(name)}"))
+            except DaemonUnavailable:
+                raise
+            except EmberError as exc:
+                error(str(exc))
+                status = EXIT_EMBER_FAILED
+    return found, status
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """The records as a JSON array, always (as ``docker inspect``), even for one name."""
-    found: list[dict[str, Any]] = []
-
-    def get(c: Client, name: str) -> None:
-        found.append(c.machines.get(name).info.model_dump(mode="json"))
-
-    status = each(args.names, get)
+    found, status = _records(args.names)
     if args.json or not sys.stdout.isatty():
         print(json.dumps(found, indent=2))
     else:
@@ -174,15 +222,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_port(args: argparse.Namespace) -> int:
-    with client() as c:
-        info = c.machines.get(args.name).info
+    from ember.cli.wire import Wire, quote_name
+
+    with Wire() as w:
+        info = MachineView(w.call("GET", f"/v1/machines/{quote_name(args.name)}"))
     ports = [p for p in info.ports if args.port is None or p.guest_port == args.port]
     if args.port is not None and not ports:
-        state = info.state.value
+        state = info.state
         raise EmberError(f"machine {info.name} does not publish guest port {args.port}"
                          + ("" if state == "running" else f" (it is {state})"))
     if args.json:
-        print(json.dumps([p.model_dump(mode="json") for p in ports], indent=2))
+        print(json.dumps([p.__dict__ for p in ports], indent=2))
     else:
         for p in ports:
             print(f"{p.guest_port}/{p.protocol} -> {p.host_ip}:{p.host_port}")

@@ -15,92 +15,34 @@ import posixpath
 import tarfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from pydantic import ValidationError
 
-from ember import paths
 from ember.api import models
 from ember.errors import EmberError
-from ember.sdk.errors import APIError, InvalidRequest, error_for
+from ember.sdk.endpoint import (
+    CONNECT_TIMEOUT,
+    UNIX_BASE_URL,
+    Endpoint,
+    default_socket,
+    resolve_endpoint,
+)
+from ember.sdk.errors import InvalidRequest, api_error, error_for
+from ember.sdk.execevent import ExecEvent
+
+__all__ = ["CONNECT_TIMEOUT", "UNIX_BASE_URL", "Endpoint", "ExecEvent", "api_error",
+           "default_socket", "resolve_endpoint"]
 
 #: Seconds for a plain request (start waits for a boot; a busy TCG host boots slowly).
 DEFAULT_TIMEOUT = 300.0
-#: Seconds to connect: the daemon is local, so a slow connect means it is not there.
-CONNECT_TIMEOUT = 5.0
-#: The host part of URLs on the Unix socket (any name works; this one reads well in logs).
-UNIX_BASE_URL = "http://ember"
 
 PortLike = models.PortSpec | Mapping[str, Any] | str | int
 
 
-@dataclass(frozen=True)
-class Endpoint:
-    """Where the daemon listens: a Unix socket, or a TCP ``base_url`` with a bearer token."""
-
-    base_url: str
-    socket_path: Path | None = None
-    token: str | None = None
-
-    def describe(self) -> str:
-        return str(self.socket_path) if self.socket_path is not None else self.base_url
-
-    def headers(self) -> dict[str, str]:
-        if self.socket_path is None and self.token:
-            return {"Authorization": f"Bearer {self.token}"}
-        return {}
-
-    def ws_url(self, path: str) -> str:
-        base = UNIX_BASE_URL if self.socket_path is not None else self.base_url
-        scheme, rest = base.split("://", 1)
-        return ("wss" if scheme == "https" else "ws") + "://" + rest + path
-
-
-def default_socket() -> Path:
-    return paths.data_dir() / "ember.sock"
-
-
-def resolve_endpoint(socket_path: str | os.PathLike[str] | None, base_url: str | None,
-                     token: str | None) -> Endpoint:
-    """The daemon's address from the arguments, else ``EMBER_HOST``, else the default socket.
-
-    ``EMBER_HOST`` (or ``base_url``) is ``http://HOST:PORT``, ``HOST:PORT`` or
-    ``unix:///path/to/ember.sock``; the token defaults to ``EMBER_TOKEN``.
-    """
-    if socket_path is not None and base_url is not None:
-        raise ValueError("give socket_path or base_url, not both")
-    if socket_path is None and base_url is None:
-        base_url = os.environ.get("EMBER_HOST") or None
-    if base_url is not None and base_url.startswith("unix://"):
-        socket_path, base_url = base_url[len("unix://"):], None
-    if base_url is None:
-        sock = Path(os.path.abspath(socket_path)) if socket_path is not None else default_socket()
-        return Endpoint(UNIX_BASE_URL, sock, None)
-    url = base_url.rstrip("/")
-    if "://" not in url:
-        url = "http://" + url
-    if not url.startswith(("http://", "https://")):
-        raise ValueError(f"base_url {base_url!r}: expected http://HOST:PORT or unix:///PATH")
-    return Endpoint(url, None, token if token is not None else os.environ.get("EMBER_TOKEN"))
-
-
 # ------------------------------------------------------------ errors
-
-
-def api_error(status: int, body: bytes) -> APIError:
-    """The exception for a 4xx/5xx answer, carrying the API's own message."""
-    try:
-        err = json.loads(body)["error"]
-        code, message = str(err["code"]), str(err["message"])
-    except (ValueError, KeyError, TypeError):
-        code = "error"
-        text = body.decode(errors="replace").strip().splitlines()
-        message = text[0][:500] if text else f"the daemon answered HTTP {status}"
-    return error_for(status, code, message)
 
 
 def pull_body(reference: str, platform: str | None,
@@ -312,31 +254,6 @@ def request_timeout(default: float | None, exec_timeout: float | None) -> float 
 
 
 # ------------------------------------------------------------ responses
-
-
-@dataclass(frozen=True)
-class ExecEvent:
-    """One event of a streamed exec, with output decoded to bytes.
-
-    ``type`` is ``started`` (``pid``), ``stdout`` / ``stderr`` (``data``),
-    ``exit`` (``exit_code``, ``signal``, ``timed_out``, ``truncated``: output was
-    dropped because the client did not read it for 10 s; always the last) or
-    ``error`` (``message``, ``exit_code``: the process could not be run or the
-    machine went away).
-    """
-
-    type: str
-    data: bytes = b""
-    pid: int | None = None
-    exit_code: int | None = None
-    signal: int | None = None
-    timed_out: bool = False
-    message: str | None = None
-    truncated: bool = False
-
-    @property
-    def final(self) -> bool:
-        return self.type in ("exit", "error")
 
 
 def decode_exec_event(line: bytes | str) -> ExecEvent:

@@ -6,7 +6,6 @@ models (``ember.api.models``), errors are :mod:`ember.sdk.errors`.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import contextlib
 import json
@@ -15,13 +14,16 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from ember._httpx import httpx
 from ember.api import models
 from ember.sdk import _common as c
 from ember.sdk._common import ExecEvent, PortLike
 from ember.sdk.errors import DaemonUnavailable, NotFound, error_for
+
+if TYPE_CHECKING:
+    import asyncio
 
 T = TypeVar("T")
 _UPLOAD_CHUNK = 1 << 20
@@ -538,6 +540,8 @@ class ExecSession:
 
     @classmethod
     def open(cls, endpoint: c.Endpoint, path: str, body: dict[str, Any]) -> ExecSession:
+        import asyncio
+
         from websockets.asyncio import client as wsc
         from websockets.exceptions import InvalidHandshake, InvalidStatus
 
@@ -572,6 +576,8 @@ class ExecSession:
 
     def _run(self, coro: Any) -> Any:
         """Run ``coro`` on the session's loop and wait for it (_Closed once closed)."""
+        import asyncio
+
         with self._state_lock:
             if self._closed:
                 coro.close()
@@ -645,6 +651,8 @@ class ExecSession:
             if self._closed:
                 return
             self._closed = True
+        import asyncio
+
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(_close(self._ws), self._loop).result()
         _stop(self._loop, self._thread)
@@ -662,6 +670,8 @@ class _Closed(Exception):
 
 async def _close(ws: Any) -> None:
     """Close ``ws``, then end whatever still runs on the loop (waiters get _Closed)."""
+    import asyncio
+
     with contextlib.suppress(Exception):
         await ws.close()
     me = asyncio.current_task()

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import json
+
 from ember.errors import EmberError
 
 
@@ -55,3 +57,15 @@ _BY_STATUS: dict[int, type[APIError]] = {
 
 def error_for(status: int, code: str, message: str) -> APIError:
     return _BY_STATUS.get(status, APIError)(status, code, message)
+
+
+def api_error(status: int, body: bytes) -> APIError:
+    """The exception for a 4xx/5xx answer, carrying the API's own message."""
+    try:
+        err = json.loads(body)["error"]
+        code, message = str(err["code"]), str(err["message"])
+    except (ValueError, KeyError, TypeError):
+        code = "error"
+        text = body.decode(errors="replace").strip().splitlines()
+        message = text[0][:500] if text else f"the daemon answered HTTP {status}"
+    return error_for(status, code, message)
