@@ -193,6 +193,19 @@ def _run(machine: Machine, argv: list[str], *, source: bytes | BinaryIO | None =
     return status, bytes(err)
 
 
+def run_tool(machine: Machine, argv: list[str], *, limit: int = 1 << 20
+             ) -> tuple[int, bytes, str]:
+    """Run a tool applet (``["ps", ...]``) in the guest as root: exit code, stdout (at most
+    ``limit`` bytes kept), stderr's one line."""
+    out = bytearray()
+
+    def on_stdout(data: bytes) -> None:
+        out.extend(data[:limit - len(out)])
+
+    status, err = _run(machine, argv, on_stdout=on_stdout)
+    return status.exit_code, bytes(out), _reason(err)
+
+
 def _feed(proc: Process, source: bytes | BinaryIO) -> None:
     if isinstance(source, bytes | bytearray | memoryview):
         view = memoryview(source)

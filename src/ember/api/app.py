@@ -36,6 +36,7 @@ from ember.api import models
 from ember.api.images import add_image_routes
 from ember.api.metrics import add_metrics_routes
 from ember.api.snapshots import add_snapshot_routes
+from ember.api.stats import add_stats_routes
 from ember.daemon.errors import Invalid, ManagerError
 from ember.daemon.events import Reader
 from ember.daemon.logs import LogFollower, LogView
@@ -279,6 +280,7 @@ def create_app(mgr: Manager) -> FastAPI:
 
     add_image_routes(app, mgr, call)
     add_metrics_routes(app, mgr)
+    add_stats_routes(app, mgr, call)
 
     # --- machines
 

@@ -35,7 +35,7 @@ ARG_STRLEN = 128 << 10
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid", defer_build=True)
+    model_config = ConfigDict(extra="forbid")
 
 
 class _Response(BaseModel):
@@ -389,6 +389,32 @@ class ExecEvent(_Response):
 
 
 # --- events ------------------------------------------------------------------
+
+
+class MachineStats(_Response):
+    """What a machine costs the host now (`GET /v1/machines/{name}/stats`, `/v1/stats`).
+
+    Counters are cumulative: a CPU percentage is the change of `cpu_seconds` between two
+    readings over the change of `time` (what `ember stats` shows)."""
+
+    name: str
+    id: str
+    state: str
+    time: float = Field(description="Unix time of the reading.")
+    cpu_seconds: float = Field(description="CPU time of its QEMU (cgroup, else /proc).")
+    cpus: int = Field(description="vCPUs it was given (100 % per vCPU at most).")
+    memory_bytes: int = Field(description="Host memory it uses: cgroup memory.current, "
+                                          "else QEMU's resident set.")
+    memory_limit_bytes: int = Field(description="Guest memory it was given.")
+    storage_read_bytes: int = Field(description="Bytes QEMU read from host storage.")
+    storage_write_bytes: int = Field(description="Bytes QEMU wrote to host storage.")
+
+
+class GuestProcesses(_Response):
+    """`GET /v1/machines/{name}/top`: the guest's processes, as busybox `ps` lists them."""
+
+    titles: list[str]
+    processes: list[list[str]]
 
 
 class Event(_Response):

@@ -35,8 +35,10 @@ COMMANDS: dict[str, str] = {
     "exec": "exec",
     "cp": "cp",
     **dict.fromkeys(("login", "logout", "pull"), "pull"),
+    **dict.fromkeys(("events", "stats", "top"), "stats"),
 }
-GROUPS = ("run", "system", "image", "pull", "machine", "snapshot", "ps", "logs", "exec", "cp")
+GROUPS = ("run", "system", "image", "pull", "machine", "snapshot", "ps", "stats", "logs", "exec",
+          "cp")
 
 
 def entry() -> None:

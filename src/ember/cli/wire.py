@@ -121,9 +121,10 @@ class Wire:
         return json.loads(data) if data else None
 
     @contextlib.contextmanager
-    def lines(self, method: str, path: str, body: Any = None) -> Iterator[Iterator[bytes]]:
+    def lines(self, method: str, path: str, body: Any = None,
+              params: dict[str, Any] | None = None) -> Iterator[Iterator[bytes]]:
         """A streamed NDJSON answer, line by line (no read timeout: a follow may be quiet)."""
-        resp = self._send(method, path, body, None, None)
+        resp = self._send(method, path, body, params, None)
         if resp.status >= 400:
             _check(resp, resp.read())
         if self._conn is not None and self._conn.sock is not None:

@@ -11,6 +11,7 @@ and streams are async iterators::
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
@@ -63,6 +64,10 @@ class AsyncClient:
     async def version(self) -> models.Version:
         resp = await self._request("GET", "/v1/version")
         return models.Version.model_validate_json(resp.content)
+
+    async def stats(self, all: bool = False) -> list[models.MachineStats]:
+        resp = await self._request("GET", "/v1/stats", params={"all": all})
+        return [models.MachineStats.model_validate(x) for x in json.loads(resp.content)]
 
     async def events(self, since: int | None = None,
                      follow: bool = True) -> AsyncIterator[models.Event]:
@@ -363,6 +368,14 @@ class AsyncMachineHandle(c.MachineRecord):
         resp = await self._c._request("POST", f"{self._path}/exec", json=body,
                                       timeout=c.request_timeout(self._c.timeout, timeout))
         return models.ExecResult.model_validate_json(resp.content)
+
+    async def stats(self) -> models.MachineStats:
+        resp = await self._c._request("GET", f"{self._path}/stats")
+        return models.MachineStats.model_validate_json(resp.content)
+
+    async def top(self) -> models.GuestProcesses:
+        resp = await self._c._request("GET", f"{self._path}/top")
+        return models.GuestProcesses.model_validate_json(resp.content)
 
     async def exec_stream(self, cmd: Sequence[str], *, env: Mapping[str, str] | None = None,
                           workdir: str | None = None, user: str | None = None,

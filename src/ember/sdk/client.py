@@ -91,6 +91,11 @@ class Client:
     def version(self) -> models.Version:
         return models.Version.model_validate_json(self._request("GET", "/v1/version").content)
 
+    def stats(self, all: bool = False) -> list[models.MachineStats]:
+        """The host usage of every running machine (``all``: every machine)."""
+        resp = self._request("GET", "/v1/stats", params={"all": all})
+        return [models.MachineStats.model_validate(x) for x in json.loads(resp.content)]
+
     def events(self, since: int | None = None, follow: bool = True) -> Iterator[models.Event]:
         """Machine events (``created``, ``started``, ``stopped``...) as they happen.
 
@@ -456,6 +461,16 @@ class MachineHandle(c.MachineRecord):
         resp = self._c._request("POST", f"{self._path}/exec", json=body,
                                 timeout=c.request_timeout(self._c.timeout, timeout))
         return models.ExecResult.model_validate_json(resp.content)
+
+    def stats(self) -> models.MachineStats:
+        """What the machine costs the host now (cumulative CPU seconds, memory, I/O)."""
+        resp = self._c._request("GET", f"{self._path}/stats")
+        return models.MachineStats.model_validate_json(resp.content)
+
+    def top(self) -> models.GuestProcesses:
+        """The guest's processes (``ps`` run in the guest)."""
+        resp = self._c._request("GET", f"{self._path}/top")
+        return models.GuestProcesses.model_validate_json(resp.content)
 
     def exec_stream(self, cmd: Sequence[str], *, env: Mapping[str, str] | None = None,
                     workdir: str | None = None, user: str | None = None, tty: bool = False,

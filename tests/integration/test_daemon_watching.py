@@ -1,8 +1,12 @@
-"""``GET /metrics`` of a real daemon: parses as Prometheus text, has each machine's series
-with figures that match its QEMU's /proc, and drops them when the machine is removed."""
+"""Watching a real daemon: ``GET /metrics`` (parses as Prometheus text, each machine's
+series match its QEMU's /proc and go with the machine), ``ember stats`` against /proc,
+``ember top`` (the guest's own processes) and ``ember events`` (in order)."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -73,3 +77,48 @@ def test_metrics_of_a_busy_machine_and_of_the_daemon(api: httpx.Client) -> None:
         delete(api, "busy")
     gone = scrape(api)
     assert not any(of(gone, name, "busy") for name in gone)
+
+
+def ember(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ember.cli", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_stats_top_and_events_of_a_machine(api: httpx.Client) -> None:
+    since = max([0, *(e["seq"] for e in map(json.loads, ember(
+        "events", "--no-follow", "--json").stdout.splitlines()))])
+    create(api, name="watched", cmd=["sh", "-c", "while :; do :; done"], memory_mib=160)
+    start(api, "watched")
+    try:
+        pid = api.get("/v1/machines/watched").json()["pid"]
+        out = ember("stats", "--no-stream", "--json", "watched")
+        assert out.returncode == 0, out.stderr
+        (row,) = json.loads(out.stdout)
+        assert row["name"] == "watched" and row["memory_limit_bytes"] == 160 << 20
+        assert row["cpu_percent"] > 50  # a guest burning its one vCPU
+        with open(f"/proc/{pid}/status") as f:
+            rss = next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmRSS:"))
+        assert 0.5 * rss < row["memory_bytes"] < 4 * rss + (256 << 20)
+        table = ember("stats", "--no-stream")
+        assert table.stdout.splitlines()[0].split()[:3] == ["NAME", "ID", "CPU"]
+        top = ember("top", "watched")
+        assert top.returncode == 0, top.stderr
+        lines = top.stdout.splitlines()
+        assert lines[0].split()[0] == "PID"
+        assert any("while :; do :; done" in x for x in lines)
+        assert not any("kthreadd" in x or "memfd:ember" in x for x in lines)
+        from ember.sdk import Client
+
+        with Client(autostart=False) as c:  # the same through the SDK
+            m = c.machines.get("watched")
+            assert m.stats().memory_limit_bytes == 160 << 20
+            assert "watched" in [s.name for s in c.stats()]
+            assert any("while" in " ".join(p) for p in m.top().processes)
+    finally:
+        delete(api, "watched")
+    events = [json.loads(x) for x in ember("events", "--since", str(since), "--no-follow",
+                                           "--json", "--filter", "machine=watched"
+                                           ).stdout.splitlines()]
+    kinds = [e["type"] for e in events]
+    assert kinds[:3] == ["created", "starting", "started"] and kinds[-1] == "deleted"
+    assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)

@@ -1,0 +1,64 @@
+"""Live figures of machines: host usage (``host/usage.py``) and the guest's processes.
+
+The usage is read from each machine's QEMU (cgroup and /proc) at request time;
+the process list comes from busybox ``ps`` run in the guest as the host-sent tool
+(``files.py``), so it works whatever the image holds.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from ember.daemon.errors import Conflict
+
+if TYPE_CHECKING:
+    from ember.daemon.managed import Managed
+
+#: The columns ``top`` shows (busybox ``ps -o``).
+TOP_COLUMNS = "pid,ppid,user,stat,vsz,rss,args"
+
+
+def stats_of(mm: Managed) -> dict[str, Any]:
+    """The ``MachineStats`` of ``mm`` (zeros for a machine without a running QEMU)."""
+    from ember.host.usage import qemu_usage
+
+    doc = mm.public()
+    out: dict[str, Any] = {
+        "name": doc["name"], "id": doc["id"], "state": doc["state"], "time": time.time(),
+        "cpu_seconds": 0.0, "cpus": int(doc.get("cpus") or 1), "memory_bytes": 0,
+        "memory_limit_bytes": int(doc.get("memory_mib") or 0) << 20,
+        "storage_read_bytes": 0, "storage_write_bytes": 0}
+    m = mm.machine
+    vm = m.vm if m is not None else None
+    if vm is not None:
+        usage = qemu_usage(vm.pid, vm.cgroup.paths if vm.cgroup is not None else ())
+        if usage is not None:
+            out.update(cpu_seconds=usage.cpu_seconds, memory_bytes=usage.memory_bytes,
+                       storage_read_bytes=usage.read_bytes,
+                       storage_write_bytes=usage.write_bytes)
+    return out
+
+
+def top_of(mm: Managed) -> dict[str, Any]:
+    """The guest's processes (``GuestProcesses``): busybox ``ps`` in the guest."""
+    from ember.errors import EmberError
+    from ember.files import run_tool
+
+    machine = mm.running_machine("top")
+    try:
+        code, out, err = run_tool(machine, ["ps", "-o", TOP_COLUMNS])
+    except EmberError as exc:
+        raise Conflict(f"machine {mm.name}: {exc}") from None
+    if code != 0:
+        raise Conflict(f"machine {mm.name}: ps failed: {err.strip() or f'exit status {code}'}")
+    lines = out.decode(errors="replace").splitlines()
+    if not lines:
+        return {"titles": [], "processes": []}
+    titles = lines[0].split()
+    rows = [line.split(None, len(titles) - 1) for line in lines[1:] if line.strip()]
+    # the guest's own programs: not the kernel's threads (kthreadd, pid 2, and its
+    # children), nor the ps that made the list
+    rows = [r for r in rows if len(r) == len(titles) and r[0] != "2" and r[1] != "2"
+            and not r[-1].startswith("{memfd:ember-")]
+    return {"titles": titles, "processes": rows}
