@@ -122,3 +122,21 @@ def test_stats_top_and_events_of_a_machine(api: httpx.Client) -> None:
     kinds = [e["type"] for e in events]
     assert kinds[:3] == ["created", "starting", "started"] and kinds[-1] == "deleted"
     assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
+
+
+def test_exec_detach_leaves_its_process_running(api: httpx.Client) -> None:
+    create(api, name="detached", cmd=["sleep", "100000"])
+    start(api, "detached")
+    try:
+        out = ember("exec", "-d", "detached", "--", "sh", "-c",
+                    "echo noise; sleep 0.5; touch /tmp/done; exec sleep 4242")
+        assert out.returncode == 0 and out.stdout == "", out.stderr
+        deadline = time.monotonic() + 30
+        while ember("exec", "detached", "--", "test", "-f", "/tmp/done").returncode != 0:
+            assert time.monotonic() < deadline, "the detached command did not run"
+            time.sleep(0.2)
+        assert "sleep 4242" in ember("top", "detached").stdout  # still running
+        bad = ember("exec", "-d", "detached", "--", "/no/such/program")
+        assert bad.returncode == 125 and "no/such/program" in bad.stderr
+    finally:
+        delete(api, "detached")

@@ -177,6 +177,10 @@ async def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     return await fut
 
 
+def _drop(_: bytes) -> None:
+    """Output nobody reads (a detached exec's)."""
+
+
 def _finish(proc: Process, stdin: bytes | None, timeout: float | None) -> dict[str, Any]:
     """Feed stdin, wait for the exit (killing at ``timeout``); the exit as an event dict."""
     from ember.agent.client import ExecFailed, ProcessTimeout
@@ -388,6 +392,24 @@ def create_app(mgr: Manager) -> FastAPI:
     add_snapshot_routes(app, mgr, call, machine)
 
     # --- exec
+
+    @app.post("/v1/machines/{name}/exec/detach", response_model=models.ExecStarted,
+              status_code=201, tags=["exec"])
+    async def exec_detached(name: str, body: models.ExecCreate) -> models.ExecStarted:
+        """Start a process and leave it running (`ember exec -d`): its output is dropped,
+        its stdin empty; it ends by itself or with the machine."""
+        if body.tty or body.stdin is not None or body.timeout is not None:
+            raise Invalid("a detached exec takes no tty, stdin or timeout")
+        mm = mgr.get(name)
+
+        def run() -> int:
+            proc = mm.exec(body, on_stdout=_drop, on_stderr=_drop)
+            try:
+                return proc.wait_started(30)
+            except AgentError as exc:
+                raise ManagerError(f"machine {mm.name}: {exc}") from None
+
+        return models.ExecStarted(pid=await call(run))
 
     @app.post("/v1/machines/{name}/exec", response_model=models.ExecResult, tags=["exec"])
     async def exec_buffered(name: str, body: models.ExecCreate,

@@ -364,6 +364,12 @@ class ExecCreate(_Request):
     _argv = field_validator("cmd")(_check_argv)
 
 
+class ExecStarted(_Response):
+    """`POST /v1/machines/{name}/exec/detach`: a process started and left running."""
+
+    pid: int = Field(description="Its pid in the guest.")
+
+
 class ExecResult(_Response):
     exit_code: int = Field(description="0-255; 128+N when killed by signal N.")
     signal: int | None = None

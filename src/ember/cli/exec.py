@@ -47,6 +47,11 @@ def cmd_exec(args: argparse.Namespace) -> int:
         raise EmberError("exec needs a command: ember exec NAME -- CMD [ARGS...]")
     opts = {"env": parse_env(args.env), "workdir": args.workdir, "user": args.user,
             "timeout": args.timeout}
+    if args.detach:
+        if args.interactive or args.tty or args.timeout is not None:
+            raise EmberError("-d leaves the command running on its own: drop -i, -t and "
+                             "--timeout")
+        return _detach(args.name, command, opts)
     head, ended = b"", True
     if not (args.interactive or args.tty):
         # the common case, on the CLI's lean path: no SDK, one streamed request
@@ -69,6 +74,23 @@ def cmd_exec(args: argparse.Namespace) -> int:
                              rest=not ended)
 
 
+def _detach(name: str, command: list[str], opts: dict[str, Any]) -> int:
+    """``ember exec -d``: started in the guest and left running; nothing printed (Docker's)."""
+    from ember.cli.wire import Wire, quote_name
+
+    with Wire() as w:
+        w.call("POST", f"/v1/machines/{quote_name(name)}/exec/detach", _body(command, opts))
+    return 0
+
+
+def _body(command: list[str], opts: dict[str, Any]) -> dict[str, Any]:
+    body: dict[str, Any] = {"cmd": command, "env": opts["env"]}
+    for key in ("workdir", "user", "timeout"):
+        if opts[key] is not None:
+            body[key] = opts[key]
+    return body
+
+
 def _lean_stream(name: str, command: list[str], opts: dict[str, Any],
                  stdin: str | None) -> Iterator[ExecEvent]:
     """``POST /v1/machines/NAME/exec/stream`` over ``cli/wire.py``: the events as they come."""
@@ -77,10 +99,7 @@ def _lean_stream(name: str, command: list[str], opts: dict[str, Any],
     from ember.cli.wire import Wire, quote_name
     from ember.sdk.execevent import ExecEvent
 
-    body: dict[str, Any] = {"cmd": command, "env": opts["env"]}
-    for key in ("workdir", "user", "timeout"):
-        if opts[key] is not None:
-            body[key] = opts[key]
+    body = _body(command, opts)
     if stdin is not None:
         body["stdin"] = stdin
     with Wire() as w, w.lines("POST", f"/v1/machines/{quote_name(name)}/exec/stream",
@@ -199,6 +218,8 @@ def register(sub: Any) -> None:
                        "a terminal.")
     p.add_argument("-i", "--interactive", action="store_true", help="stream stdin live")
     p.add_argument("-t", "--tty", action="store_true", help="run on a guest pseudo-terminal")
+    p.add_argument("-d", "--detach", action="store_true",
+                   help="start the command and leave it running (its output is dropped)")
     p.add_argument("-e", "--env", action="append", default=[], metavar="K[=V]",
                    help="set an environment variable (repeatable)")
     p.add_argument("-w", "--workdir", metavar="DIR", help="working directory in the guest")
