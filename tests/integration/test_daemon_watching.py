@@ -5,10 +5,12 @@ series match its QEMU's /proc and go with the machine), ``ember stats`` against 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
@@ -140,3 +142,23 @@ def test_exec_detach_leaves_its_process_running(api: httpx.Client) -> None:
         assert bad.returncode == 125 and "no/such/program" in bad.stderr
     finally:
         delete(api, "detached")
+
+
+def test_bash_completion_completes_machine_names(api: httpx.Client, tmp_path: Path) -> None:
+    import shutil
+
+    create(api, name="completer", cmd=["true"])
+    try:
+        script = ember("completion", "bash").stdout
+        shim = tmp_path / "ember"  # the script calls `ember` on PATH
+        shim.write_text(f"#!/bin/sh\nexec {sys.executable} -m ember.cli \"$@\"\n")
+        shim.chmod(0o755)
+        bash = shutil.which("bash")
+        assert bash is not None
+        test = script + '\nCOMP_WORDS=(ember exec compl); COMP_CWORD=2; _ember_complete\n' \
+            'printf "%s\\n" "${COMPREPLY[@]}"\n'
+        out = subprocess.run([bash, "-c", test], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"})
+        assert out.stdout.split() == ["completer"], out.stderr
+    finally:
+        delete(api, "completer")

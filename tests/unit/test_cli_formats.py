@@ -92,3 +92,19 @@ def test_the_command_table_names_every_command_of_every_group() -> None:
     assert _command_of(["-v", "run", "--cpus", "2", "img"]) == "run"
     assert _command_of(["--version"]) is None
     assert _command_of(["bogus"]) is None
+
+
+def test_completion_offers_commands_options_and_nothing_after_the_separator(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ember.cli.completion import candidates
+
+    monkeypatch.setenv("EMBER_HOME", str(tmp_path))  # no daemon there: no names, no start
+    top = candidates([""], 1)
+    assert {"run", "ps", "exec", "pull", "stats", "completion"} <= set(top)
+    assert not [c for c in top if c.startswith("_")]
+    assert "--cpus" in candidates(["run", "--c"], 2)
+    assert {"ls", "rm", "import"} <= set(candidates(["image", ""], 2))
+    assert candidates(["run", "--cpus", ""], 3) == []  # the option's value
+    assert candidates(["exec", "web", "--", ""], 4) == []
+    assert candidates(["exec", ""], 2) == []  # machine names, but no daemon runs
+    assert not (tmp_path / "daemon.pid").exists()

@@ -36,9 +36,10 @@ COMMANDS: dict[str, str] = {
     "cp": "cp",
     **dict.fromkeys(("login", "logout", "pull"), "pull"),
     **dict.fromkeys(("events", "stats", "top"), "stats"),
+    **dict.fromkeys(("completion", "__complete"), "completion"),
 }
 GROUPS = ("run", "system", "image", "pull", "machine", "snapshot", "ps", "stats", "logs", "exec",
-          "cp")
+          "cp", "completion")
 
 
 def entry() -> None:
