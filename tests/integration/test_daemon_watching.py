@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -118,12 +118,16 @@ def test_stats_top_and_events_of_a_machine(api: httpx.Client) -> None:
             assert any("while" in " ".join(p) for p in m.top().processes)
     finally:
         delete(api, "watched")
-    events = [json.loads(x) for x in ember("events", "--since", str(since), "--no-follow",
+    events = [json.loads(x) for x in ember("events", "--seq", str(since), "--no-follow",
                                            "--json", "--filter", "machine=watched"
                                            ).stdout.splitlines()]
     kinds = [e["type"] for e in events]
     assert kinds[:3] == ["created", "starting", "started"] and kinds[-1] == "deleted"
     assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
+    recent = ember("events", "--since", "10m", "--no-follow", "-f", "machine=watched")
+    assert [x.split()[3:5] for x in recent.stdout.splitlines()][:1] == [["watched", "created"]]
+    later = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
+    assert ember("events", "--since", later, "--no-follow").stdout == ""
 
 
 def test_exec_detach_leaves_its_process_running(api: httpx.Client) -> None:
@@ -162,3 +166,24 @@ def test_bash_completion_completes_machine_names(api: httpx.Client, tmp_path: Pa
         assert out.stdout.split() == ["completer"], out.stderr
     finally:
         delete(api, "completer")
+
+
+def test_stats_see_a_guest_take_100_mib(api: httpx.Client) -> None:
+    create(api, name="holder", cmd=["sleep", "100000"], memory_mib=384)
+    start(api, "holder")
+    try:
+        def reading() -> dict[str, Any]:
+            out = ember("stats", "--no-stream", "--json", "holder")
+            assert out.returncode == 0, out.stderr
+            return dict(json.loads(out.stdout)[0])
+
+        before = reading()
+        assert before["network_rx_bytes"] is not None  # the guest's eth0 counters
+        # the writable layer is guest RAM
+        fill = ember("exec", "-u", "root", "holder", "--", "dd", "if=/dev/zero", "of=/fill",
+                     "bs=1M", "count=100")
+        assert fill.returncode == 0, fill.stderr
+        after = reading()
+        assert after["memory_bytes"] - before["memory_bytes"] > 80 << 20
+    finally:
+        delete(api, "holder")

@@ -414,6 +414,10 @@ class MachineStats(_Response):
     memory_limit_bytes: int = Field(description="Guest memory it was given.")
     storage_read_bytes: int = Field(description="Bytes QEMU read from host storage.")
     storage_write_bytes: int = Field(description="Bytes QEMU wrote to host storage.")
+    network_rx_bytes: int | None = Field(default=None, description="Bytes the guest's "
+                                         "network interfaces (not lo) received, as the "
+                                         "guest counts them; none without a running guest.")
+    network_tx_bytes: int | None = Field(default=None, description="Bytes they sent.")
 
 
 class GuestProcesses(_Response):

@@ -58,16 +58,20 @@ def _rows(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]
                      "memory_limit_bytes": now["memory_limit_bytes"],
                      "memory_percent": round(100 * now["memory_bytes"] / limit, 2),
                      "storage_read_bytes": now["storage_read_bytes"],
-                     "storage_write_bytes": now["storage_write_bytes"]})
+                     "storage_write_bytes": now["storage_write_bytes"],
+                     "network_rx_bytes": now.get("network_rx_bytes"),
+                     "network_tx_bytes": now.get("network_tx_bytes")})
     return sorted(rows, key=lambda r: r["name"])
 
 
 def _table(rows: list[dict[str, Any]]) -> list[str]:
-    out = [("NAME", "ID", "CPU %", "MEM USAGE / LIMIT", "MEM %", "BLOCK I/O")]
+    out = [("NAME", "ID", "CPU %", "MEM USAGE / LIMIT", "MEM %", "NET I/O", "BLOCK I/O")]
     for r in rows:
+        net = "--" if r["network_rx_bytes"] is None else \
+            f"{_human(r['network_rx_bytes'])} / {_human(r['network_tx_bytes'] or 0)}"
         out.append((r["name"], r["id"][:12], f"{r['cpu_percent']:.2f}%",
                     f"{_mib(r['memory_bytes'])} / {_mib(r['memory_limit_bytes'])}",
-                    f"{r['memory_percent']:.2f}%",
+                    f"{r['memory_percent']:.2f}%", net,
                     f"{_human(r['storage_read_bytes'])} / {_human(r['storage_write_bytes'])}"))
     widths = [max(len(x[i]) for x in out) for i in range(len(out[0]))]
     return ["  ".join(v.ljust(w) for v, w in zip(x, widths, strict=True)).rstrip()
@@ -121,13 +125,21 @@ def cmd_events(args: argparse.Namespace) -> int:
             raise EmberError(f"--filter {f!r}: expected machine=NAME")
         machines.add(value.strip())
     params: dict[str, Any] = {"follow": not args.no_follow}
-    if args.since is not None:
-        params["since"] = args.since
+    since_time: float | None = None
+    if args.seq is not None:
+        params["since"] = args.seq
+    elif args.since is not None:
+        from ember.cli.logs import parse_since
+
+        since_time = parse_since(args.since)
+        params["since"] = 0  # the whole log, filtered by time here
     with Wire() as w, w.lines("GET", "/v1/events", params=params) as lines:
         for line in lines:
             ev = json.loads(line)
             if machines and ev.get("machine") not in machines \
                     and ev.get("machine_id") not in machines:
+                continue
+            if since_time is not None and _when(ev) < since_time:
                 continue
             if args.json:
                 print(json.dumps(ev), flush=True)
@@ -136,6 +148,15 @@ def cmd_events(args: argparse.Namespace) -> int:
                 print(f"{ev['time']} #{ev['seq']} machine {ev['machine']} {ev['type']}{detail}",
                       flush=True)
     return 0
+
+
+def _when(ev: dict[str, Any]) -> float:
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(str(ev["time"]).replace("Z", "+00:00")).timestamp()
+    except (KeyError, ValueError):
+        return 0.0
 
 
 def _seq(value: str) -> int:
@@ -149,7 +170,8 @@ def register(sub: Any) -> None:
     p = sub.add_parser("stats", help="live CPU, memory and I/O of running machines",
                        description="What each running machine (or each NAME) costs the "
                        "host, refreshed every second like docker stats: CPU %% (100 %% = one "
-                       "host CPU), memory used and given, host storage read/written.")
+                       "host CPU), memory used and given, the guest's network bytes, host "
+                       "storage read/written.")
     p.add_argument("names", nargs="*", metavar="NAME")
     p.add_argument("--no-stream", action="store_true", help="one reading, then exit")
     p.add_argument("--json", action="store_true",
@@ -162,10 +184,14 @@ def register(sub: Any) -> None:
     p.set_defaults(func=pipe_safe(cmd_top))
 
     p = sub.add_parser("events", help="the daemon's machine events, as they happen",
-                       description="Machine events (created, started, stopped, ...) from the "
-                       "daemon's log: with --since SEQ the recorded ones after SEQ first, "
-                       "then new ones as they happen (until Ctrl-C, or --no-follow).")
-    p.add_argument("--since", type=_seq, metavar="SEQ")
+                       description="Machine events (created, started, stopped, ...) as they "
+                       "happen (until Ctrl-C); with --since or --seq the recorded ones first "
+                       "(--no-follow: only those).")
+    p.add_argument("--since", metavar="TIME",
+                   help="replay events since TIME: 10m, 1h30m, a Unix time, or "
+                   "2026-12-01T08:00:00Z")
+    p.add_argument("--seq", type=_seq, metavar="SEQ",
+                   help="replay events after the one numbered SEQ (each line shows its #seq)")
     p.add_argument("--no-follow", action="store_true", help="only the recorded events")
     p.add_argument("-f", "--filter", action="append", default=[], metavar="machine=NAME")
     p.add_argument("--json", action="store_true", help="one JSON object per line")

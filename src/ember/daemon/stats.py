@@ -7,6 +7,7 @@ the process list comes from busybox ``ps`` run in the guest as the host-sent too
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +38,41 @@ def stats_of(mm: Managed) -> dict[str, Any]:
             out.update(cpu_seconds=usage.cpu_seconds, memory_bytes=usage.memory_bytes,
                        storage_read_bytes=usage.read_bytes,
                        storage_write_bytes=usage.write_bytes)
+    if m is not None and doc["state"] == "running":
+        net = _network(mm)
+        if net is not None:
+            out.update(network_rx_bytes=net[0], network_tx_bytes=net[1])
     return out
+
+
+def _network(mm: Managed) -> tuple[int, int] | None:
+    """The guest's received and sent bytes over its interfaces but lo (its /proc/net/dev,
+    read with the tool); None if it cannot be read."""
+    from ember.errors import EmberError
+    from ember.files import run_tool
+
+    try:
+        machine = mm.running_machine("stats")
+        code, out, _err = run_tool(machine, ["cat", "/proc/net/dev"], limit=65536)
+    except EmberError:
+        return None
+    if code != 0:
+        return None
+    return parse_net_dev(out.decode(errors="replace"))
+
+
+def parse_net_dev(text: str) -> tuple[int, int]:
+    """Received and sent bytes summed over the interfaces of ``/proc/net/dev`` but lo."""
+    rx = tx = 0
+    for line in text.splitlines()[2:]:
+        name, sep, rest = line.partition(":")
+        fields = rest.split()
+        if not sep or name.strip() == "lo" or len(fields) < 9:
+            continue
+        with contextlib.suppress(ValueError):
+            rx += int(fields[0])
+            tx += int(fields[8])
+    return rx, tx
 
 
 def top_of(mm: Managed) -> dict[str, Any]:
