@@ -193,16 +193,27 @@ def _run(machine: Machine, argv: list[str], *, source: bytes | BinaryIO | None =
     return status, bytes(err)
 
 
-def run_tool(machine: Machine, argv: list[str], *, limit: int = 1 << 20
-             ) -> tuple[int, bytes, str]:
+def run_tool(machine: Machine, argv: list[str], *, limit: int = 1 << 20,
+             timeout: float | None = None) -> tuple[int, bytes, str]:
     """Run a tool applet (``["ps", ...]``) in the guest as root: exit code, stdout (at most
-    ``limit`` bytes kept), stderr's one line."""
+    ``limit`` bytes kept), stderr's one line. After ``timeout`` seconds it is killed
+    (exit code 137): a stuck guest never holds the caller."""
     out = bytearray()
 
     def on_stdout(data: bytes) -> None:
         out.extend(data[:limit - len(out)])
 
-    status, err = _run(machine, argv, on_stdout=on_stdout)
+    stop = threading.Event()
+    timer = threading.Timer(timeout, stop.set) if timeout is not None else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        status, err = _run(machine, argv, on_stdout=on_stdout,
+                           stop=stop if timer is not None else None)
+    finally:
+        if timer is not None:
+            timer.cancel()
     return status.exit_code, bytes(out), _reason(err)
 
 

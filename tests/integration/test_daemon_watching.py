@@ -64,6 +64,7 @@ def test_metrics_of_a_busy_machine_and_of_the_daemon(api: httpx.Client) -> None:
         assert 0.5 * rss < mem < 4 * rss + (256 << 20)
         assert of(second, "ember_machine_memory_limit_bytes", "busy")[0][1] == 192 << 20
         assert of(second, "ember_machine_restarts_total", "busy")[0][1] == 0
+        assert of(second, "ember_machine_network_receive_bytes_total", "busy")[0][1] >= 0
         running = [v for labels, v in second["ember_machines"] if labels["state"] == "running"]
         assert running and running[0] >= 1
         assert second["ember_images"][0][1] >= 1 and second["ember_image_store_bytes"][0][1] > 0

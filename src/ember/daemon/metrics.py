@@ -7,8 +7,8 @@ QEMU's cgroup and /proc, ``host/usage.py``), plus the image store and snapshot
 cache sizes. Labels stay bounded: a machine's name and id, a state, a route
 template, a method, a status code; never a command line.
 
-Not yet: network bytes (slirp's counters live inside QEMU; per-machine network
-namespaces will give veth counters).
+Network bytes are the guest's own counters (its ``/proc/net/dev`` but lo, read
+with the tool, ``daemon/stats.py``): slirp keeps none that QEMU reports.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ class _Collector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         from ember import paths
+        from ember.daemon.stats import network_of
         from ember.host.usage import qemu_usage
 
         labels = ["name", "id"]
@@ -92,6 +93,12 @@ class _Collector(Collector):
                                  "Bytes QEMU read from host storage", labels=labels)
         wr = CounterMetricFamily("ember_machine_storage_write_bytes",
                                  "Bytes QEMU wrote to host storage", labels=labels)
+        net_rx = CounterMetricFamily("ember_machine_network_receive_bytes",
+                                     "Bytes the guest's interfaces (not lo) received, as it "
+                                     "counts them", labels=labels)
+        net_tx = CounterMetricFamily("ember_machine_network_transmit_bytes",
+                                     "Bytes the guest's interfaces (not lo) sent",
+                                     labels=labels)
         restarts = CounterMetricFamily("ember_machine_restarts",
                                        "Restarts by the machine's restart policy",
                                        labels=labels)
@@ -116,7 +123,12 @@ class _Collector(Collector):
             mem.add_metric(key, usage.memory_bytes)
             rd.add_metric(key, usage.read_bytes)
             wr.add_metric(key, usage.write_bytes)
-        yield from (state, cpu, mem, limit, rd, wr, restarts)
+            if st == "running":
+                net = network_of(mm)
+                if net is not None:
+                    net_rx.add_metric(key, net[0])
+                    net_tx.add_metric(key, net[1])
+        yield from (state, cpu, mem, limit, rd, wr, net_rx, net_tx, restarts)
         machines = GaugeMetricFamily("ember_machines", "Machines by state", labels=["state"])
         for st, n in sorted(counts.items()):
             machines.add_metric([st], n)

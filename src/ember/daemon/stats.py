@@ -16,6 +16,8 @@ from ember.daemon.errors import Conflict
 if TYPE_CHECKING:
     from ember.daemon.managed import Managed
 
+#: Seconds a reading in the guest may take before it is given up.
+TOOL_TIMEOUT = 5.0
 #: The columns ``top`` shows (busybox ``ps -o``).
 TOP_COLUMNS = "pid,ppid,user,stat,vsz,rss,args"
 
@@ -39,13 +41,13 @@ def stats_of(mm: Managed) -> dict[str, Any]:
                        storage_read_bytes=usage.read_bytes,
                        storage_write_bytes=usage.write_bytes)
     if m is not None and doc["state"] == "running":
-        net = _network(mm)
+        net = network_of(mm)
         if net is not None:
             out.update(network_rx_bytes=net[0], network_tx_bytes=net[1])
     return out
 
 
-def _network(mm: Managed) -> tuple[int, int] | None:
+def network_of(mm: Managed) -> tuple[int, int] | None:
     """The guest's received and sent bytes over its interfaces but lo (its /proc/net/dev,
     read with the tool); None if it cannot be read."""
     from ember.errors import EmberError
@@ -53,7 +55,8 @@ def _network(mm: Managed) -> tuple[int, int] | None:
 
     try:
         machine = mm.running_machine("stats")
-        code, out, _err = run_tool(machine, ["cat", "/proc/net/dev"], limit=65536)
+        code, out, _err = run_tool(machine, ["cat", "/proc/net/dev"], limit=65536,
+                                   timeout=TOOL_TIMEOUT)
     except EmberError:
         return None
     if code != 0:
@@ -82,7 +85,7 @@ def top_of(mm: Managed) -> dict[str, Any]:
 
     machine = mm.running_machine("top")
     try:
-        code, out, err = run_tool(machine, ["ps", "-o", TOP_COLUMNS])
+        code, out, err = run_tool(machine, ["ps", "-o", TOP_COLUMNS], timeout=TOOL_TIMEOUT)
     except EmberError as exc:
         raise Conflict(f"machine {mm.name}: {exc}") from None
     if code != 0:
