@@ -7,7 +7,7 @@ import re
 import time
 from typing import Any
 
-from ember.cli.common import client, pipe_safe, write_all
+from ember.cli.common import pipe_safe, write_all
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -51,11 +51,17 @@ def _tail(value: str) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    source = "console" if args.console else "output"
-    with client() as c:
-        m = c.machines.get(args.name)
-        for chunk in m.logs(source=source, follow=args.follow, tail=args.tail,
-                            since=args.since, timestamps=args.timestamps):
+    from ember.cli.wire import Wire, quote_name
+
+    params: dict[str, Any] = {"source": "console" if args.console else "output",
+                              "follow": args.follow, "tail": args.tail}
+    if args.since is not None:
+        params["since"] = args.since
+    if args.timestamps:
+        params["timestamps"] = True
+    with Wire() as w, w.lines("GET", f"/v1/machines/{quote_name(args.name)}/logs",
+                              params=params, raw=True) as chunks:
+        for chunk in chunks:
             write_all(1, chunk)
     return 0
 

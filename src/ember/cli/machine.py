@@ -1,8 +1,10 @@
-"""Machines under the daemon: create, start, stop, kill, pause, resume, rm, ps, inspect, port, logs.
+"""Machines under the daemon: create, start, stop, restart, kill, pause, resume, rm, rename,
+wait.
 
-Each command is one or a few SDK calls (``ember.sdk``); errors raise (the
-SDK's are :class:`EmberError` s) and ``ember.cli.main`` prints them as one
-line with exit status 125. The daemon is started on demand.
+``create`` is SDK calls (``ember.sdk``); the lifecycle commands take the CLI's lean
+path (``cli/wire.py``: the API's JSON, no SDK). Errors raise (both raise the SDK's
+:class:`EmberError` s) and ``ember.cli.main`` prints them as one line with exit
+status 125. The daemon is started on demand.
 """
 
 from __future__ import annotations
@@ -11,14 +13,16 @@ import argparse
 import contextlib
 import json
 import os
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ember.cli.common import (
+    EXIT_EMBER_FAILED,
     client,
     command_args,
     count,
-    each,
     entrypoint_arg,
+    error,
     parse_env,
     parse_memory,
     pipe_safe,
@@ -26,8 +30,8 @@ from ember.cli.common import (
 from ember.errors import EmberError, MachineCrashed
 
 if TYPE_CHECKING:
-
     from ember.api.models import Machine
+    from ember.cli.wire import Wire
     from ember.sdk import Client, MachineHandle
 
 
@@ -147,37 +151,67 @@ def cmd_create(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- lifecycle
 
 
+def each_machine(names: Sequence[str], action: Callable[[Wire, str], Any], *,
+                 echo: bool = True) -> int:
+    """``action(wire, path)`` for every name (``path``: ``/v1/machines/NAME``), on the
+    CLI's lean path, printing each name done (``echo``); errors are reported one line each
+    and make the status 125 (a daemon that is not there ends it)."""
+    from ember.cli.wire import Wire, quote_name
+    from ember.sdk.errors import DaemonUnavailable
+
+    status = 0
+    with Wire() as w:
+        for name in names:
+            try:
+                action(w, f"/v1/machines/{quote_name(name)}")
+            except DaemonUnavailable:
+                raise
+            except EmberError as exc:
+                error(str(exc))
+                status = EXIT_EMBER_FAILED
+            else:
+                if echo:
+                    print(name, flush=True)
+    return status
+
+
 def cmd_start(args: argparse.Namespace) -> int:
-    return each(args.names, lambda c, n: (c.machines.get(n).start(), print(n)))
+    return each_machine(args.names, lambda w, path: w.call("POST", f"{path}/start"))
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    return each(args.names, lambda c, n: (c.machines.get(n).stop(args.time), print(n)))
+    return each_machine(args.names, lambda w, path: w.call(
+        "POST", f"{path}/stop", params={"timeout": args.time}, timeout=args.time + 60))
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
-    return each(args.names, lambda c, n: (c.machines.get(n).restart(args.time), print(n)))
+    return each_machine(args.names, lambda w, path: w.call(
+        "POST", f"{path}/restart", params={"timeout": args.time}, timeout=args.time + 360))
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
-    return each(args.names, lambda c, n: (c.machines.get(n).kill(args.signal), print(n)))
+    return each_machine(args.names, lambda w, path: w.call(
+        "POST", f"{path}/kill", params={"signal": str(args.signal)}))
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
-    return each(args.names, lambda c, n: (c.machines.get(n).pause(), print(n)))
+    return each_machine(args.names, lambda w, path: w.call("POST", f"{path}/pause"))
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    return each(args.names, lambda c, n: (c.machines.get(n).resume(), print(n)))
+    return each_machine(args.names, lambda w, path: w.call("POST", f"{path}/resume"))
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    return each(args.names, lambda c, n: (c.machines.get(n).remove(args.force), print(n)))
+    return each_machine(args.names, lambda w, path: w.call(
+        "DELETE", path, params={"force": args.force}))
 
 
 def cmd_rename(args: argparse.Namespace) -> int:
-    with client() as c:
-        c.machines.get(args.name).rename(args.new_name)
+    from ember.cli.wire import Wire, quote_name
+
+    with Wire() as w:
+        w.call("POST", f"/v1/machines/{quote_name(args.name)}/rename", {"name": args.new_name})
     return 0
 
 
@@ -188,12 +222,12 @@ NO_EXIT_CODE = {"crashed": 255, "stopped": 0, "created": 0}
 
 def cmd_wait(args: argparse.Namespace) -> int:
     """Block until each machine stops; print its exit code (as ``docker wait``)."""
-    def wait(c: Client, name: str) -> None:
-        result = c.machines.get(name).wait()
-        code = result.exit_code
-        print(code if code is not None else NO_EXIT_CODE.get(result.state.value, 255),
+    def wait(w: Wire, path: str) -> None:
+        result = w.call("POST", f"{path}/wait", timeout=None)
+        code = result.get("exit_code")
+        print(code if code is not None else NO_EXIT_CODE.get(result.get("state", ""), 255),
               flush=True)
-    return each(args.names, wait)
+    return each_machine(args.names, wait, echo=False)
 
 
 def register(sub: Any) -> None:

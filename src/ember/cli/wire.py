@@ -26,6 +26,13 @@ from ember.sdk.errors import DaemonUnavailable, api_error
 TIMEOUT = 300.0
 
 
+class _Default:
+    """The default timeout (:data:`TIMEOUT`), as opposed to None (no timeout)."""
+
+
+DEFAULT = _Default()
+
+
 class _UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__("ember", timeout=timeout)
@@ -66,16 +73,21 @@ class Wire:
         if self._conn is None:
             ep = self.endpoint
             if ep.socket_path is not None:
-                self._conn = _UnixConnection(str(ep.socket_path), timeout or TIMEOUT)
+                self._conn = _UnixConnection(str(ep.socket_path), TIMEOUT)
             else:
                 u = urlsplit(ep.base_url)
                 cls = (http.client.HTTPSConnection if u.scheme == "https"
                        else http.client.HTTPConnection)
-                self._conn = cls(u.netloc, timeout=timeout or TIMEOUT)
+                self._conn = cls(u.netloc, timeout=TIMEOUT)
+        self._conn.timeout = timeout
+        if self._conn.sock is not None:
+            self._conn.sock.settimeout(timeout)
         return self._conn
 
     def _send(self, method: str, path: str, body: Any, params: dict[str, Any] | None,
-              timeout: float | None) -> http.client.HTTPResponse:
+              timeout: float | None | _Default) -> http.client.HTTPResponse:
+        if isinstance(timeout, _Default):
+            timeout = TIMEOUT
         if params:
             path = f"{path}?{urlencode({k: _param(v) for k, v in params.items()})}"
         headers = {"Host": "ember", **self.endpoint.headers()}
@@ -113,8 +125,10 @@ class Wire:
         return f"cannot reach the ember daemon at {self.endpoint.base_url}: {exc}"
 
     def call(self, method: str, path: str, body: Any = None,
-             params: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
-        """The JSON answer of a request (None for an empty body); 4xx/5xx raise."""
+             params: dict[str, Any] | None = None,
+             timeout: float | None | _Default = DEFAULT) -> Any:
+        """The JSON answer of a request (None for an empty body); 4xx/5xx raise.
+        ``timeout``: seconds for the answer (None: wait as long as it takes)."""
         resp = self._send(method, path, body, params, timeout)
         data = resp.read()
         _check(resp, data)
@@ -122,16 +136,20 @@ class Wire:
 
     @contextlib.contextmanager
     def lines(self, method: str, path: str, body: Any = None,
-              params: dict[str, Any] | None = None) -> Iterator[Iterator[bytes]]:
-        """A streamed NDJSON answer, line by line (no read timeout: a follow may be quiet)."""
+              params: dict[str, Any] | None = None, *,
+              raw: bool = False) -> Iterator[Iterator[bytes]]:
+        """A streamed answer, NDJSON line by line (``raw``: bytes as they come), with no
+        read timeout (a follow may be quiet for hours)."""
         resp = self._send(method, path, body, params, None)
         if resp.status >= 400:
             _check(resp, resp.read())
-        if self._conn is not None and self._conn.sock is not None:
-            self._conn.sock.settimeout(None)
 
         def each() -> Iterator[bytes]:
             try:
+                if raw:
+                    while chunk := resp.read1(65536):
+                        yield chunk
+                    return
                 while line := resp.readline():
                     if line.strip():
                         yield line
