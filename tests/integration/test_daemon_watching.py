@@ -117,6 +117,7 @@ def test_stats_top_and_events_of_a_machine(api: httpx.Client) -> None:
             assert m.stats().memory_limit_bytes == 160 << 20
             assert "watched" in [s.name for s in c.stats()]
             assert any("while" in " ".join(p) for p in m.top().processes)
+        assert ember("stop", "-t", "1", "watched").returncode == 0
     finally:
         delete(api, "watched")
     events = [json.loads(x) for x in ember("events", "--seq", str(since), "--no-follow",
@@ -124,6 +125,7 @@ def test_stats_top_and_events_of_a_machine(api: httpx.Client) -> None:
                                            ).stdout.splitlines()]
     kinds = [e["type"] for e in events]
     assert kinds[:3] == ["created", "starting", "started"] and kinds[-1] == "deleted"
+    assert kinds.index("stopped") > kinds.index("started")  # the stop, then the rm
     assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
     recent = ember("events", "--since", "10m", "--no-follow", "-f", "machine=watched")
     assert [x.split()[3:5] for x in recent.stdout.splitlines()][:1] == [["watched", "created"]]
