@@ -693,3 +693,16 @@ def test_resolve_by_manifest_digest(store: ImageStore, layout: Path) -> None:
     image = store.import_path(layout)
     assert image.manifest_digest is not None
     assert store.resolve(image.manifest_digest).id == image.id
+
+
+def test_unpacked_trees_left_in_memory_by_dead_processes_are_swept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ember.images import rootfs
+
+    monkeypatch.setattr(rootfs, "MEMORY_DIR", tmp_path)
+    dead = tmp_path / f"{rootfs.MEMORY_PREFIX}999999999-abc-x"
+    alive = tmp_path / f"{rootfs.MEMORY_PREFIX}{os.getpid()}-abc-y"
+    for d in (dead, alive):
+        (d / "etc").mkdir(parents=True)
+    rootfs.sweep_memory_scratch()
+    assert not dead.exists() and alive.exists()

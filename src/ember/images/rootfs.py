@@ -79,14 +79,9 @@ def sweep_memory_scratch() -> None:
     with contextlib.suppress(OSError):
         for d in MEMORY_DIR.glob(f"{MEMORY_PREFIX}*"):
             pid = d.name[len(MEMORY_PREFIX):].split("-", 1)[0]
-            if pid.isdigit() and not os.path.exists(f"/proc/{pid}") and d.owner() == _me():
+            if (pid.isdigit() and not os.path.exists(f"/proc/{pid}")
+                    and d.lstat().st_uid == os.geteuid()):
                 rmtree(d)
-
-
-def _me() -> str:
-    import pwd
-
-    return pwd.getpwuid(os.geteuid()).pw_name
 
 
 def build_rootfs(layers: Sequence[tuple[Path | Callable[[], Path], Layer]], final: Path, *,
