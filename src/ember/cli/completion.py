@@ -134,7 +134,7 @@ def register(sub: Any) -> None:
                        "source <(ember completion bash) in ~/.bashrc (zsh: ~/.zshrc).")
     p.add_argument("shell", choices=("bash", "zsh"))
     p.set_defaults(func=cmd_completion)
-    p = sub.add_parser("__complete", help=argparse.SUPPRESS)
+    p = sub.add_parser("__complete")  # no help: not listed
     p.add_argument("cword", type=int)
     p.add_argument("words", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_complete)
