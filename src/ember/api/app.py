@@ -413,7 +413,7 @@ def create_app(mgr: Manager) -> FastAPI:
 
     @app.post("/v1/machines/{name}/exec", response_model=models.ExecResult, tags=["exec"])
     async def exec_buffered(name: str, body: models.ExecCreate,
-                            request: Request) -> models.ExecResult:
+                            request: Request) -> models.ExecResult | Response:
         mm = mgr.get(name)
         stdin = body.stdin.encode() if body.stdin is not None else None
         started: list[Process] = []
@@ -431,11 +431,14 @@ def create_app(mgr: Manager) -> FastAPI:
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             watch.cancel()
-            if not work.done():  # the client went away (or we were cancelled): so does the process
+            abandoned = not work.done()
+            if abandoned:  # the client went away (or we were cancelled): so does the process
                 gone.set()
                 if started:
                     _kill(started[0])
                 work.cancel()
+        if abandoned:  # nobody reads an answer: 499, as proxies log a closed request
+            return Response(status_code=499)
         end = work.result()
         proc = started[0]
         if end["type"] == "error":
