@@ -35,6 +35,7 @@ from ember import __version__
 from ember.api import models
 from ember.api.images import add_image_routes
 from ember.api.metrics import add_metrics_routes
+from ember.api.ndjson import line as _line
 from ember.api.snapshots import add_snapshot_routes
 from ember.api.stats import add_stats_routes
 from ember.daemon.errors import Invalid, ManagerError
@@ -718,7 +719,3 @@ class _EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.reader.close()
-
-
-def _line(obj: dict[str, Any]) -> bytes:
-    return (json.dumps({k: v for k, v in obj.items() if v is not None}) + "\n").encode()

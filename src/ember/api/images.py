@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import tempfile
 import threading
@@ -20,6 +19,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ember.api import models
+from ember.api.ndjson import line as _line
 from ember.daemon.errors import Invalid, ManagerError
 from ember.daemon.manager import Manager
 from ember.errors import RegistryError
@@ -74,9 +74,6 @@ def registry_status(exc: BaseException) -> tuple[int, str]:
         return exc.status, exc.code
     return 400, "failed"
 
-
-def _line(obj: dict[str, Any]) -> bytes:
-    return (json.dumps({k: v for k, v in obj.items() if v is not None}) + "\n").encode()
 
 
 def add_image_routes(app: FastAPI, mgr: Manager, call: Call) -> None:

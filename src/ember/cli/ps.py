@@ -48,8 +48,6 @@ class MachineView:
         self.ports = [Port(x) for x in doc.get("ports") or []]
 
 
-Machine = MachineView
-
 
 def _ago(stamp: str | None, now: datetime | None = None) -> str:
     from datetime import UTC, datetime
@@ -70,19 +68,19 @@ def _ago(stamp: str | None, now: datetime | None = None) -> str:
     return "just now" if secs < 5 else f"{secs} seconds ago"
 
 
-def format_ports(info: Machine) -> str:
+def format_ports(info: MachineView) -> str:
     return ", ".join(f"{p.host_ip}:{p.host_port}->{p.guest_port}/{p.protocol}"
                      for p in info.ports)
 
 
-def _state(info: Machine) -> str:
+def _state(info: MachineView) -> str:
     state = info.state
     if info.exit_code is not None and state in ("stopped", "crashed"):
         return f"{state} ({info.exit_code})"
     return state
 
 
-def _command_text(info: Machine, width: int = 40) -> str:
+def _command_text(info: MachineView, width: int = 40) -> str:
     argv = [*(info.entrypoint or []), *(info.cmd or [])]
     text = " ".join(argv) if argv else "(image default)"
     return text if len(text) <= width else text[:width - 1] + "…"
@@ -109,7 +107,7 @@ def parse_filters(values: Sequence[str]) -> dict[str, list[str]]:
     return out
 
 
-def matches(m: Machine, filters: dict[str, list[str]]) -> bool:
+def matches(m: MachineView, filters: dict[str, list[str]]) -> bool:
     tests: dict[str, Callable[[str], bool]] = {
         "name": lambda v: v in m.name,
         "id": lambda v: m.id.startswith(v),
@@ -126,7 +124,7 @@ def matches(m: Machine, filters: dict[str, list[str]]) -> bool:
 _PLACEHOLDER = re.compile(r"\{\{\s*\.(\w+)\s*\}\}")
 
 
-def _fields(m: Machine) -> dict[str, str]:
+def _fields(m: MachineView) -> dict[str, str]:
     return {"ID": m.id[:12], "FullID": m.id, "Names": m.name, "Name": m.name,
             "Image": m.image, "Command": _command_text(m, 80), "CreatedAt": m.created_at or "",
             "RunningFor": _ago(m.created_at), "Ports": format_ports(m), "Status": _state(m),
@@ -134,7 +132,7 @@ def _fields(m: Machine) -> dict[str, str]:
             "Restarts": str(m.restart_count)}
 
 
-def render(template: str, m: Machine) -> str:
+def render(template: str, m: MachineView) -> str:
     """A Go-template-like ``--format``: ``{{.Names}}\\t{{.Status}}`` (Docker's field names)."""
     fields = _fields(m)
 

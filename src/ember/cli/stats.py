@@ -129,9 +129,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     if args.seq is not None:
         params["since"] = args.seq
     elif args.since is not None:
-        from ember.cli.logs import parse_since
-
-        since_time = parse_since(args.since)
+        since_time = args.since
         params["since"] = 0  # the whole log, filtered by time here
     with Wire() as w, w.lines("GET", "/v1/events", params=params) as lines:
         for line in lines:
@@ -157,6 +155,12 @@ def _when(ev: dict[str, Any]) -> float:
         return datetime.fromisoformat(str(ev["time"]).replace("Z", "+00:00")).timestamp()
     except (KeyError, ValueError):
         return 0.0
+
+
+def _since(value: str) -> float:
+    from ember.cli.logs import parse_since
+
+    return parse_since(value)
 
 
 def _seq(value: str) -> int:
@@ -187,7 +191,7 @@ def register(sub: Any) -> None:
                        description="Machine events (created, started, stopped, ...) as they "
                        "happen (until Ctrl-C); with --since or --seq the recorded ones first "
                        "(--no-follow: only those).")
-    p.add_argument("--since", metavar="TIME",
+    p.add_argument("--since", type=_since, metavar="TIME",
                    help="replay events since TIME: 10m, 1h30m, a Unix time, or "
                    "2026-12-01T08:00:00Z")
     p.add_argument("--seq", type=_seq, metavar="SEQ",

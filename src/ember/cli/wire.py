@@ -19,8 +19,10 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from ember.sdk.endpoint import CONNECT_TIMEOUT, Endpoint, resolve_endpoint
+from ember.sdk.endpoint import CONNECT_TIMEOUT, Endpoint, quote_name, resolve_endpoint
 from ember.sdk.errors import DaemonUnavailable, api_error
+
+__all__ = ["Wire", "quote_name"]
 
 #: Seconds for an answer (a start waits for a boot).
 TIMEOUT = 300.0
@@ -169,9 +171,3 @@ def _param(value: Any) -> str:
 def _check(resp: http.client.HTTPResponse, data: bytes) -> None:
     if resp.status >= 400:
         raise api_error(resp.status, data)
-
-
-def quote_name(name: str) -> str:
-    from urllib.parse import quote
-
-    return quote(name, safe="")

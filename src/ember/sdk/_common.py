@@ -28,13 +28,15 @@ from ember.sdk.endpoint import (
     UNIX_BASE_URL,
     Endpoint,
     default_socket,
+    quote_name,
     resolve_endpoint,
 )
 from ember.sdk.errors import InvalidRequest, api_error, error_for
 from ember.sdk.execevent import ExecEvent
 
 __all__ = ["CONNECT_TIMEOUT", "UNIX_BASE_URL", "Endpoint", "ExecEvent", "api_error",
-           "default_socket", "resolve_endpoint"]
+           "default_socket", "quote_name",
+           "resolve_endpoint"]
 
 #: Seconds for a plain request (start waits for a boot; a busy TCG host boots slowly).
 DEFAULT_TIMEOUT = 300.0
@@ -99,12 +101,6 @@ def image_tag_body(tag: str) -> dict[str, Any]:
         return models.ImageTag(tag=tag).model_dump()
     except ValidationError as exc:
         raise invalid(validation_message(exc)) from None
-
-
-def quote_name(name: str) -> str:
-    if not name:
-        raise invalid("a machine name must not be empty")
-    return quote(name, safe="")
 
 
 def parse_port(text: str) -> models.PortSpec:

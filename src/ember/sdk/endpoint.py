@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from ember import paths
+from ember.sdk.errors import InvalidRequest
 
 #: Seconds to connect: the daemon is local, so a slow connect means it is not there.
 CONNECT_TIMEOUT = 5.0
@@ -63,3 +65,10 @@ def resolve_endpoint(socket_path: str | os.PathLike[str] | None, base_url: str |
     if not url.startswith(("http://", "https://")):
         raise ValueError(f"base_url {base_url!r}: expected http://HOST:PORT or unix:///PATH")
     return Endpoint(url, None, token if token is not None else os.environ.get("EMBER_TOKEN"))
+
+
+def quote_name(name: str) -> str:
+    """A machine name as a path segment of the API."""
+    if not name:
+        raise InvalidRequest(422, "invalid", "a machine name must not be empty")
+    return quote(name, safe="")

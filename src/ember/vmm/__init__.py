@@ -6,8 +6,9 @@ limits, not the process supervisor.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ember.lazy import lazy_getattr
 
 if TYPE_CHECKING:
     from ember.vmm.network import PortMapping, PortUnavailable, parse_port
@@ -21,10 +22,4 @@ _WHERE = {"PortMapping": "ember.vmm.network", "PortUnavailable": "ember.vmm.netw
 __all__ = ["DriveSpec", "MachineSpec", "PortMapping", "PortUnavailable", "VMProcess", "parse_port"]
 
 
-def __getattr__(name: str) -> Any:
-    where = _WHERE.get(name)
-    if where is None:
-        raise AttributeError(f"module 'ember.vmm' has no attribute {name!r}")
-    value = getattr(importlib.import_module(where), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _WHERE, globals())

@@ -492,9 +492,7 @@ class RegistryClient:
                             h.update(chunk)
                             have += len(chunk)
                             tell(len(chunk))
-                except (httpx.TransportError, RegistryError) as exc:
-                    if isinstance(exc, RegistryError) and not _cut_short(exc):
-                        raise
+                except httpx.TransportError as exc:  # the body was cut: resume from here
                     f.flush()
                     if attempt == ATTEMPTS - 1:
                         raise RegistryError(
@@ -578,10 +576,6 @@ def _resumes_at(resp: httpx.Response, offset: int) -> bool:
         return False
     m = re.match(r"bytes\s+(\d+)-", resp.headers.get("content-range", ""))
     return m is not None and int(m.group(1)) == offset
-
-
-def _cut_short(exc: RegistryError) -> bool:
-    return "stopped early" in str(exc)
 
 
 def _schema_version(data: bytes) -> int | None:
