@@ -343,8 +343,11 @@ def test_wrong_content_type_and_huge_bodies(api: httpx.Client) -> None:
                 {"image": "x" * (10 << 20)}):
         raw = json.dumps(big).encode()
         assert len(raw) > 10 << 20
-        err(api.post("/v1/machines", content=raw, headers=json_), 422)
-    # 10 MiB of stdin is a valid exec; this machine is not running.
+        # over the 1 MiB of a JSON body: refused before it is parsed
+        assert "larger than 1 MiB" in err(api.post("/v1/machines", content=raw,
+                                                   headers=json_), 413)
+    # 10 MiB of stdin is a valid exec (exec bodies may have 128 MiB); this machine is not
+    # running.
     raw = json.dumps({"cmd": ["cat"], "stdin": "y" * (10 << 20)}).encode()
     _ensure(api, CREATED, running=False)
     err(api.post(f"/v1/machines/{CREATED}/exec", content=raw, headers=json_), 409)

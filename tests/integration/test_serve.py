@@ -103,15 +103,18 @@ def test_a_second_daemon_on_the_same_data_dir_is_refused(home: Path) -> None:
 
 def test_tcp_token_file_listener_message_and_auth(home: Path) -> None:
     port = free_port()
-    d = Serve(home, "--tcp", f"127.0.0.1:{port}")
+    d = Serve(home, "--tcp", f"127.0.0.1:{port}", "--insecure-tcp")
     try:
         token_file = home / "token"
         assert oct(token_file.stat().st_mode & 0o777) == "0o600"
         token = token_file.read_text().strip()
         assert len(token) >= 32
-        line = (f"ember daemon listening on {home / 'ember.sock'} and tcp://127.0.0.1:{port} "
+        line = (f"ember daemon listening on {home / 'ember.sock'} and http://127.0.0.1:{port} "
                 f"(bearer token from {token_file} (created))")
         assert line in d.err().splitlines()
+        assert any(ln.endswith(f"--insecure-tcp: http://127.0.0.1:{port} is plain HTTP, "
+                               "without TLS: the bearer token and all traffic cross the "
+                               "network unencrypted") for ln in d.err().splitlines())
         assert token not in d.err()
         base = f"http://127.0.0.1:{port}"
         r = httpx.get(f"{base}/v1/version")
@@ -142,14 +145,14 @@ def test_tcp_token_file_listener_message_and_auth(home: Path) -> None:
     finally:
         d.stop()
     # the file's token is kept; --token and $EMBER_TOKEN are named as the source
-    d = Serve(home, "--tcp", f"127.0.0.1:{port}")
+    d = Serve(home, "--tcp", f"127.0.0.1:{port}", "--insecure-tcp")
     d.stop()
     assert f"(bearer token from {home / 'token'})" in d.err()
     assert (home / "token").read_text().strip() == token
-    d = Serve(home, "--tcp", f"127.0.0.1:{port}", "--token", "given-secret")
+    d = Serve(home, "--tcp", f"127.0.0.1:{port}", "--insecure-tcp", "--token", "given-secret")
     d.stop()
     assert "(bearer token from --token)" in d.err() and "given-secret" not in d.err()
-    d = Serve(home, "--tcp", f"127.0.0.1:{port}", EMBER_TOKEN="env-secret")
+    d = Serve(home, "--tcp", f"127.0.0.1:{port}", "--insecure-tcp", EMBER_TOKEN="env-secret")
     d.stop()
     assert "(bearer token from $EMBER_TOKEN)" in d.err() and "env-secret" not in d.err()
 
@@ -160,7 +163,7 @@ def tcp_daemon(home: Path, guest: Any, sample_layout: Path) -> Iterator[tuple[st
     from ember.vmm.process import kill_strays
 
     port = free_port()
-    d = Serve(home, "--tcp", f"127.0.0.1:{port}", "--token", "tcp-secret")
+    d = Serve(home, "--tcp", f"127.0.0.1:{port}", "--insecure-tcp", "--token", "tcp-secret")
     host = f"http://127.0.0.1:{port}"
     try:
         with ember.Client(base_url=host, token="tcp-secret") as c:

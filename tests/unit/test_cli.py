@@ -256,7 +256,8 @@ def test_image_import_uploads_to_a_daemon_over_tcp(tmp_path: Path, home: Path) -
         port = s.getsockname()[1]
     env = {**os.environ, "EMBER_HOME": str(home), "EMBER_TOKEN": "test-token"}
     serve = subprocess.Popen([sys.executable, "-m", "ember", "serve", "--tcp",
-                              f"127.0.0.1:{port}"], env=env, stdin=subprocess.DEVNULL,
+                              f"127.0.0.1:{port}", "--insecure-tcp"], env=env,
+                             stdin=subprocess.DEVNULL,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         assert serve.stderr is not None

@@ -19,6 +19,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from ember.api import models
+from ember.api.limits import spool
 from ember.api.ndjson import line as _line
 from ember.daemon.errors import Invalid, ManagerError
 from ember.daemon.manager import Manager
@@ -28,9 +29,6 @@ if TYPE_CHECKING:
     from ember.images.store import Image, Imported, Removal
 
 Call = Callable[..., Awaitable[Any]]
-
-#: Largest image upload.
-MAX_UPLOAD = 2 << 30
 
 
 def image_fields(img: Image, rootfs: Path) -> dict[str, Any]:
@@ -111,13 +109,8 @@ def add_image_routes(app: FastAPI, mgr: Manager, call: Call) -> None:
                            ) -> models.ImageImported:
         fd, name = tempfile.mkstemp(dir=mgr.uploads_dir, prefix="upload-", suffix=".tar")
         try:
-            size = 0
-            with os.fdopen(fd, "wb") as f:
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > MAX_UPLOAD:
-                        raise ManagerError(f"upload larger than {MAX_UPLOAD >> 20} MiB")
-                    await call(f.write, chunk)
+            with os.fdopen(fd, "wb") as f:  # BodyLimit stops it past 2 GiB (413)
+                size = await spool(request.stream(), lambda data: call(f.write, data))
             if size == 0:
                 raise Invalid("the request body is empty: send an image archive")
             return imported_model(await call(mgr.import_image, Path(name), tag))

@@ -25,7 +25,7 @@ __all__ = ["EXIT_EMBER_FAILED", "main"]
 #: modules' ``register`` by the CLI tests.
 COMMANDS: dict[str, str] = {
     "run": "run",
-    **dict.fromkeys(("doctor", "serve", "setup", "version"), "system"),
+    **dict.fromkeys(("doctor", "serve", "setup", "token", "version"), "system"),
     "image": "image",
     **dict.fromkeys(("create", "kill", "pause", "rename", "restart", "resume", "rm", "start",
                      "stop", "wait"), "machine"),

@@ -15,11 +15,18 @@ import contextlib
 import http.client
 import json
 import socket
+import ssl
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from ember.sdk.endpoint import CONNECT_TIMEOUT, Endpoint, quote_name, resolve_endpoint
+from ember.sdk.endpoint import (
+    CONNECT_TIMEOUT,
+    Endpoint,
+    quote_name,
+    resolve_endpoint,
+    unreachable,
+)
 from ember.sdk.errors import DaemonUnavailable, api_error
 
 __all__ = ["Wire", "quote_name"]
@@ -78,9 +85,11 @@ class Wire:
                 self._conn = _UnixConnection(str(ep.socket_path), TIMEOUT)
             else:
                 u = urlsplit(ep.base_url)
-                cls = (http.client.HTTPSConnection if u.scheme == "https"
-                       else http.client.HTTPConnection)
-                self._conn = cls(u.netloc, timeout=TIMEOUT)
+                if u.scheme == "https":  # verified: EMBER_TLS_CA, else the system's CAs
+                    self._conn = http.client.HTTPSConnection(u.netloc, timeout=TIMEOUT,
+                                                             context=ep.ssl_context())
+                else:
+                    self._conn = http.client.HTTPConnection(u.netloc, timeout=TIMEOUT)
         self._conn.timeout = timeout
         if self._conn.sock is not None:
             self._conn.sock.settimeout(timeout)
@@ -114,6 +123,9 @@ class Wire:
                 self.close()
                 raise DaemonUnavailable(f"the ember daemon at {self.endpoint.describe()} did "
                                         "not answer in time") from None
+            except ssl.SSLCertVerificationError as exc:
+                self.close()
+                raise DaemonUnavailable(unreachable(self.endpoint, exc)) from None
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
                 raise DaemonUnavailable(f"lost the connection to the ember daemon at "
@@ -124,7 +136,7 @@ class Wire:
         if self.endpoint.socket_path is not None:
             return (f"cannot reach the ember daemon at {self.endpoint.socket_path}: {exc} "
                     "(start it with `ember serve`)")
-        return f"cannot reach the ember daemon at {self.endpoint.base_url}: {exc}"
+        return unreachable(self.endpoint, exc)
 
     def call(self, method: str, path: str, body: Any = None,
              params: dict[str, Any] | None = None,

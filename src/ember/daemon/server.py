@@ -2,11 +2,14 @@
 
 The API listens on a Unix socket in the data dir, mode 0600: only its owner
 can drive the daemon, and no token is needed there. With ``--tcp HOST:PORT``
-it also listens on TCP, where every request must carry
-``Authorization: Bearer <token>`` (compared in constant time); the token comes
-from ``--token``, ``EMBER_TOKEN`` or ``<data dir>/token`` (created, mode 0600,
-when absent). Where it came from is said at start-up (stderr and the log),
-the token itself never.
+it also listens on TCP, with TLS (``--tls-cert``, ``--tls-key``) or, only when
+asked with ``--insecure-tcp``, in plain HTTP (a loopback address is no
+exception). Every TCP request must carry ``Authorization: Bearer <token>``
+(compared in constant time); the token comes from ``--token``,
+``EMBER_TOKEN`` or ``<data dir>/token`` (created, mode 0600, when absent).
+The file is read again whenever it changes (a ``stat`` per TCP request), so
+``ember token rotate`` takes effect at the next request. Where the token came
+from is said at start-up (stderr and the log), the token itself never.
 
 Stopping the daemon (SIGTERM, Ctrl-C) leaves the machines running; the next
 daemon re-adopts them.
@@ -25,11 +28,14 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ember import paths
 from ember.errors import EmberError
 from ember.util import log
+
+if TYPE_CHECKING:
+    import ssl
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
@@ -69,12 +75,93 @@ def load_token(explicit: str | None = None) -> tuple[str, str]:
     return token, str(path)
 
 
+def rotate_token() -> tuple[Path, str]:
+    """Put a new random token in the data dir's token file: written to a file of its own
+    (mode 0600), then renamed over the old one, so that a reader sees the old token or the
+    new one, never a part. The file's path and the token."""
+    path = token_path()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    token = secrets.token_urlsafe(32)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path, token
+
+
+def _stamp(path: Path) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+
+
+class Token:
+    """The bearer token TCP requests must carry: a fixed one (``--token``,
+    ``$EMBER_TOKEN``), or, with ``path``, the file's, read again whenever a ``stat`` of
+    it differs (another inode, mtime or size). A file that is gone, unreadable or empty
+    lets no request in until it holds a token again."""
+
+    def __init__(self, value: str, path: Path | None = None) -> None:
+        self.path = path
+        self._expected: bytes | None = f"Bearer {value}".encode()
+        self._stamp = _stamp(path) if path is not None else None
+
+    def expected(self) -> bytes | None:
+        """``Bearer <token>`` as the header must read, or None when there is no token."""
+        if self.path is not None and (stamp := _stamp(self.path)) != self._stamp:
+            self._stamp = stamp
+            self._expected = self._read(self.path)
+        return self._expected
+
+    @staticmethod
+    def _read(path: Path) -> bytes | None:
+        try:
+            token = path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            log.warning("the token file %s cannot be read (%s): TCP requests are refused "
+                        "until it holds a token", path, why)
+            return None
+        if not token:
+            log.warning("the token file %s is empty: TCP requests are refused until it "
+                        "holds a token", path)
+            return None
+        log.info("the token file %s changed: its token is the one TCP requests need now",
+                 path)
+        return f"Bearer {token}".encode()
+
+
+def tcp_token(explicit: str | None = None) -> tuple[Token, str]:
+    """The TCP listener's :class:`Token` and where it comes from (see :func:`load_token`):
+    a token from the data dir's file follows the file."""
+    value, source = load_token(explicit)
+    if explicit or os.environ.get("EMBER_TOKEN"):
+        return Token(value), source
+    return Token(value, token_path()), source
+
+
 class TokenAuth:
     """ASGI middleware: requests that arrived over TCP need the bearer token."""
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    def __init__(self, app: ASGIApp, token: str | Token) -> None:
         self.app = app
-        self.expected = f"Bearer {token}".encode()
+        self.token = token if isinstance(token, Token) else Token(token)
 
     async def __call__(self, scope: Scope, receive: Callable[[], Awaitable[Any]],
                        send: Callable[[Any], Awaitable[None]]) -> None:
@@ -83,7 +170,8 @@ class TokenAuth:
             and server[1] is not None
         if over_tcp:
             got = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not hmac.compare_digest(got, self.expected):
+            expected = self.token.expected()
+            if expected is None or not hmac.compare_digest(got, expected):
                 if scope["type"] == "websocket":
                     # Accepted, then closed with 1008 (policy violation) and a reason:
                     # a close before the accept would reach the client as a bare 403.
@@ -143,16 +231,54 @@ def _bind_tcp(spec: str) -> socket.socket:
     return sock
 
 
+def check_tcp_flags(tcp: str | None, tls_cert: str | None, tls_key: str | None,
+                    insecure_tcp: bool) -> bool:
+    """Whether the TCP listener speaks TLS; refuses a TCP listener without TLS unless
+    ``insecure_tcp`` (whatever the address: loopback is no exception), and flags that
+    contradict each other or have no listener to apply to.
+
+    Raises:
+        EmberError: one line saying what to give.
+    """
+    if (tls_cert is None) != (tls_key is None):
+        raise EmberError("--tls-cert and --tls-key go together: give both")
+    tls = tls_cert is not None
+    if not tcp:
+        if tls or insecure_tcp:
+            given = "--tls-cert and --tls-key are" if tls else "--insecure-tcp is"
+            raise EmberError(f"{given} for the TCP listener: add --tcp HOST:PORT")
+        return False
+    if tls and insecure_tcp:
+        raise EmberError("--insecure-tcp and --tls-cert/--tls-key exclude each other: TLS, "
+                         "or plain HTTP")
+    if not tls and not insecure_tcp:
+        raise EmberError("--tcp needs TLS: give --tls-cert FILE --tls-key FILE, or "
+                         "--insecure-tcp to serve plain HTTP (the bearer token and all "
+                         "traffic then cross the network unencrypted)")
+    return tls
+
+
 def serve(*, tcp: str | None = None, token: str | None = None, accel: str | None = None,
-          verbose: bool = False) -> int:
-    """Run the daemon until SIGTERM/SIGINT. Returns the exit status."""
+          verbose: bool = False, tls_cert: str | None = None, tls_key: str | None = None,
+          insecure_tcp: bool = False) -> int:
+    """Run the daemon until SIGTERM/SIGINT. Returns the exit status.
+
+    Raises:
+        EmberError: bad flags (see :func:`check_tcp_flags`), unusable TLS files, another
+            daemon holds the data dir, a socket cannot be bound.
+    """
     import logging
 
     import uvicorn
 
     from ember.api.app import create_app
     from ember.daemon.manager import Manager
+    from ember.daemon.tls import TLSServer, server_context
 
+    tls: ssl.SSLContext | None = None
+    if check_tcp_flags(tcp, tls_cert, tls_key, insecure_tcp):
+        assert tls_cert is not None and tls_key is not None
+        tls = server_context(tls_cert, tls_key)  # before anything is locked or bound
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     home = paths.data_dir()
@@ -174,11 +300,15 @@ def serve(*, tcp: str | None = None, token: str | None = None, accel: str | None
     secret = None
     where = f"{socket_path()}"
     if tcp:
-        secret, source = load_token(token)
+        secret, source = tcp_token(token)
         sockets.append(_bind_tcp(tcp))
         host, port = sockets[-1].getsockname()[:2]
+        url = f"{'https' if tls else 'http'}://{host}:{port}"
         # Where the token is, never the token: the log may be read by others.
-        where += f" and tcp://{host}:{port} (bearer token from {source})"
+        where += f" and {url} (bearer token from {source})"
+        if tls is None:
+            log.warning("--insecure-tcp: %s is plain HTTP, without TLS: the bearer token "
+                        "and all traffic cross the network unencrypted", url)
     mgr = Manager(accel=accel)
     mgr.recover()
     app: Any = create_app(mgr)
@@ -192,7 +322,7 @@ def serve(*, tcp: str | None = None, token: str | None = None, accel: str | None
     config = uvicorn.Config(app, log_level="debug" if verbose else "warning", lifespan="off",
                             ws="websockets-sansio", ws_ping_timeout=None,
                             timeout_graceful_shutdown=2, access_log=verbose)
-    server = uvicorn.Server(config)
+    server = TLSServer(config, {sockets[-1].fileno(): tls} if tls is not None else {})
     log.info("ember daemon %d listening on %s (accelerator %s: %s)", os.getpid(), where,
              mgr.accel.name, mgr.accel.reason)
     print(f"ember daemon listening on {where}", file=sys.stderr, flush=True)

@@ -30,13 +30,14 @@ from ember.sdk.endpoint import (
     default_socket,
     quote_name,
     resolve_endpoint,
+    unreachable,
 )
 from ember.sdk.errors import InvalidRequest, api_error, error_for
 from ember.sdk.execevent import ExecEvent
 
 __all__ = ["CONNECT_TIMEOUT", "UNIX_BASE_URL", "Endpoint", "ExecEvent", "api_error",
            "default_socket", "quote_name",
-           "resolve_endpoint"]
+           "resolve_endpoint", "unreachable"]
 
 #: Seconds for a plain request (start waits for a boot; a busy TCG host boots slowly).
 DEFAULT_TIMEOUT = 300.0

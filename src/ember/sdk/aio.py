@@ -34,8 +34,10 @@ class AsyncClient:
     def __init__(self, socket_path: str | os.PathLike[str] | None = None, *,
                  base_url: str | None = None, token: str | None = None,
                  timeout: float | None = c.DEFAULT_TIMEOUT, autostart: bool = False,
-                 transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self.endpoint = c.resolve_endpoint(socket_path, base_url, token)
+                 transport: httpx.AsyncBaseTransport | None = None,
+                 ca: str | os.PathLike[str] | None = None) -> None:
+        self.endpoint = c.resolve_endpoint(socket_path, base_url, token, ca)
+        ctx = self.endpoint.ssl_context()
         self.timeout = timeout
         self._autostart = autostart and self.endpoint.socket_path is not None
         sock = self.endpoint.socket_path
@@ -43,7 +45,7 @@ class AsyncClient:
             transport = httpx.AsyncHTTPTransport(uds=str(sock))
         self._http = httpx.AsyncClient(
             base_url=self.endpoint.base_url, headers=self.endpoint.headers(),
-            transport=transport,
+            transport=transport, verify=ctx if ctx is not None else True,
             timeout=httpx.Timeout(timeout, connect=c.CONNECT_TIMEOUT), trust_env=False)
         self.images = AsyncImages(self)
         self.machines = AsyncMachines(self)

@@ -24,6 +24,7 @@ from ember.sdk.errors import DaemonUnavailable, NotFound, error_for
 
 if TYPE_CHECKING:
     import asyncio
+    import ssl
 
 T = TypeVar("T")
 _UPLOAD_CHUNK = 1 << 20
@@ -46,7 +47,9 @@ class Client:
     """A connection to the Ember daemon.
 
     ``Client()`` talks to the default socket (``$EMBER_HOME/ember.sock``), or
-    to ``$EMBER_HOST`` (``http://HOST:PORT``, with ``$EMBER_TOKEN``) when set.
+    to ``$EMBER_HOST`` (``https://HOST:PORT`` or ``http://HOST:PORT``, with
+    ``$EMBER_TOKEN``) when set. An ``https://`` daemon's certificate is verified,
+    against ``ca`` (default ``$EMBER_TLS_CA``) or else the system's trust store.
     With ``autostart=True`` (or :meth:`connect_or_start`) a daemon is started
     when none answers on the Unix socket.
 
@@ -57,8 +60,10 @@ class Client:
     def __init__(self, socket_path: str | os.PathLike[str] | None = None, *,
                  base_url: str | None = None, token: str | None = None,
                  timeout: float | None = c.DEFAULT_TIMEOUT, autostart: bool = False,
-                 transport: httpx.BaseTransport | None = None) -> None:
-        self.endpoint = c.resolve_endpoint(socket_path, base_url, token)
+                 transport: httpx.BaseTransport | None = None,
+                 ca: str | os.PathLike[str] | None = None) -> None:
+        self.endpoint = c.resolve_endpoint(socket_path, base_url, token, ca)
+        self._ssl = self.endpoint.ssl_context()
         self.timeout = timeout
         self._autostart = autostart and self.endpoint.socket_path is not None
         sock = self.endpoint.socket_path
@@ -66,7 +71,7 @@ class Client:
             transport = httpx.HTTPTransport(uds=str(sock))
         self._http = httpx.Client(
             base_url=self.endpoint.base_url, headers=self.endpoint.headers(),
-            transport=transport,
+            transport=transport, verify=self._ssl if self._ssl is not None else True,
             timeout=httpx.Timeout(timeout, connect=c.CONNECT_TIMEOUT), trust_env=False)
         self.images = Images(self)
         self.machines = Machines(self)
@@ -184,7 +189,7 @@ def _unreachable(endpoint: c.Endpoint, exc: Exception) -> str:
     if endpoint.socket_path is not None:
         return (f"cannot reach the ember daemon at {endpoint.socket_path}: {exc} "
                 "(start it with `ember serve`)")
-    return f"cannot reach the ember daemon at {endpoint.base_url}: {exc}"
+    return c.unreachable(endpoint, exc)
 
 
 class Images:
@@ -491,7 +496,8 @@ class MachineHandle(c.MachineRecord):
         """Run ``cmd`` with live stdin (a WebSocket): what ``ember exec -it`` uses."""
         body = c.exec_body(cmd, env=env, workdir=workdir, user=user, tty=tty, stdin=None,
                            timeout=timeout)
-        return ExecSession.open(self._c.endpoint, f"{self._path}/exec/ws", body)
+        return ExecSession.open(self._c.endpoint, f"{self._path}/exec/ws", body,
+                                ssl_context=self._c._ssl)
 
     # --- logs and files
 
@@ -554,7 +560,8 @@ class ExecSession:
         self.result: ExecEvent | None = None
 
     @classmethod
-    def open(cls, endpoint: c.Endpoint, path: str, body: dict[str, Any]) -> ExecSession:
+    def open(cls, endpoint: c.Endpoint, path: str, body: dict[str, Any], *,
+             ssl_context: ssl.SSLContext | None = None) -> ExecSession:
         import asyncio
 
         from websockets.asyncio import client as wsc
@@ -571,6 +578,8 @@ class ExecSession:
         async def connect() -> Any:
             if endpoint.socket_path is not None:
                 return await wsc.unix_connect(str(endpoint.socket_path), uri=url, **opts)
+            if endpoint.tls:
+                opts["ssl"] = ssl_context or endpoint.ssl_context()
             return await wsc.connect(url, additional_headers=endpoint.headers(), proxy=None,
                                      **opts)
 
