@@ -28,7 +28,14 @@ from ember.errors import AgentDisconnected, AgentError, EmberError, MachineCrash
 from ember.guest.bundle import GuestBundle
 from ember.host.probe import AccelChoice
 from ember.util import log
-from ember.vmm.network import NETWORK_USER, PortMapping, check_network, guest_cmdline_param
+from ember.vmm.network import (
+    BACKEND_SLIRP,
+    NETWORK_USER,
+    PortMapping,
+    check_network,
+    default_backend,
+    guest_cmdline_param,
+)
 from ember.vmm.process import VMProcess, is_running_in
 from ember.vmm.qemu import APIC_BUS_HZ
 from ember.vmm.spec import AGENT_PORT_NAME, DriveSpec, MachineSpec, RestoreSpec
@@ -180,6 +187,7 @@ class Machine:
             memory_mib=config.memory_mib, accel=accel.name,
             drives=(DriveSpec(rootfs, readonly=True),),
             network=config.network, ports=config.ports,
+            net_backend=default_backend() if config.network == NETWORK_USER else BACKEND_SLIRP,
             limit_resources=config.limit_resources, restore=restore,
         )
         return cls(spec, ephemeral=config.ephemeral, hostname=config.hostname)

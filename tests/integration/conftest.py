@@ -33,6 +33,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "integration" in str(item.fspath):
             item.add_marker(pytest.mark.vm)
+        if "security" in Path(str(item.fspath)).parts:
+            item.add_marker(pytest.mark.security)
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ import json
 import os
 import signal
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,11 +40,16 @@ def api(daemon: Daemon) -> Iterator[httpx.Client]:
         yield c
 
 
+#: The box's published port that ``Gate`` uses.
+GATE_PORT = 9000
+
+
 @pytest.fixture(scope="module")
 def box(api: httpx.Client) -> Iterator[str]:
     """A running machine for the module (an idle one: a sandbox to exec into)."""
     r = api.post("/v1/machines", json={"image": "sample:latest", "name": "exec-box",
-                                       "cmd": ["sleep", "3600"], "cpus": 2})
+                                       "cmd": ["sleep", "3600"], "cpus": 2,
+                                       "ports": [{"guest_port": GATE_PORT}]})
     assert r.status_code == 201, r.text
     r = api.post("/v1/machines/exec-box/start")
     assert r.status_code == 200, r.text
@@ -110,53 +114,52 @@ def test_an_exec_dies_with_its_client(api: httpx.Client, daemon: Daemon, box: st
 
 
 class Gate:
-    """An HTTP server on the host that a guest polls (``wget http://10.0.2.2:PORT/``) to
-    wait for the test without the agent channel: 404 until :meth:`open`, then 200."""
+    """A guest process waits on the test without the agent channel: it listens on the
+    box's published port (``nc -l``) and goes on once the test, connected, hangs up.
 
-    def __init__(self) -> None:
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    The test knows the process runs when its connection is accepted (before that it
+    is refused: nothing listens in the guest yet)."""
 
-        gate = self
-        self.polled = threading.Event()
-        self.opened = threading.Event()
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                gate.polled.set()
-                self.send_response(200 if gate.opened.is_set() else 404)
-                self.send_header("content-length", "0")
-                self.end_headers()
-
-            def log_message(self, *_: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def __init__(self, api: httpx.Client, box: str) -> None:
+        (port,) = [p["host_port"] for p in api.get(f"/v1/machines/{box}").json()["ports"]
+                   if p["guest_port"] == GATE_PORT]
+        self.port = port
+        self.conn: socket.socket | None = None
 
     def wait_in_guest(self) -> str:
-        return (f"until wget -q -O /dev/null http://10.0.2.2:{self.port}/; "
-                f"do sleep 0.1; done")
+        return f"nc -l -p {GATE_PORT} </dev/null >/dev/null"
+
+    def reached(self, timeout: float) -> bool:
+        """Whether the guest's process listened (and so ran) within ``timeout`` s."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.conn = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+                return True
+            except OSError:
+                time.sleep(0.1)
+        return False
 
     def open(self) -> None:
-        self.opened.set()
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        self.open()
 
 
 def test_a_client_leaving_a_process_that_reads_no_stdin_does_not_stall_the_daemon(
         api: httpx.Client, daemon: Daemon, box: str) -> None:
     """While a process leaves its stdin unread the agent reads nothing from the host, so
     the kill for a client that left waits; the daemon's other requests must not."""
-    gate = Gate()
+    gate = Gate(api, box)
     marker = sleeper()[1]
     argv = ["sh", "-c", f"{gate.wait_in_guest()}; exec cat >/dev/null", marker]
     try:
         sock = http_request(daemon, f"/v1/machines/{box}/exec/stream",
                             {"cmd": argv, "stdin": "x" * (16 << 20)})  # the most it takes
-        assert gate.polled.wait(60), "the process never ran"
+        assert gate.reached(60), "the process never ran"
         sock.shutdown(socket.SHUT_RDWR)
         sock.close()
         # a generous timeout, only so that a stalled daemon fails rather than hangs

@@ -2,7 +2,10 @@
 
 Two machines (one with the default user network and a published port, one with
 ``network="none"``) plus a QEMU that cannot start because its host port is taken.
-All traffic stays on the host's loopback: the guest reaches the host at 10.0.2.2.
+All traffic stays on this host. As root the default network is a tap in a
+namespace of the machine's own (tests/integration/security/test_network.py tests
+its firewall); slirp, where the guest reaches the host's loopback at 10.0.2.2,
+is what a rootless host gets.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from ember.host.probe import choose_accel
 from ember.images import ImageStore
 from ember.machine import Machine, MachineConfig
 from ember.vmm import PortMapping, parse_port
-from ember.vmm.network import port_error
+from ember.vmm.network import PortUnavailable, default_backend, port_error
 
 pytestmark = pytest.mark.vm
 
@@ -112,12 +115,25 @@ def test_guest_has_its_address_route_and_dns(netted: Machine) -> None:
     assert "nameserver 10.0.2.3" in out
 
 
-def test_guest_reaches_a_service_on_the_host_loopback(netted: Machine,
-                                                      service: HostService) -> None:
-    code, out = run(netted, f"echo ping | nc -w 10 10.0.2.2 {service.port}")
-    assert code == 0, out
-    assert out == "hello from the host\n"
-    assert service.received == [b"ping\n"]
+def test_guest_reaches_a_service_on_the_host_loopback_only_on_slirp(
+        netted: Machine, service: HostService, store: ImageStore, guest: GuestBundle,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    if netted.spec.net_backend == "tap":
+        # the default as root: the gateway is the machine's namespace, not the host
+        code, out = run(netted, f"echo ping | nc -w 3 10.0.2.2 {service.port}")
+        assert code != 0 and service.received == []
+    # slirp (rootless; or asked for) maps the gateway to the host's loopback: the
+    # hole docs/architecture.md warns about, kept visible here
+    monkeypatch.setenv("EMBER_NET_BACKEND", "slirp")
+    m = boot(store, guest, MachineConfig())
+    try:
+        assert m.spec.net_backend == "slirp"
+        code, out = run(m, f"echo ping | nc -w 10 10.0.2.2 {service.port}")
+        assert code == 0, out
+        assert out == "hello from the host\n"
+        assert service.received == [b"ping\n"]
+    finally:
+        halt(m)
 
 
 def test_host_reaches_a_guest_server_through_a_published_port(
@@ -128,14 +144,15 @@ def test_host_reaches_a_guest_server_through_a_published_port(
     reply = b""
     deadline = time.monotonic() + 30
     while not reply and time.monotonic() < deadline:
-        # QEMU accepts on the host at once; until nc listens in the guest, slirp
-        # resets (or closes) the connection, so try again.
+        # Until nc listens in the guest, the connection is refused (a tap: the guest
+        # answers the SYN with a reset) or reset (slirp accepts on the host at once,
+        # then closes), so try again.
         try:
             with socket.create_connection(("127.0.0.1", published.host_port), timeout=10) as c:
                 c.sendall(b"ping\n")
                 c.shutdown(socket.SHUT_WR)
                 reply = c.recv(100)
-        except ConnectionResetError:
+        except (ConnectionResetError, ConnectionRefusedError):
             pass
         if not reply:
             time.sleep(0.1)
@@ -159,8 +176,14 @@ def test_a_host_port_in_use_stops_the_machine_from_starting(store: ImageStore,
                                                             guest: GuestBundle) -> None:
     with socket.create_server(("127.0.0.1", 0)) as busy:
         taken = PortMapping(busy.getsockname()[1], 80)
+        if default_backend() == "tap":  # Ember binds the port itself, before QEMU starts
+            with pytest.raises(PortUnavailable) as found:
+                boot(store, guest, MachineConfig(ports=(taken,)))
+            assert found.value.port == taken
+            assert str(found.value) == f"host port 127.0.0.1:{taken.host_port} is already in use"
+            return
         with pytest.raises(MachineCrashed, match="Could not set up host forwarding rule") as err:
             boot(store, guest, MachineConfig(ports=(taken,)))
-        found = port_error(str(err.value), (taken,))
-        assert found is not None and found.port == taken
-        assert str(found) == f"host port 127.0.0.1:{taken.host_port} is already in use"
+        crashed = port_error(str(err.value), (taken,))
+        assert crashed is not None and crashed.port == taken
+        assert str(crashed) == f"host port 127.0.0.1:{taken.host_port} is already in use"

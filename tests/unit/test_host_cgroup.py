@@ -20,7 +20,7 @@ import pytest
 from ember.errors import HostError
 from ember.host import cgroup as cgmod
 from ember.host.cgroup import CPU_PERIOD_US, MachineCgroup, probe
-from ember.vmm.process import QEMU_BASE_OVERHEAD_MIB, _preexec, memory_limit_mib
+from ember.vmm.process import QEMU_BASE_OVERHEAD_MIB, _cgroup_join, memory_limit_mib
 from ember.vmm.qemu import TCG_TB_SIZE_MIB
 from ember.vmm.spec import MachineSpec
 
@@ -299,7 +299,7 @@ def test_the_child_joins_its_cgroup_before_exec() -> None:
     # fork and exec, so QEMU never runs outside its cgroup.
     r, w = os.pipe()
     try:
-        preexec = _preexec(None, [w])
+        preexec = _cgroup_join([w])
         assert preexec is not None
         subprocess.run(["true"], preexec_fn=preexec, check=True)
         os.close(w)
@@ -309,4 +309,4 @@ def test_the_child_joins_its_cgroup_before_exec() -> None:
         os.close(r)
         if w >= 0:
             os.close(w)
-    assert _preexec(None, []) is None
+    assert _cgroup_join([]) is None

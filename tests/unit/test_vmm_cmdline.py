@@ -54,9 +54,10 @@ def test_accelerator_flags() -> None:
 def test_agent_channel_is_a_named_virtserialport_on_a_server_socket() -> None:
     cmd = build_command(spec())
     chardevs = opt_values(cmd, "-chardev")
-    assert "socket,id=agent,path=agent.sock,server=on,wait=off" in chardevs
+    # in vmm/, the one directory a jailed QEMU may write
+    assert "socket,id=agent,path=vmm/agent.sock,server=on,wait=off" in chardevs
     assert "virtserialport,chardev=agent,name=ember.agent" in opt_values(cmd, "-device")
-    assert any(c.startswith("socket,id=qmp,path=qmp.sock") for c in chardevs)
+    assert any(c.startswith("socket,id=qmp,path=vmm/qmp.sock") for c in chardevs)
     assert "chardev=qmp,mode=control" in opt_values(cmd, "-mon")
 
 
@@ -80,3 +81,21 @@ def test_spec_rejects_out_of_range_values(kw: dict[str, object]) -> None:
 def test_spec_round_trips_through_json(tmp_path: Path) -> None:
     s = spec(state_dir=tmp_path, cpus=2, drives=(DriveSpec(Path("/x.erofs")),))
     assert MachineSpec.from_json(s.to_json()) == s
+
+
+def test_the_sandbox_denies_spawning_privileges_and_obsolete_calls_when_asked() -> None:
+    assert "-sandbox" not in build_command(spec())
+    cmd = build_command(spec(), sandbox=True)
+    assert opt_values(cmd, "-sandbox") == [
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+
+
+def test_a_tap_network_is_the_inherited_descriptor_and_needs_it() -> None:
+    from ember.errors import VMMError
+
+    tapped = spec(network="user", net_backend="tap")
+    cmd = build_command(tapped, tap_fd=17)
+    assert opt_values(cmd, "-netdev") == ["tap,id=net0,fd=17,vhost=off"]
+    assert "virtio-net-device,netdev=net0" in opt_values(cmd, "-device")
+    with pytest.raises(VMMError, match="tap descriptor"):
+        build_command(tapped)

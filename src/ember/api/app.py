@@ -8,7 +8,8 @@ violations 422); a 500 means a bug of ours, and says so in one line.
 
 Streams (exec output, logs, events) are NDJSON or raw bytes, written as they
 come; an exec whose client goes away is killed, so no process outlives its
-request unseen.
+request unseen. Request bodies and a TCP client's open streams are bounded
+(``api/limits.py``: 413, 429).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import base64
 import contextlib
 import json
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -34,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ember import __version__
 from ember.api import models
 from ember.api.images import add_image_routes
+from ember.api.limits import STREAM_ROUTES, STREAMS_PER_CLIENT, BodyLimit, StreamLimit, spool
 from ember.api.metrics import add_metrics_routes
 from ember.api.ndjson import line as _line
 from ember.api.snapshots import add_snapshot_routes
@@ -53,8 +56,6 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-#: Largest request body for uploads (images, file archives).
-MAX_UPLOAD = 2 << 30
 #: Output bytes an exec may have in flight to a slow client before the guest is slowed.
 STREAM_WINDOW = 4 << 20
 #: Seconds a stream's writer waits for a client that stopped reading before dropping its output.
@@ -64,6 +65,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": models.Error, "description": "Malformed request (e.g. invalid JSON)"},
     404: {"model": models.Error, "description": "No such machine, image or snapshot"},
     409: {"model": models.Error, "description": "Wrong state, name taken, resource in use"},
+    413: {"model": models.Error, "description": "The request body is larger than the "
+                                                "endpoint's limit (docs/api.md)"},
     422: {"model": models.Error, "description": "The request does not match the schema"},
     500: {"model": models.Error, "description": "A bug in Ember"},
 }
@@ -226,10 +229,12 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def create_app(mgr: Manager) -> FastAPI:
+def create_app(mgr: Manager, *, streams_per_client: int = STREAMS_PER_CLIENT) -> FastAPI:
     app = FastAPI(title="Ember", version=__version__, responses=_ERRORS,
                   description="Micro virtual machines from OCI images. One daemon per host; "
                               "see docs/api.md.")
+    app.add_middleware(BodyLimit)
+    app.add_middleware(StreamLimit, per_client=streams_per_client)  # outside: counted first
 
     async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await in_thread(fn, *args, **kwargs)
@@ -247,7 +252,7 @@ def create_app(mgr: Manager) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed", 401: "unauthorized",
-                413: "too_large"}.get(exc.status_code, "error")
+                413: "too_large", 429: "too_many_streams"}.get(exc.status_code, "error")
         return _error(exc.status_code, code, str(exc.detail))
 
     @app.exception_handler(CopyError)
@@ -274,7 +279,12 @@ def create_app(mgr: Manager) -> FastAPI:
         return _error(500, "internal", f"internal error: {exc!r}"[:500])
 
     def machine(mm: Managed) -> models.Machine:
-        return models.Machine.model_validate(mm.public())
+        data = mm.public()
+        if data.get("pid") and mm.state in ACTIVE:
+            from ember.vmm.launch import confinement
+
+            data["confinement"] = confinement(data["pid"], mm.state_dir)
+        return models.Machine.model_validate(data)
 
     # --- version
 
@@ -646,11 +656,12 @@ def create_app(mgr: Manager) -> FastAPI:
         from ember import files
 
         mm = mgr.get(name)
-        body = await request.body()
-        if len(body) > MAX_UPLOAD:
-            raise ManagerError(f"archive larger than {MAX_UPLOAD >> 20} MiB")
-        m = await call(mm.running_machine, "copying files into it")
-        await call(files.put_archive, m, path, body)
+        # To a file, not memory: an archive may be as large as BodyLimit lets it (2 GiB).
+        with tempfile.TemporaryFile(dir=mgr.uploads_dir, prefix="files-") as body:
+            await spool(request.stream(), lambda data: call(body.write, data))
+            body.seek(0)
+            m = await call(mm.running_machine, "copying files into it")
+            await call(files.put_archive, m, path, body)
         return Response(status_code=204)
 
     # --- events
@@ -686,12 +697,16 @@ def create_app(mgr: Manager) -> FastAPI:
             schemas[model.__name__] = schema
         for name in ("HTTPValidationError", "ValidationError"):
             schemas.pop(name, None)
-        for path in doc.get("paths", {}).values():
+        error_ref = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+        for route, path in doc.get("paths", {}).items():
             for op in path.values():
                 resp = op.get("responses", {})
                 if "422" in resp:
-                    resp["422"] = {"description": _ERRORS[422]["description"], "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+                    resp["422"] = {"description": _ERRORS[422]["description"],
+                                   "content": error_ref}
+                if STREAM_ROUTES.fullmatch(route):
+                    resp["429"] = {"description": "Too many streams open: a TCP client may "
+                                   f"have {streams_per_client} at once", "content": error_ref}
         app.openapi_schema = jsonable_encoder(doc)
         return app.openapi_schema
 

@@ -328,6 +328,25 @@ class Machine(_Response):
                                    description="Host-side limits applied to the VMM at its "
                                                "last boot (cgroup; `cgroup` is its path "
                                                "while it runs), empty when never applied.")
+    confinement: Confinement | None = Field(
+        default=None, description="How the VMM is confined, read from /proc while it runs.")
+
+
+class Confinement(_Response):
+    """The VMM's jail as the kernel reports it (`host/jail.py`)."""
+
+    mode: str = Field(description="full (root: own uid, namespaces, seccomp), rootless (a "
+                                  "user namespace), seccomp (QEMU's filter only) or off.")
+    slot: int | None = Field(default=None, description="Its host-wide jail slot (full).")
+    uid: int
+    gid: int
+    capabilities: str = Field(description="CapEff, hex.")
+    no_new_privs: bool
+    seccomp: bool = Field(description="Every thread runs under a seccomp filter.")
+    namespaces: list[str] = Field(description="The namespaces it does not share with the "
+                                              "daemon.")
+    own_root: bool = Field(description="Its root directory is not the host's.")
+    threads: int
 
 
 class MachineRename(_Request):

@@ -9,6 +9,7 @@ from ember import __version__, paths
 from ember.errors import EmberError, HostError
 from ember.guest.bundle import guest_status
 from ember.host.cgroup import probe as probe_cgroups
+from ember.host.jail import policy as jail_policy
 from ember.host.probe import choose_accel, free_disk_bytes, kvm_status, qemu_path, qemu_version
 from ember.host.setup import missing_packages
 
@@ -40,6 +41,7 @@ def doctor_report(accel: str | None = None) -> dict[str, Any]:
         "resource_limits": {"cgroup_version": cg.version, "controllers": list(cg.controllers),
                             "reason": cg.reason},
         "user": {"uid": os.getuid(), "root": os.getuid() == 0},
+        "confinement": jail_policy().to_json(),
         "boot_snapshots": _boot_snapshots(),
     }
     report["ok"] = bool(report["qemu"]["path"] and accel_info["name"] and not missing)
@@ -80,6 +82,9 @@ def format_report(r: dict[str, Any]) -> str:
         f"free disk    {r['free_disk_bytes'] / 1e9:.1f} GB",
         f"limits       {'' if r['resource_limits']['controllers'] else 'unavailable: '}"
         f"{r['resource_limits']['reason']}",
+        f"jail         {r['confinement']['mode']}: {r['confinement']['reason']}"
+        + (f" (not: {', '.join(r['confinement']['missing'])})"
+           if r['confinement']['missing'] else ""),
     ]
     b = r["boot_snapshots"]
     cap = b["cap_bytes"]

@@ -20,6 +20,9 @@ PACKAGES = (
     "erofs-utils",          # read-only root filesystems
     "e2fsprogs",
     "busybox-static",       # the demo and test images; the tool file copies run in guests
+    "bubblewrap",           # the VMM's jail (namespaces, its root); setpriv is util-linux's
+    "nftables",             # the tap network's firewall and NAT (iproute2 makes the links)
+    "iproute2",
 )
 
 

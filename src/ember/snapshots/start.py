@@ -24,6 +24,7 @@ from ember.snapshots.manifest import SnapshotError
 from ember.snapshots.store import Snapshot, SnapshotStore
 from ember.snapshots.take import check_shape
 from ember.util import log
+from ember.vmm.network import BACKEND_SLIRP, NETWORK_USER, default_backend
 from ember.vmm.spec import DriveSpec, MachineSpec, RestoreSpec
 
 #: The boot-snapshot cache's default cap (``EMBER_BOOT_CACHE``, e.g. ``512m``; 0 disables).
@@ -105,6 +106,7 @@ def machine_from_snapshot(snap: Snapshot, host: HostIdentity, *, machines_dir: P
         initramfs=Path(m.initramfs.path), cmdline=m.cmdline, cpus=m.cpus,
         memory_mib=m.memory_mib, accel=m.accel,
         drives=(DriveSpec(Path(m.rootfs.path), readonly=True),), network=m.network,
+        net_backend=default_backend() if m.network == NETWORK_USER else BACKEND_SLIRP,
         ports=config.ports, limit_resources=config.limit_resources, restore=restore)
     check_shape(m, spec)  # the devices, and the kernel, initramfs and rootfs still there
     snap.touch()

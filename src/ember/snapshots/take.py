@@ -23,7 +23,7 @@ from ember.machine import Machine
 from ember.snapshots.compat import HostIdentity
 from ember.snapshots.manifest import FileRef, Manifest, SnapshotError, sha256_bytes
 from ember.snapshots.store import Snapshot, SnapshotStore, disk_usage
-from ember.vmm.network import NETWORK_USER
+from ember.vmm.network import BACKEND_TAP, NETWORK_USER
 from ember.vmm.snapshot import STATE_FILE, Capture, capture
 from ember.vmm.spec import MachineSpec
 
@@ -128,7 +128,8 @@ def devices(spec: MachineSpec) -> tuple[str, ...]:
     """The machine's devices in command-line order (which decides their virtio-mmio slots)."""
     out = ["virtio-serial", *(f"virtio-blk:{'ro' if d.readonly else 'rw'}" for d in spec.drives)]
     if spec.network == NETWORK_USER:
-        out.append("virtio-net:user")
+        # "user" is slirp's (the name snapshots made before the tap have)
+        out.append("virtio-net:tap" if spec.net_backend == BACKEND_TAP else "virtio-net:user")
     return tuple(out)
 
 

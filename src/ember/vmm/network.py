@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import re
 import socket
 from dataclasses import dataclass
@@ -35,6 +36,11 @@ from ember.errors import EmberError
 NETWORK_USER = "user"
 NETWORK_NONE = "none"
 NETWORK_MODES = (NETWORK_USER, NETWORK_NONE)
+
+#: What carries the ``"user"`` network (``default_backend``).
+BACKEND_SLIRP = "slirp"
+BACKEND_TAP = "tap"
+NET_BACKENDS = (BACKEND_SLIRP, BACKEND_TAP)
 
 GUEST_IP = "10.0.2.15"
 GUEST_PREFIX = 24
@@ -213,6 +219,34 @@ def check_network(network: str, ports: tuple[PortMapping, ...]) -> None:
                     other.host_ip == p.host_ip or "0.0.0.0" in (other.host_ip, p.host_ip)):
                 raise EmberError(f"host port {p.host_ip}:{p.host_port} is published twice "
                                  f"({other} and {p})")
+
+
+def default_backend() -> str:
+    """The backend new machines' ``"user"`` network gets on this host.
+
+    ``"tap"`` (``vmm/netns.py``: a namespace and firewall per machine) where the VMM
+    is fully jailed (root) and the host has ``ip``, ``nft`` and ``/dev/net/tun``;
+    ``"slirp"`` elsewhere, or when ``EMBER_NET_BACKEND=slirp`` asks for it.
+    """
+    from ember.host import jail
+    from ember.vmm import netns
+
+    return backend_choice(os.environ.get("EMBER_NET_BACKEND", ""),
+                          jail.policy().mode == jail.MODE_FULL, netns.unavailable())[0]
+
+
+def backend_choice(asked: str, jailed: bool, tap_unavailable: str) -> tuple[str, str]:
+    """(backend, why) for a requested backend ("" for the default) on a host."""
+    asked = asked.strip().lower()
+    if asked == BACKEND_SLIRP:
+        return BACKEND_SLIRP, "slirp, asked for by EMBER_NET_BACKEND"
+    if not jailed:
+        return BACKEND_SLIRP, ("slirp: a tap needs the full jail (root); slirp cannot keep "
+                               "guests from the host's loopback services")
+    if tap_unavailable:
+        return BACKEND_SLIRP, f"slirp: no tap network ({tap_unavailable})"
+    return BACKEND_TAP, ("tap: a namespace and firewall per machine; guests reach public "
+                         "addresses only")
 
 
 def guest_cmdline_param(network: str) -> str:

@@ -22,19 +22,21 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from ember.errors import HostError, MachineCrashed, VMMError
+from ember.errors import EmberError, HostError, MachineCrashed, VMMError
+from ember.host import jail
 from ember.host.cgroup import MachineCgroup
 from ember.util import log
 from ember.vmm import console
 from ember.vmm.console import ConsoleRecorder
-from ember.vmm.qemu import TCG_TB_SIZE_MIB, build_command
+from ember.vmm.launch import Jailed, Launch, read_record, release_jail
+from ember.vmm.qemu import TCG_TB_SIZE_MIB
 from ember.vmm.spec import MachineSpec
 
 
 class VMProcess:
     """A QEMU process running one ``MachineSpec``."""
 
-    def __init__(self, spec: MachineSpec, popen: subprocess.Popen[bytes] | _Adopted,
+    def __init__(self, spec: MachineSpec, popen: subprocess.Popen[bytes] | _Adopted | Jailed,
                  dir_fd: int, console: ConsoleRecorder,
                  cgroup: MachineCgroup | None = None, *, memory_fd: int | None = None,
                  incoming_fd: int | None = None) -> None:
@@ -87,12 +89,18 @@ class VMProcess:
         if spec.restore is not None:
             _seed_console(spec)
         dir_fd = os.open(spec.state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        # A machine that outlives this process (a daemon's) must get its console
-        # back when a restarted daemon listens again: QEMU then reconnects.
-        cmd = build_command(spec, qemu, console_reconnect=not die_with_parent,
-                            memory_fd=memory_fd)
-        log.debug("qemu: %s", " ".join(cmd))
+        try:
+            launch = Launch.plan(spec, qemu, die_with_parent=die_with_parent,
+                                  memory_fd=memory_fd)
+        except EmberError:  # VMMError, or PortUnavailable from a tap network's ports
+            os.close(dir_fd)
+            for fd in inherited:
+                os.close(fd)
+            shutil.rmtree(spec.state_dir, ignore_errors=True)
+            raise
+        log.debug("qemu: %s", " ".join(launch.argv))
         listener = console.listen(f"/proc/self/fd/{dir_fd}/{spec.CONSOLE_SOCKET}")
+        jail.give(f"/proc/self/fd/{dir_fd}/{spec.CONSOLE_SOCKET}", launch.uid, launch.gid)
         cgroup = (MachineCgroup.create(cgroup_name(spec), spec.cpus, memory_limit_mib(spec))
                   if spec.limit_resources else None)
         procs_fds: list[int] = []
@@ -100,30 +108,40 @@ class VMProcess:
             procs_fds = cgroup.open_procs() if cgroup else []
             with open(spec.path(spec.QEMU_LOG), "wb") as qlog:
                 popen = subprocess.Popen(
-                    cmd, cwd=spec.state_dir, stdin=subprocess.DEVNULL, stdout=qlog,
+                    launch.argv, cwd=spec.state_dir, stdin=subprocess.DEVNULL, stdout=qlog,
                     stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-                    pass_fds=inherited,
-                    preexec_fn=_preexec(os.getpid() if die_with_parent else None, procs_fds),
+                    pass_fds=[*inherited, *launch.pass_fds],
+                    preexec_fn=jail.preexec(
+                        _cgroup_join(procs_fds),
+                        _die_with(os.getpid()) if die_with_parent else None,
+                        jail.set_rlimits if launch.jailed else None),
                 )
-        except (OSError, subprocess.SubprocessError) as exc:
+            proc: subprocess.Popen[bytes] | Jailed = popen
+            if launch.info_fd is not None:
+                proc = Jailed(popen, launch.child_pid(popen, spec))
+        except (OSError, subprocess.SubprocessError, VMMError) as exc:
             listener.close()
             os.close(dir_fd)
             for fd in inherited:
                 os.close(fd)
-            why = exc.strerror if isinstance(exc, OSError) else "could not enter its cgroup"
+            launch.abandon()
             if cgroup is not None:
                 with contextlib.suppress(HostError):
                     cgroup.remove()
+            if isinstance(exc, VMMError):
+                raise
+            why = exc.strerror if isinstance(exc, OSError) else "could not enter its cgroup"
             raise VMMError(f"cannot start {qemu}: {why}") from exc
         finally:
             for fd in procs_fds:
                 os.close(fd)
         for fd in inherited:  # QEMU holds its own copies now
             os.close(fd)
-        spec.path(spec.PID_FILE).write_text(f"{popen.pid}\n")
+        launch.close()
+        spec.path(spec.PID_FILE).write_text(f"{proc.pid}\n")
         if memory_fd is not None:
             spec.path(spec.MEMORY_FD_FILE).write_text(f"{memory_fd}\n")
-        return cls(spec, popen, dir_fd,
+        return cls(spec, proc, dir_fd,
                    console.ConsoleRecorder(listener, spec.path(spec.CONSOLE_LOG)), cgroup,
                    memory_fd=memory_fd, incoming_fd=incoming_fd)
 
@@ -150,6 +168,8 @@ class VMProcess:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name)
         listener = console.listen(name)
+        record = read_record(spec.state_dir)
+        jail.give(name, record.get("uid"), record.get("gid"))
         cgroup = MachineCgroup.find(cgroup_name(spec)) if spec.limit_resources else None
         memory_fd: int | None = None
         with contextlib.suppress(OSError, ValueError):
@@ -254,9 +274,12 @@ class VMProcess:
             return self.kill()
 
     def kill(self) -> int:
-        """SIGKILL QEMU and reap it."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self._popen.pid, signal.SIGKILL)
+        """SIGKILL QEMU (and the jail holding it) and reap it."""
+        if isinstance(self._popen, Jailed):
+            self._popen.kill()
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self._popen.pid, signal.SIGKILL)
         return self.wait()
 
     def release(self) -> None:
@@ -279,6 +302,7 @@ class VMProcess:
         """
         if self.poll() is None:
             self.kill()
+        release_jail(self.spec.state_dir)
         if self.cgroup is not None:
             try:
                 self.cgroup.remove()
@@ -425,23 +449,20 @@ def memory_limit_mib(spec: MachineSpec) -> int:
 QEMU_BASE_OVERHEAD_MIB = 64
 
 
-def _preexec(parent: int | None, cgroup_fds: list[int]) -> Callable[[], None] | None:
-    """The ``preexec_fn`` for QEMU: join its cgroup; with ``parent``, die with it.
+def _cgroup_join(cgroup_fds: list[int]) -> Callable[[], None] | None:
+    """A ``preexec_fn`` step for QEMU: join its cgroup.
 
     ``cgroup_fds`` are open ``cgroup.procs`` files; writing "0" moves the
     writer, which is the child between fork and exec. A failed write raises,
     which ``Popen`` reports as a ``SubprocessError``: QEMU is never run unconfined.
     """
-    if parent is None and not cgroup_fds:
+    if not cgroup_fds:
         return None
-    arm = _die_with(parent) if parent is not None else None
 
-    def setup() -> None:
+    def join() -> None:
         for fd in cgroup_fds:
             os.write(fd, b"0")
-        if arm is not None:
-            arm()
-    return setup
+    return join
 
 
 def _die_with(parent: int) -> Callable[[], None]:
@@ -488,6 +509,7 @@ def kill_strays(state_dir: Path) -> list[int]:
             except OSError:
                 break
             time.sleep(0.01)
+    release_jail(state_dir)
     try:
         spec = MachineSpec.from_json(json.loads((state_dir / MachineSpec.SPEC_FILE).read_text()))
     except (OSError, ValueError, VMMError):

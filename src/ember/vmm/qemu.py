@@ -37,7 +37,15 @@ Choices and why:
 
 from __future__ import annotations
 
-from ember.vmm.network import DNS_IP, GATEWAY_IP, GUEST_IP, NETWORK_CIDR, NETWORK_USER
+from ember.errors import VMMError
+from ember.vmm.network import (
+    BACKEND_TAP,
+    DNS_IP,
+    GATEWAY_IP,
+    GUEST_IP,
+    NETWORK_CIDR,
+    NETWORK_USER,
+)
 from ember.vmm.spec import AGENT_PORT_NAME, MachineSpec
 
 #: The frequency of QEMU's local APIC bus (TCG and KVM's in-kernel APIC alike):
@@ -51,11 +59,14 @@ TCG_TB_SIZE_MIB = 128
 
 
 def build_command(spec: MachineSpec, qemu: str = "qemu-system-x86_64", *,
-                  console_reconnect: bool = False, memory_fd: int | None = None) -> list[str]:
+                  console_reconnect: bool = False, memory_fd: int | None = None,
+                  sandbox: bool = False, tap_fd: int | None = None) -> list[str]:
     """The argv that starts ``spec``; paths of state files are relative to its state dir.
 
     ``memory_fd``: the inherited descriptor of a booted machine's memory (a memfd);
-    without one, a file in the state directory mapped privately.
+    without one, a file in the state directory mapped privately. ``sandbox``:
+    QEMU's seccomp filter on every thread (``host/jail.py``). ``tap_fd``: the
+    inherited tap of a ``"tap"`` network (``vmm/netns.py``).
     """
     S = MachineSpec
     if spec.restore is not None and not spec.restore.copy:
@@ -100,17 +111,28 @@ def build_command(spec: MachineSpec, qemu: str = "qemu-system-x86_64", *,
         ]
     if spec.restore is not None:
         cmd += ["-incoming", "defer"]
-    return cmd + network_args(spec)
+    if sandbox:
+        from ember.host.jail import SANDBOX
+
+        cmd += ["-sandbox", SANDBOX]
+    return cmd + network_args(spec, tap_fd)
 
 
-def network_args(spec: MachineSpec) -> list[str]:
-    """A slirp netdev and a virtio-net NIC for the ``"user"`` network; nothing for ``"none"``.
+def network_args(spec: MachineSpec, tap_fd: int | None = None) -> list[str]:
+    """The ``"user"`` network's netdev and virtio-net NIC; nothing for ``"none"``.
 
-    Every ``hostfwd`` names the guest address: the agent sets it statically (slirp's
-    default target, its first DHCP lease, happens to be the same address).
+    On a tap (``tap_fd``), the namespace's firewall and NAT do everything. On
+    slirp, every ``hostfwd`` names the guest address: the agent sets it
+    statically (slirp's default target, its first DHCP lease, happens to be the
+    same address).
     """
     if spec.network != NETWORK_USER:
         return []
+    if spec.net_backend == BACKEND_TAP:
+        if tap_fd is None:
+            raise VMMError(f"machine {spec.name}: a tap network needs its tap descriptor")
+        return ["-netdev", f"tap,id=net0,fd={tap_fd},vhost=off",
+                "-device", "virtio-net-device,netdev=net0"]
     netdev = f"user,id=net0,net={NETWORK_CIDR},host={GATEWAY_IP},dns={DNS_IP},ipv6=off"
     for p in spec.ports:
         netdev += f",hostfwd={p.protocol}:{p.host_ip}:{p.host_port}-{GUEST_IP}:{p.guest_port}"

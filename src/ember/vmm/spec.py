@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ember.errors import EmberError, VMMError
-from ember.vmm.network import NETWORK_NONE, PortMapping, check_network
+from ember.vmm.network import NET_BACKENDS, NETWORK_NONE, PortMapping, check_network
 
 MIN_MEMORY_MIB = 64
 MAX_MEMORY_MIB = 256 * 1024
@@ -81,6 +81,9 @@ class MachineSpec:
     #: ``"user"`` (a virtio-net NIC on QEMU's user-mode NAT) or ``"none"`` (no NIC);
     #: see ``vmm/network.py``. The guest learns its addresses from the command line.
     network: str = NETWORK_NONE
+    #: What carries the ``"user"`` network: ``"slirp"`` (QEMU's NAT) or ``"tap"`` (a
+    #: namespace, tap and nftables of the machine's own, as root: ``vmm/netns.py``).
+    net_backend: str = "slirp"
     #: Guest TCP ports published on the host (``"user"`` network only).
     ports: tuple[PortMapping, ...] = field(default_factory=tuple)
     #: Confine QEMU to a cgroup holding it to ``cpus`` CPUs and ``memory_mib`` plus
@@ -95,6 +98,9 @@ class MachineSpec:
         if not MIN_MEMORY_MIB <= self.memory_mib <= MAX_MEMORY_MIB:
             raise VMMError(f"memory must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB} MiB, "
                            f"not {self.memory_mib}")
+        if self.net_backend not in NET_BACKENDS:
+            raise VMMError(f"network backend must be {' or '.join(NET_BACKENDS)}, "
+                           f"not {self.net_backend!r}")
         if self.accel not in ("kvm", "tcg"):
             raise VMMError(f"accelerator must be kvm or tcg, not {self.accel!r}")
         try:
@@ -105,10 +111,12 @@ class MachineSpec:
     # Paths in the state directory. QEMU runs with the state directory as its
     # working directory and is given these names relative to it: a Unix socket
     # path is limited to 107 bytes and state directories can be deeper than that.
-    QMP_SOCKET = "qmp.sock"
-    AGENT_SOCKET = "agent.sock"
+    # QEMU's sockets are in ``vmm/``, the only directory a jailed QEMU may write
+    # (``host/jail.py``).
+    QMP_SOCKET = "vmm/qmp.sock"
+    AGENT_SOCKET = "vmm/agent.sock"
     CONSOLE_LOG = "console.log"
-    CONSOLE_SOCKET = "console.sock"
+    CONSOLE_SOCKET = "vmm/console.sock"
     QEMU_LOG = "qemu.log"
     MEMORY_FILE = "memory"
     #: The number of the descriptor through which QEMU holds a booted machine's
@@ -141,6 +149,7 @@ class MachineSpec:
                              for x in d["drives"]),
                 # spec.json files written before networking existed have neither key
                 network=d.get("network", NETWORK_NONE),
+                net_backend=d.get("net_backend", "slirp"),
                 ports=tuple(PortMapping(int(x["host_port"]), int(x["guest_port"]),
                                         x["host_ip"], x.get("protocol", "tcp"))
                             for x in d.get("ports", ())),

@@ -1,0 +1,93 @@
+"""A hostile guest floods what it can reach of the host: its serial console and its output.
+
+For several seconds one daemon machine writes the serial console and its main
+process's stdout as fast as it can, and nobody reads them. The daemon's memory
+stays within a bound, the console and output logs within their caps, and
+another machine answers execs all along (not a speed goal: that it is not
+blocked).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemon_api import create, delete, get, run, start
+
+pytestmark = pytest.mark.security
+
+FLOOD_SECONDS = 8
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+@pytest.fixture(scope="module")
+def api(daemon: Any) -> Iterator[Any]:
+    with daemon.http() as c:
+        yield c
+
+
+@pytest.mark.timeout(240)
+def test_a_guest_flooding_console_and_output_cannot_grow_the_daemon_or_block_others(
+        api: Any, daemon: Any) -> None:
+    assert daemon.proc is not None
+    create(api, name="bystander", cmd=["sleep", "3600"])
+    start(api, "bystander")
+    before = [time_exec(api) for _ in range(5)]
+    rss_before = rss_mib(daemon.proc.pid)
+    create(api, name="flooder", user="root", cmd=[
+        "sh", "-c", f"(timeout {FLOOD_SECONDS} cat /dev/urandom > /dev/ttyS0) & "
+                    f"timeout {FLOOD_SECONDS} cat /dev/urandom; sleep 3600"])
+    try:
+        flooder = start(api, "flooder")
+        peak = [rss_before]
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                peak.append(rss_mib(daemon.proc.pid))
+                time.sleep(0.1)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        during = []
+        t_end = time.monotonic() + FLOOD_SECONDS
+        while time.monotonic() < t_end:
+            during.append(time_exec(api))
+        stop.set()
+        sampler.join()
+        # the bystander kept answering: no exec waited on the flood
+        assert during and max(during) < 10, during
+        # the daemon's memory did not follow the flood (tens of MB went by)
+        assert max(peak) - rss_before < 64, (rss_before, max(peak))
+        state = Path(os.readlink(f"/proc/{flooder['pid']}/cwd"))
+        console = sum(p.stat().st_size for p in state.glob("console.log*"))
+        # the flood was real (the UART moves ~0.5 MB/s under TCG), and capped
+        assert 256 << 10 < console <= 2 * (1 << 20) + 65536, console
+        logs = api.get("/v1/machines/flooder/logs")
+        assert logs.status_code == 200 and 1 << 20 < len(logs.content) <= 4 << 20
+        assert get(api, "flooder")["state"] == "running"
+        # and it is still a machine like another: it answers, and goes when told
+        assert run(api, "flooder", "echo", "ok")["stdout"] == "ok\n"
+        after = [time_exec(api) for _ in range(5)]
+        assert statistics.median(after) < 10 * statistics.median(before) + 1
+    finally:
+        delete(api, "flooder")
+        delete(api, "bystander")
+
+
+def time_exec(api: Any) -> float:
+    t0 = time.monotonic()
+    assert run(api, "bystander", "true")["exit_code"] == 0
+    return time.monotonic() - t0
