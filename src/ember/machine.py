@@ -24,10 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
-from ember.errors import AgentDisconnected, AgentError, EmberError, MachineCrashed, VMMError
+from ember.errors import (
+    AgentDisconnected,
+    AgentError,
+    EmberError,
+    MachineCrashed,
+    ProtocolError,
+    VMMError,
+)
 from ember.guest.bundle import GuestBundle
 from ember.host.probe import AccelChoice
 from ember.util import log
+from ember.vmm.egress import EgressPolicy
 from ember.vmm.network import (
     BACKEND_SLIRP,
     NETWORK_USER,
@@ -44,6 +52,7 @@ if TYPE_CHECKING:
     from ember.agent.client import AgentClient, Process
     from ember.agent.protocol import ExecRequest, ExitStatus, ReadyInfo
     from ember.snapshots.plan import Speculative
+    from ember.vmm.resolver import Served
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -131,6 +140,9 @@ class MachineConfig:
     #: Confine QEMU to ``cpus`` CPUs and the guest's memory plus overhead in a
     #: cgroup of its own, where the host allows it (``host/cgroup.py``).
     limit_resources: bool = False
+    #: Where the guest may connect (``vmm/egress.py``); None: public addresses only.
+    #: Needs the tap network (root).
+    egress: EgressPolicy | None = None
 
     def __post_init__(self) -> None:
         # The hostname travels on the kernel command line: anything beyond a
@@ -148,11 +160,15 @@ class Machine:
 
     #: Marks the state directory of an ephemeral machine.
     EPHEMERAL_MARK = "ephemeral"
+    #: The egress policy last set on the running machine (``set_egress``).
+    EGRESS_FILE = "egress.json"
 
     def __init__(self, spec: MachineSpec, *, ephemeral: bool = False,
                  hostname: str | None = None) -> None:
         self.spec = spec
         self.ephemeral = ephemeral
+        #: Ember's resolver for this guest, when its egress policy names domains.
+        self._dns: Served | None = None
         #: What a clone is renamed to by the identity refresh (a boot has it from the
         #: command line): the configured hostname, else the machine's name.
         self.hostname = hostname or spec.name
@@ -186,7 +202,7 @@ class Machine:
             initramfs=guest.initramfs, cmdline=cmdline, cpus=config.cpus,
             memory_mib=config.memory_mib, accel=accel.name,
             drives=(DriveSpec(rootfs, readonly=True),),
-            network=config.network, ports=config.ports,
+            network=config.network, ports=config.ports, egress=config.egress,
             net_backend=default_backend() if config.network == NETWORK_USER else BACKEND_SLIRP,
             limit_resources=config.limit_resources, restore=restore,
         )
@@ -216,6 +232,7 @@ class Machine:
         m = cls(spec)
         m.vm = VMProcess.adopt(spec)
         m.state = MachineState.RUNNING
+        m._serve_dns()
         if connect_agent:
             m.reconnect(hello_timeout)
         return m
@@ -269,6 +286,7 @@ class Machine:
             self.vm = VMProcess.start(self.spec, die_with_parent=self.ephemeral)
             if self.ephemeral:
                 self.spec.path(self.EPHEMERAL_MARK).touch()
+        self._serve_dns()  # before the guest can ask
         # Imported only now, while the guest boots on QEMU's thread: the agent
         # client's modules cost ~20 ms that need not delay QEMU's start.
         from ember.agent.client import AgentClient
@@ -307,6 +325,8 @@ class Machine:
         except MachineCrashed:
             self.state = MachineState.CRASHED
             raise
+        except ProtocolError as exc:  # a hostile or broken guest: never trusted again
+            raise self._give_up(f"the guest broke the agent protocol ({exc})") from exc
         except AgentError as exc:
             hint = (" (this host's KVM may not run the guest kernel: try --accel tcg)"
                     if self.spec.accel == "kvm" else "")
@@ -383,6 +403,85 @@ class Machine:
             self.vm.stop()
         self.state = MachineState.STOPPED
 
+    def set_egress(self, policy: EgressPolicy | None) -> None:
+        """Replace the running guest's egress policy at once (``vmm/egress.py``).
+
+        The policy is kept in the state directory (``egress.json``), so a daemon
+        that re-adopts the machine serves its DNS under it.
+
+        Raises:
+            EmberError: the machine is not on the tap network (``egress policies
+                need ...``), or is not running.
+        """
+        import json
+
+        from ember.vmm import netns
+
+        netns.apply_policy(self._tap_slot(), self.spec.ports, policy)
+        self.spec.path(self.EGRESS_FILE).write_text(
+            json.dumps(policy.to_json() if policy else None) + "\n")
+        self._serve_dns(policy)
+
+    def egress(self) -> EgressPolicy | None:
+        """The policy in force: the last :meth:`set_egress`, else the spec's."""
+        import json
+
+        try:
+            data = json.loads(self.spec.path(self.EGRESS_FILE).read_text())
+        except (OSError, ValueError):
+            return self.spec.egress
+        try:
+            return EgressPolicy.from_json(data) if isinstance(data, dict) else None
+        except EmberError:
+            return self.spec.egress
+
+    def _serve_dns(self, policy: EgressPolicy | None = None) -> None:
+        """Answer the guest's DNS with Ember's resolver when its policy names domains."""
+        from ember.vmm import resolver
+
+        policy = self.egress() if policy is None else policy
+        wanted = policy is not None and policy.domains
+        if self._dns is not None and not wanted:
+            resolver.hub().stop(self._dns)
+            self._dns = None
+        if not wanted or policy is None:
+            return
+        if self._dns is not None:
+            self._dns.policy = policy
+            return
+        try:
+            self._dns = resolver.hub().serve(self._tap_slot(), policy)
+        except (EmberError, OSError) as exc:
+            log.warning("machine %s: no resolver for its domain rules: %s", self.name, exc)
+
+    def egress_denied(self) -> int | None:
+        """Packets of new connections its firewall dropped so far; None off the tap network."""
+        from ember.vmm import netns
+
+        try:
+            slot = self._tap_slot()
+        except EmberError:
+            return None
+        try:
+            return netns.denied(slot) + (self._dns.denied if self._dns is not None else 0)
+        except VMMError as exc:
+            log.debug("egress counter of %s: %s", self.name, exc)
+            return None
+
+    def _tap_slot(self) -> int:
+        from ember.vmm.launch import read_record
+
+        record = read_record(self.spec.state_dir)
+        if not record.get("netns") or not isinstance(record.get("slot"), int):
+            raise EmberError(f"egress policies need the tap network (root's default); machine "
+                             f"{self.name} is on network {self.spec.network}"
+                             + (f" ({self.spec.net_backend})"
+                                if self.spec.network == NETWORK_USER else ""))
+        if self.vm is None or self.vm.poll() is not None:
+            raise EmberError(f"machine {self.name} is not running")
+        slot: int = record["slot"]
+        return slot
+
     def kill(self) -> None:
         """Stop QEMU at once (SIGKILL). Valid in any state."""
         if self.vm is not None and self.vm.poll() is None:
@@ -392,6 +491,11 @@ class Machine:
 
     def close(self, remove_state: bool = True) -> None:
         """Close the agent, make sure QEMU is gone, and (by default) delete the state dir."""
+        if self._dns is not None:
+            from ember.vmm import resolver
+
+            resolver.hub().stop(self._dns)
+            self._dns = None
         if self.agent is not None:
             self.agent.close()
         if self.vm is not None:

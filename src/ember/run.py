@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from ember.snapshots.plan import Speculative
     from ember.snapshots.store import Snapshot
     from ember.snapshots.take import ImageInfo, Pending
+    from ember.vmm.egress import EgressPolicy
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,9 @@ class RunRequest:
     from_snapshot: str | None = None
     #: Pull ``image`` from its registry: "missing" (not in the store), "always", "never".
     pull: str = "missing"
+    #: Where the guest may connect (``--egress``, ``vmm/egress.py``); None: public
+    #: addresses only. Needs the tap network (root).
+    egress: EgressPolicy | None = None
 
 
 @dataclass
@@ -131,9 +135,12 @@ def _prepare(req: RunRequest, progress: Progress, notice: Progress,
     ports = tuple(parse_port(p) for p in req.ports)
     check_network(req.network, ports)
     check_ports_free(ports)
+    if req.egress is not None:
+        _check_egress(req.network)
     accel = choose_accel(req.accel)
     config = MachineConfig(cpus=req.cpus, memory_mib=req.memory_mib, hostname=req.hostname,
-                           ephemeral=True, network=req.network, ports=ports)
+                           ephemeral=True, network=req.network, ports=ports,
+                           egress=req.egress)
     if req.from_snapshot is not None:
         return _prepare_from_snapshot(req, accel, config)
     store = ImageStore(paths.images_dir())
@@ -176,6 +183,20 @@ def _prepare(req: RunRequest, progress: Progress, notice: Progress,
     prepared.host = host
     prepared.image = ImageInfo.of(image.id, req.image, image.config)
     return prepared
+
+
+def _check_egress(network: str) -> None:
+    """An egress policy needs the tap network: said before an image is looked up (the
+    machine's spec would refuse it too, later)."""
+    from ember.vmm.network import BACKEND_TAP, NETWORK_USER, default_backend
+
+    if network != NETWORK_USER:
+        raise EmberError(f"egress policies need the tap network: with network {network} the "
+                         "guest reaches nothing")
+    if default_backend() != BACKEND_TAP:
+        raise EmberError("egress policies need the tap network (root's default): this "
+                         "machine would be on slirp, the rootless network (or "
+                         "EMBER_NET_BACKEND=slirp, or no ip, nft or /dev/net/tun)")
 
 
 def _resolve_or_pull(store: ImageStore, req: RunRequest, progress: Progress) -> Image:

@@ -11,6 +11,7 @@ import pytest
 
 from ember.host import jail
 from ember.vmm import netns
+from ember.vmm.egress import EgressPolicy
 from ember.vmm.network import PortMapping, backend_choice
 
 
@@ -125,8 +126,13 @@ def test_slot_networks_do_not_overlap() -> None:
 def test_the_generated_rulesets_are_valid_nftables() -> None:
     net = netns.SlotNet(7)
     ports = (PortMapping(8080, 80), PortMapping(9000, 90, "0.0.0.0"))
+    allow = EgressPolicy.from_json({"allow": ["203.0.113.0/24:443", "10.1.2.3"],
+                                    "deny": ["203.0.113.7", "198.51.100.0/24:53"]})
+    deny = EgressPolicy.from_json({"deny": ["203.0.113.7"]})
     for rules in (netns.host_rules(net, ports), netns.netns_rules(net, ports, "192.0.2.53"),
-                  netns.netns_rules(net, (), None), netns.host_rules(net, ())):
+                  netns.netns_rules(net, (), None), netns.host_rules(net, ()),
+                  netns.netns_rules(net, ports, "192.0.2.53", allow),
+                  netns.netns_rules(net, (), None, deny)):
         check = subprocess.run(["nft", "-c", "-f", "-"], input=rules, capture_output=True,
                                text=True)
         assert check.returncode == 0, check.stderr
@@ -134,3 +140,9 @@ def test_the_generated_rulesets_are_valid_nftables() -> None:
     for blocked in ("169.254.0.0/16", "10.0.0.0/8", "127.0.0.0/8", "192.168.0.0/16"):
         assert blocked in rules
     assert "dnat to 192.0.2.53" in rules
+    # an allowlist never falls through to "accept": what it does not name is dropped
+    allowing = netns.netns_rules(net, ports, "192.0.2.53", allow)
+    assert "203.0.113.0/24 . 443" in allowing and "10.1.2.3/32" in allowing
+    forward = allowing.split("chain forward")[1].split("chain input")[0]
+    assert 'oifname "host0" accept' not in forward
+    assert forward.index("@deny") < forward.index("@allow")

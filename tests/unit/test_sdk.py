@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 import ember
+from ember.api import models
 from ember.sdk import (
     APIError,
     AsyncClient,
@@ -28,6 +29,7 @@ from ember.sdk import (
     Conflict,
     DaemonUnavailable,
     InvalidRequest,
+    MachineHandle,
     NotFound,
     Unauthorized,
     daemon,
@@ -553,3 +555,84 @@ def test_snapshots_and_clones_from_both_clients(d: Daemon) -> None:
     assert json.loads(d.sent("POST", "/v1/machines")[0].content) == \
         {"snapshot": "v1", "restart": "no", "auto_remove": False}
     assert d.sent("GET", "/v1/snapshots")[1].url.params["all"] == "true"
+
+
+# ------------------------------------------------------------- egress
+
+
+def test_create_sends_the_egress_policy_normalised(d: Daemon) -> None:
+    d.on("POST", "/v1/machines", 201, MACHINE)
+    with d.client() as c:
+        c.machines.create("sample:latest", start=False,
+                          egress={"allow": ["1.1.1.1:53", "10.1.2.3/8"]})
+        c.machines.create("sample:latest", start=False, egress={"allow": [], "deny": []})
+    first, second = (json.loads(r.content) for r in d.sent("POST", "/v1/machines"))
+    assert first["egress"] == {"allow": ["1.1.1.1/32:53", "10.0.0.0/8"], "deny": []}
+    assert "egress" not in second  # no rules: no policy
+
+
+@pytest.mark.parametrize(("egress", "message"), [
+    ({"allow": ["::1"]}, "egress rule '::1': IPv6 is not supported"),
+    ({"deny": ["1.1.1.1:0"]}, "the port must be between 1 and 65535"),
+    ({"allow": "1.1.1.1"}, "egress.allow must be a list of rules"),
+    ({"permit": ["1.1.1.1"]}, "permit: unknown field"),
+    (["1.1.1.1"], "egress must be"),
+    ({"allow": ["1.1.1.1"] * 300}, "egress"),
+])
+def test_bad_egress_is_refused_before_anything_is_sent(d: Daemon, egress: Any,
+                                                       message: str) -> None:
+    with d.client() as c:
+        with pytest.raises(InvalidRequest, match=message):
+            c.machines.create("sample:latest", egress=egress)
+        m = MachineHandle(c, models.Machine.model_validate(MACHINE))
+        with pytest.raises(InvalidRequest, match=message):
+            m.update(egress=egress)
+    assert d.requests == []
+
+
+def test_update_patches_only_what_is_given(d: Daemon) -> None:
+    policy = {"allow": ["1.1.1.1/32"], "deny": []}
+    d.on("PATCH", "/v1/machines/abc123def456", 200,
+         {**MACHINE, "egress": policy, "egress_denied": 3})
+    with d.client() as c:
+        m = MachineHandle(c, models.Machine.model_validate(MACHINE))
+        assert m.info.egress is None and m.info.egress_denied is None
+        info = m.update(egress={"allow": ["1.1.1.1"]})
+        assert info.egress is not None and info.egress.allow == ["1.1.1.1/32"]
+        assert m.info.egress_denied == 3
+        m.update(egress=None)
+        m.update(egress=models.Egress(deny=["10.1.2.3/8"]))
+        m.update()
+    bodies = [json.loads(r.content) for r in d.sent("PATCH", "/v1/machines/abc123def456")]
+    assert bodies == [{"egress": {"allow": ["1.1.1.1/32"], "deny": []}}, {"egress": None},
+                      {"egress": {"allow": [], "deny": ["10.0.0.0/8"]}}, {}]
+
+
+def test_update_errors_are_the_apis(d: Daemon) -> None:
+    d.on("PATCH", "/v1/machines/abc123def456", 409,
+         err("conflict", "machine web: egress policies need the tap network"))
+    with d.client() as c:
+        m = MachineHandle(c, models.Machine.model_validate(MACHINE))
+        with pytest.raises(Conflict, match="egress policies need"):
+            m.update(egress={"deny": ["1.1.1.1"]})
+
+
+def test_the_async_client_creates_and_updates_with_egress(d: Daemon) -> None:
+    d.on("POST", "/v1/machines", 201, MACHINE)
+    d.on("PATCH", "/v1/machines/abc123def456", 200,
+         {**MACHINE, "egress": {"allow": [], "deny": ["10.0.0.0/8"]}})
+
+    async def main() -> Any:
+        async with d.aclient() as c:
+            m = await c.machines.create("sample:latest", start=False,
+                                        egress={"deny": ["10.0.0.0/8"]})
+            with pytest.raises(InvalidRequest, match="IPv6"):
+                await m.update(egress={"deny": ["::/0"]})
+            return await m.update(egress={"deny": ["10.0.0.0/8"]})
+
+    info = asyncio.run(main())
+    assert info.egress.deny == ["10.0.0.0/8"]
+    assert json.loads(d.sent("POST", "/v1/machines")[0].content)["egress"] == {
+        "allow": [], "deny": ["10.0.0.0/8"]}
+    assert [json.loads(r.content) for r in d.sent("PATCH", "/v1/machines/abc123def456")] == [
+        {"egress": {"allow": [], "deny": ["10.0.0.0/8"]}}]

@@ -35,12 +35,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ember import __version__
 from ember.api import models
+from ember.api.egress import add_egress_routes
 from ember.api.images import add_image_routes
 from ember.api.limits import STREAM_ROUTES, STREAMS_PER_CLIENT, BodyLimit, StreamLimit, spool
 from ember.api.metrics import add_metrics_routes
 from ember.api.ndjson import line as _line
 from ember.api.snapshots import add_snapshot_routes
 from ember.api.stats import add_stats_routes
+from ember.daemon import egress
 from ember.daemon.errors import Invalid, ManagerError
 from ember.daemon.events import Reader
 from ember.daemon.logs import LogFollower, LogView
@@ -284,6 +286,7 @@ def create_app(mgr: Manager, *, streams_per_client: int = STREAMS_PER_CLIENT) ->
             from ember.vmm.launch import confinement
 
             data["confinement"] = confinement(data["pid"], mm.state_dir)
+        data["egress_denied"] = mm.egress_denied()  # as last read: no process here
         return models.Machine.model_validate(data)
 
     # --- version
@@ -310,7 +313,12 @@ def create_app(mgr: Manager, *, streams_per_client: int = STREAMS_PER_CLIENT) ->
 
     @app.get("/v1/machines/{name}", response_model=models.Machine, tags=["machines"])
     async def get_machine(name: str) -> models.Machine:
-        return machine(mgr.get(name))
+        """The machine's record; `egress_denied` is read afresh (the list's is the egress
+        watcher's, at most 5 s old)."""
+        mm = mgr.get(name)
+        if mm.machine is not None and mm.state in egress.LIVE:  # it runs a process
+            await call(egress.refresh, mm)
+        return machine(mm)
 
     async def action(name: str, fn: Callable[[Managed], None]) -> models.Machine:
         mm = mgr.get(name)
@@ -401,6 +409,7 @@ def create_app(mgr: Manager, *, streams_per_client: int = STREAMS_PER_CLIENT) ->
         return Response(status_code=204)
 
     add_snapshot_routes(app, mgr, call, machine)
+    add_egress_routes(app, mgr, call, machine)
 
     # --- exec
 

@@ -243,6 +243,26 @@ def _utf8(text: str, what: str) -> bytes:
         raise ValueError(f"{what} is not valid Unicode") from None
 
 
+#: One egress rule as the API takes it (``vmm/egress.py`` checks what it says).
+EgressRule = Annotated[str, Field(min_length=1, max_length=300)]
+
+
+class Egress(_Request):
+    """Where the guest may open connections (the tap network only: a root daemon's).
+
+    A rule is `CIDR` or `ADDRESS` (IPv4), or `DOMAIN` (`*.DOMAIN`: the names below
+    it), optionally `:PORT` (TCP and UDP alike); `vmm/egress.py` has the details.
+    No policy: public addresses only. `deny` rules are dropped on top of that.
+    `allow` rules make an allowlist: the guest reaches what they name (private
+    ranges included) and nothing else. At most 256 rules in all."""
+
+    allow: list[EgressRule] = Field(default_factory=list, max_length=256,
+                                    description="The only destinations the guest may reach "
+                                                "(empty: no allowlist).")
+    deny: list[EgressRule] = Field(default_factory=list, max_length=256,
+                                   description="Destinations dropped whatever else says.")
+
+
 class MachineCreate(_Request):
     image: str | None = Field(default=None, min_length=1, max_length=512,
                               description="Image tag, id or id prefix (or give `snapshot`).")
@@ -279,6 +299,10 @@ class MachineCreate(_Request):
     cold: bool = Field(default=False,
                        description="Boot at every start, even where a boot snapshot of the "
                                    "machine's shape would give a warm start.")
+    egress: Egress | None = Field(
+        default=None,
+        description="Egress policy (needs the tap network: a root daemon, network `user`); "
+                    "none: public addresses only. A malformed rule is 422, naming it.")
 
     _env = field_validator("env")(_check_env)
     _argv = field_validator("cmd", "entrypoint")(_check_argv)
@@ -330,6 +354,16 @@ class Machine(_Response):
                                                "while it runs), empty when never applied.")
     confinement: Confinement | None = Field(
         default=None, description="How the VMM is confined, read from /proc while it runs.")
+    egress: Egress | None = Field(
+        default=None, description="Its egress policy (rules normalised: `10.1.2.3/8` is "
+                                  "`10.0.0.0/8`), applied at each start; none: public "
+                                  "addresses only.")
+    egress_denied: int | None = Field(
+        default=None,
+        description="New connections its firewall dropped in this boot (the policy's rules "
+                    "and the default ones), read by the daemon every 5 s and afresh for "
+                    "`GET /v1/machines/{name}`; null when not running on the tap network, "
+                    "or not read yet.")
 
 
 class Confinement(_Response):
@@ -347,6 +381,14 @@ class Confinement(_Response):
                                               "daemon.")
     own_root: bool = Field(description="Its root directory is not the host's.")
     threads: int
+
+
+class MachineUpdate(_Request):
+    """`PATCH /v1/machines/{name}`: the fields given change, the others stay."""
+
+    egress: Egress | None = Field(
+        default=None, description="The new egress policy (`null`: none), kept for the next "
+                                  "starts and applied at once to a running machine.")
 
 
 class MachineRename(_Request):
@@ -455,7 +497,7 @@ class Event(_Response):
     machine: str
     type: str = Field(description="created, starting, started, paused, resumed, stopping, "
                                   "stopped, crashed, restarting, deleted, exited, renamed, "
-                                  "signalled.")
+                                  "signalled, snapshot, egress-updated, egress-denied.")
     detail: str | None = None
 
 

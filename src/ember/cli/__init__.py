@@ -28,7 +28,7 @@ COMMANDS: dict[str, str] = {
     **dict.fromkeys(("doctor", "serve", "setup", "token", "version"), "system"),
     "image": "image",
     **dict.fromkeys(("create", "kill", "pause", "rename", "restart", "resume", "rm", "start",
-                     "stop", "wait"), "machine"),
+                     "stop", "update", "wait"), "machine"),
     **dict.fromkeys(("clone", "snapshot"), "snapshot"),
     **dict.fromkeys(("inspect", "port", "ps"), "ps"),
     "logs": "logs",

@@ -1,5 +1,5 @@
 """Machines under the daemon: create, start, stop, restart, kill, pause, resume, rm, rename,
-wait.
+update, wait.
 
 ``create`` is SDK calls (``ember.sdk``); the lifecycle commands take the CLI's lean
 path (``cli/wire.py``: the API's JSON, no SDK). Errors raise (both raise the SDK's
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from ember.api.models import Machine
     from ember.cli.wire import Wire
     from ember.sdk import Client, MachineHandle
+    from ember.vmm.egress import EgressPolicy
 
 
 def _machine_json(info: Machine) -> str:
@@ -42,6 +43,29 @@ def _machine_json(info: Machine) -> str:
 # ---------------------------------------------------------------- create
 
 
+def egress_policy(values: Sequence[str]) -> EgressPolicy | None:
+    """The policy of ``--egress`` values (None: none given).
+
+    Raises:
+        EmberError: a value without ``allow=``/``deny=``, a malformed rule, or no rules.
+    """
+    from ember.vmm.egress import parse_flag
+
+    if not values:
+        return None
+    policy = parse_flag(list(values))
+    if policy is None:
+        raise EmberError("--egress: no rules given (allow=RULE,... or deny=RULE,...)")
+    return policy
+
+
+def egress_arg(values: Sequence[str]) -> dict[str, list[str]] | None:
+    """``--egress`` values as the API's ``egress`` (None: none given); raises as
+    :func:`egress_policy`."""
+    policy = egress_policy(values)
+    return policy.to_json() if policy is not None else None
+
+
 def create_machine(c: Client, args: argparse.Namespace, *, start: bool) -> MachineHandle:
     from ember.sdk import parse_port
 
@@ -49,6 +73,7 @@ def create_machine(c: Client, args: argparse.Namespace, *, start: bool) -> Machi
     snapshot = getattr(args, "from_snapshot", None)
     command = command_args(args)
     check_shape(args)
+    egress = egress_arg(args.egress)
     if snapshot is not None:
         # no IMAGE with --from: what argparse took for one is the command's first word
         if image is not None and image != "--":
@@ -61,7 +86,7 @@ def create_machine(c: Client, args: argparse.Namespace, *, start: bool) -> Machi
             entrypoint=entrypoint_arg(args.entrypoint), workdir=args.workdir, user=args.user,
             hostname=args.hostname, ports=[parse_port(p) for p in args.publish],
             network=args.network if args.network != "user" else None, restart=args.restart,
-            auto_remove=bool(getattr(args, "rm", False)), start=False)
+            auto_remove=bool(getattr(args, "rm", False)), start=False, egress=egress)
         return _started(m) if start else m
     if image is None:
         raise EmberError("the following arguments are required: IMAGE (or --from SNAPSHOT)")
@@ -83,7 +108,8 @@ def create_machine(c: Client, args: argparse.Namespace, *, start: bool) -> Machi
         workdir=args.workdir, user=args.user, hostname=args.hostname,
         ports=[parse_port(p) for p in args.publish],
         network=args.network, restart=args.restart,
-        auto_remove=bool(getattr(args, "rm", False)), start=False, cold=args.cold)
+        auto_remove=bool(getattr(args, "rm", False)), start=False, cold=args.cold,
+        egress=egress)
     return _started(m) if start else m
 
 
@@ -215,6 +241,21 @@ def cmd_rename(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_update(args: argparse.Namespace) -> int:
+    """``ember update NAME --egress SPEC... | --egress-clear``: ``PATCH`` the machine."""
+    from ember.cli.wire import Wire, quote_name
+
+    if args.egress and args.egress_clear:
+        raise EmberError("--egress and --egress-clear exclude each other")
+    if not args.egress and not args.egress_clear:
+        raise EmberError("nothing to update: give --egress SPEC or --egress-clear")
+    body = {"egress": None if args.egress_clear else egress_arg(args.egress)}
+    with Wire() as w:
+        info = w.call("PATCH", f"/v1/machines/{quote_name(args.name)}", body)
+    print(json.dumps(info, indent=2) if args.json else args.name)
+    return 0
+
+
 #: What ``ember wait`` prints for a machine that ended without an exit code of its
 #: main process (its QEMU crashed, it had no main process, it never ran).
 NO_EXIT_CODE = {"crashed": 255, "stopped": 0, "created": 0}
@@ -271,6 +312,18 @@ def register(sub: Any) -> None:
     p.add_argument("name", metavar="NAME")
     p.add_argument("new_name", metavar="NEW_NAME")
     p.set_defaults(func=pipe_safe(cmd_rename))
+    p = sub.add_parser("update", help="change a machine's egress policy (at once if it runs)",
+                       description="Set (or, with --egress-clear, remove) the egress policy of "
+                       "machine NAME: kept for its next starts and applied at once if it runs "
+                       "(new connections; open ones stay). Needs the tap network (a root "
+                       "daemon).")
+    p.add_argument("--egress", action="append", default=[], metavar="SPEC",
+                   help=EGRESS_HELP + "; replaces the whole policy")
+    p.add_argument("--egress-clear", action="store_true",
+                   help="remove the policy: public addresses only")
+    p.add_argument("--json", action="store_true", help="print the machine's record as JSON")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=pipe_safe(cmd_update))
     p = sub.add_parser("wait", help="wait for machines to stop; print their exit codes",
                        description="Block until each machine is no longer running and print "
                        "its main process's exit code (255 after a crash, 0 for a machine "
@@ -287,6 +340,11 @@ def signal_arg(value: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return value
+
+
+#: The help of ``--egress`` (``vmm/egress.py`` has the rules).
+EGRESS_HELP = ("where the guest may connect, repeatable: allow=RULE,... (only those) or "
+               "deny=RULE,...; RULE is CIDR, ADDRESS or DOMAIN (*.DOMAIN), optionally :PORT")
 
 
 def add_create_options(p: argparse.ArgumentParser) -> None:
@@ -306,6 +364,8 @@ def add_create_options(p: argparse.ArgumentParser) -> None:
                    help="publish a guest TCP port on the host (GUEST alone: any free port)")
     p.add_argument("--network", choices=("user", "none"), default="user",
                    help="user: NAT with outbound access (default); none: no network")
+    p.add_argument("--egress", action="append", default=[], metavar="SPEC",
+                   help=EGRESS_HELP + " (needs the tap network: root)")
     p.add_argument("--restart", choices=("no", "on-failure", "always"), default="no",
                    help="restart policy (default no; a daemon machine's)")
     p.add_argument("--cold", action="store_true",

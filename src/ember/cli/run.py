@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from ember.cli.common import command_args, parse_env, progress
-from ember.cli.machine import add_create_options, check_shape
+from ember.cli.machine import add_create_options, check_shape, egress_policy
 from ember.errors import EmberError
 
 
@@ -20,6 +20,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise EmberError("--rm and --restart exclude each other")
     if args.detach:
         return run_detached(args)
+    egress = egress_policy(args.egress)  # a bad rule: one line, before anything starts
     plan_key, speculative = _speculate(args)
     try:
         from ember.run import RunRequest, run
@@ -52,7 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         tty=args.tty, hostname=args.hostname, boot_timeout=args.boot_timeout,
         network=args.network, ports=tuple(args.publish), name=args.name,
         verbose=args.verbose, cold=args.cold, from_snapshot=args.from_snapshot,
-        pull=args.pull)
+        pull=args.pull, egress=egress)
     return run(req, progress(args), plan_key=plan_key, speculative=speculative)
 
 
@@ -60,13 +61,13 @@ def _speculate(args: argparse.Namespace) -> tuple[str | None, Any]:
     """A warm start's QEMU, spawned at once from this run's plan where there is one.
 
     Only for the plain case: an image reference (not a path), no name, no published
-    ports, not cold. Whatever is spawned, ``ember.run.prepare`` checks it against the
-    spec it builds, and kills it if they differ (``snapshots/plan.py``).
+    ports, no egress policy, not cold. Whatever is spawned, ``ember.run.prepare`` checks
+    it against the spec it builds, and kills it if they differ (``snapshots/plan.py``).
     """
     import os
 
     if (args.cold or args.from_snapshot is not None or args.name or args.publish
-            or args.image is None or os.path.exists(args.image)):
+            or args.egress or args.image is None or os.path.exists(args.image)):
         return None, None
     from ember import paths
     from ember.snapshots import plan

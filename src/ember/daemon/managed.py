@@ -71,6 +71,9 @@ class Managed(Adoption, RestartPolicy):
         self.started_mono = 0.0
         self.root: Path = mgr.machines_root / str(doc["id"])
         self.output: CappedLog | None = None
+        #: The last reading of its firewall's drop counter: (``started_at`` of the boot
+        #: it was read in, total), by the egress watcher or a GET (``daemon/egress.py``).
+        self.egress_count: tuple[str | None, int] | None = None
 
     # --- record
 
@@ -105,6 +108,15 @@ class Managed(Adoption, RestartPolicy):
         # boot holds for a second).
         snapshot = self.doc.copy()
         return {k: v for k, v in snapshot.items() if not k.startswith("_")}
+
+    def egress_denied(self) -> int | None:
+        """New connections its firewall dropped in this boot, as last read (no reading
+        here: this is for every record); None while not running or not read yet."""
+        count = self.egress_count
+        if count is None or self.state not in ("running", "paused") \
+                or count[0] != self.doc.get("started_at"):
+            return None
+        return count[1]
 
     def save(self) -> None:
         self.mgr.db.put_machine(self.doc)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from ember import paths
 from ember.api import models
+from ember.daemon import egress
 from ember.daemon.db import StateDB
 from ember.daemon.errors import Conflict, Invalid, ManagerError, NotFound
 from ember.daemon.events import EventBus, now
@@ -33,6 +34,7 @@ from ember.images import ImageStore
 from ember.machine import Machine, MachineConfig
 from ember.util import log
 from ember.vmm import network
+from ember.vmm.egress import EgressPolicy
 
 if TYPE_CHECKING:
     from ember.images.store import Image, Imported, Removal
@@ -69,6 +71,8 @@ class Manager(Snapshots):
         from ember.daemon.metrics import Metrics
 
         self.metrics = Metrics(self)
+        #: started by ``ember serve`` (daemon/server.py), stopped by :meth:`close`
+        self.egress_watch = egress.EgressWatch(self)
         self._guest: GuestBundle | None = None
         self._guest_lock = threading.Lock()
 
@@ -88,6 +92,7 @@ class Manager(Snapshots):
                                                     guest_port=p["guest_port"],
                                                     host_ip=p["host_ip"]) for p in ports)
         kwargs["limit_resources"] = True
+        kwargs["egress"] = EgressPolicy.from_json(doc.get("egress"))
         return MachineConfig(**kwargs)
 
     def limits_of(self, m: Machine) -> dict[str, str]:
@@ -187,13 +192,15 @@ class Manager(Snapshots):
                           "that is removed when it stops cannot be restarted")
         if body.network == models.NetworkMode.none and body.ports:
             raise Invalid("ports cannot be published with network none")
+        mid = secrets.token_hex(6)
+        name = body.name or f"ember-{mid[:6]}"
+        policy = egress.policy_of(body.egress)
+        egress.check_create(name, fields.get("network", body.network.value), policy)
         seen = set()
         for p in body.ports:
             if p.host_port and (p.host_ip, p.host_port) in seen:
                 raise Invalid(f"host port {p.host_port} is published twice")
             seen.add((p.host_ip, p.host_port))
-        mid = secrets.token_hex(6)
-        name = body.name or f"ember-{mid[:6]}"
         doc: dict[str, Any] = {
             "id": mid, "name": name, "snapshot": None,
             "state": "created", "cpus": body.cpus, "memory_mib": body.memory_mib,
@@ -201,7 +208,7 @@ class Manager(Snapshots):
             "workdir": body.workdir, "user": body.user, "hostname": body.hostname or name,
             "network": body.network.value, "ports": [],
             "publish": [p.model_dump() for p in body.ports], "auto_remove": body.auto_remove,
-            "_cold": body.cold,
+            "_cold": body.cold, "egress": egress.as_record(policy),
             "restart": body.restart.value, "restart_count": 0, "created_at": now(),
             "started_at": None, "finished_at": None, "exit_code": None, "reason": None,
             "pid": None, "accel": None, "limits": {},
@@ -340,6 +347,7 @@ class Manager(Snapshots):
 
     def close(self) -> None:
         """Release the daemon's side of every machine; the machines keep running."""
+        self.egress_watch.stop()
         for mm in self.all():
             with mm.lock:
                 mm._cancel_restart()

@@ -8,7 +8,8 @@ cache sizes. Labels stay bounded: a machine's name and id, a state, a route
 template, a method, a status code; never a command line.
 
 Network bytes are the guest's own counters (its ``/proc/net/dev`` but lo, read
-with the tool, ``daemon/stats.py``): slirp keeps none that QEMU reports.
+with the tool, ``daemon/stats.py``): slirp keeps none that QEMU reports. Denied
+connections are the egress watcher's last reading (``daemon/egress.py``).
 """
 
 from __future__ import annotations
@@ -102,6 +103,10 @@ class _Collector(Collector):
         restarts = CounterMetricFamily("ember_machine_restarts",
                                        "Restarts by the machine's restart policy",
                                        labels=labels)
+        denied = CounterMetricFamily("ember_machine_egress_denied",
+                                     "New connections the machine's firewall dropped in "
+                                     "this boot (its egress policy and the default rules; "
+                                     "tap network), as last read (every 5 s)", labels=labels)
         counts = dict.fromkeys(STATES, 0)
         for mm in self.mgr.all():
             doc = mm.public()
@@ -111,6 +116,9 @@ class _Collector(Collector):
             state.add_metric([*key, st], 1)
             limit.add_metric(key, int(doc.get("memory_mib") or 0) << 20)
             restarts.add_metric(key, int(doc.get("restart_count") or 0))
+            dropped = mm.egress_denied()  # the egress watcher's reading: no process here
+            if dropped is not None:
+                denied.add_metric(key, dropped)
             m = mm.machine
             vm = m.vm if m is not None else None
             if vm is None or st not in ("running", "paused", "starting", "stopping"):
@@ -128,7 +136,7 @@ class _Collector(Collector):
                 if net is not None:
                     net_rx.add_metric(key, net[0])
                     net_tx.add_metric(key, net[1])
-        yield from (state, cpu, mem, limit, rd, wr, net_rx, net_tx, restarts)
+        yield from (state, cpu, mem, limit, rd, wr, net_rx, net_tx, restarts, denied)
         machines = GaugeMetricFamily("ember_machines", "Machines by state", labels=["state"])
         for st, n in sorted(counts.items()):
             machines.add_metric([st], n)

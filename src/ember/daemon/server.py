@@ -311,6 +311,7 @@ def serve(*, tcp: str | None = None, token: str | None = None, accel: str | None
                         "and all traffic cross the network unencrypted", url)
     mgr = Manager(accel=accel)
     mgr.recover()
+    mgr.egress_watch.start()
     app: Any = create_app(mgr)
     if secret is not None:
         app = TokenAuth(app, secret)

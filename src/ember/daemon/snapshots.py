@@ -220,7 +220,10 @@ class Snapshots:
                                         ports=[models.PortSpec(host_ip=p["host_ip"],
                                                                host_port=0,
                                                                guest_port=p["guest_port"])
-                                               for p in mm.doc.get("_port_specs") or []])
+                                               for p in mm.doc.get("_port_specs") or []],
+                                        # a clone keeps its source's policy: no way around it
+                                        egress=models.Egress.model_validate(mm.doc["egress"])
+                                        if mm.doc.get("egress") else None)
             made.append(self.create_from_snapshot(body))
         workers = max(1, min(len(made), 2 * (os.cpu_count() or 1)))
         with ThreadPoolExecutor(workers, thread_name_prefix="ember-clone") as pool:

@@ -43,6 +43,19 @@ __all__ = ["CONNECT_TIMEOUT", "UNIX_BASE_URL", "Endpoint", "ExecEvent", "api_err
 DEFAULT_TIMEOUT = 300.0
 
 PortLike = models.PortSpec | Mapping[str, Any] | str | int
+#: An egress policy: ``{"allow": [RULE, ...], "deny": [RULE, ...]}`` (either may be left
+#: out), or the API's model.
+EgressLike = models.Egress | Mapping[str, Sequence[str]]
+
+
+class Keep:
+    """The default of an update's fields: the machine keeps what it has."""
+
+    def __repr__(self) -> str:
+        return "KEEP"
+
+
+KEEP = Keep()
 
 
 # ------------------------------------------------------------ errors
@@ -158,6 +171,47 @@ def port_spec(value: PortLike) -> models.PortSpec:
         raise invalid(f"ports: {validation_message(exc)}") from None
 
 
+def egress_body(value: EgressLike | None) -> models.Egress | None:
+    """An ``egress`` as the API takes it, checked as the daemon checks it (rules
+    normalised); None for None or a policy without rules.
+
+    Raises:
+        InvalidRequest: not a mapping of ``allow``/``deny`` lists, or a malformed rule
+            (the daemon's message, naming it).
+    """
+    from ember.vmm.egress import EgressPolicy
+
+    if value is None:
+        return None
+    if isinstance(value, models.Egress):
+        data: dict[str, Any] = value.model_dump()
+    elif isinstance(value, Mapping):
+        data = {}
+        for key, rules in value.items():
+            if isinstance(rules, str | bytes):
+                raise invalid(f"egress.{key} must be a list of rules, e.g. [\"1.1.1.1:53\"]")
+            data[key] = list(rules)
+    else:
+        raise invalid('egress must be {"allow": [RULE, ...], "deny": [RULE, ...]}')
+    try:
+        models.Egress.model_validate(data)
+        policy = EgressPolicy.from_json(data)
+    except ValidationError as exc:
+        raise invalid(f"egress: {validation_message(exc)}") from None
+    except EmberError as exc:
+        raise invalid(str(exc)) from None
+    return models.Egress.model_validate(policy.to_json()) if policy is not None else None
+
+
+def machine_update_body(*, egress: EgressLike | None | Keep = KEEP) -> dict[str, Any]:
+    """The JSON body of ``PATCH /v1/machines/{name}``: only the fields given."""
+    body: dict[str, Any] = {}
+    if not isinstance(egress, Keep):
+        policy = egress_body(egress)
+        body["egress"] = policy.model_dump() if policy is not None else None
+    return body
+
+
 def _argv(value: Sequence[str] | None, what: str) -> list[str] | None:
     if value is None:
         return None
@@ -172,7 +226,8 @@ def machine_create_body(image: str | None, *, name: str | None, cpus: int | None
                         workdir: str | None, user: str | None, hostname: str | None,
                         ports: Sequence[PortLike] | None, network: str | None,
                         restart: str, auto_remove: bool = False,
-                        snapshot: str | None = None, cold: bool = False) -> dict[str, Any]:
+                        snapshot: str | None = None, cold: bool = False,
+                        egress: EgressLike | None = None) -> dict[str, Any]:
     """The JSON body of ``POST /v1/machines``, checked against the contract before sending.
 
     Only what is given is sent (``None``: the daemon's default, or a snapshot's own).
@@ -196,6 +251,9 @@ def machine_create_body(image: str | None, *, name: str | None, cpus: int | None
         kwargs["auto_remove"] = auto_remove
         if cold:
             kwargs["cold"] = True
+        policy = egress_body(egress)
+        if policy is not None:
+            kwargs["egress"] = policy
         body = models.MachineCreate(**kwargs)
     except ValidationError as exc:
         raise invalid(validation_message(exc)) from None

@@ -20,7 +20,7 @@ from typing import IO, Any, TypeVar
 from ember._httpx import httpx
 from ember.api import models
 from ember.sdk import _common as c
-from ember.sdk._common import ExecEvent, PortLike
+from ember.sdk._common import EgressLike, ExecEvent, PortLike
 from ember.sdk.client import DEFAULT, _Default, _unreachable
 from ember.sdk.errors import DaemonUnavailable, NotFound, error_for
 
@@ -256,13 +256,14 @@ class AsyncMachines:
                      hostname: str | None = None, ports: Sequence[PortLike] | None = None,
                      network: str | None = None, restart: str = "no",
                      auto_remove: bool = False, start: bool = True,
-                     cold: bool = False) -> AsyncMachineHandle:
+                     cold: bool = False,
+                     egress: EgressLike | None = None) -> AsyncMachineHandle:
         """See :meth:`ember.sdk.client.Machines.create`."""
         body = c.machine_create_body(
             image, name=name, cpus=cpus, memory_mib=memory_mib, env=env, cmd=cmd,
             entrypoint=entrypoint, workdir=workdir, user=user, hostname=hostname, ports=ports,
             network=network, restart=restart, auto_remove=auto_remove, snapshot=snapshot,
-            cold=cold)
+            cold=cold, egress=egress)
         resp = await self._c._request("POST", "/v1/machines", json=body)
         handle = AsyncMachineHandle(self._c, models.Machine.model_validate_json(resp.content))
         if start:
@@ -326,6 +327,12 @@ class AsyncMachineHandle(c.MachineRecord):
         return self._update(await self._c._request(
             "POST", f"{self._path}/restart", params={"timeout": timeout},
             timeout=max(self._c.timeout, timeout + 120) if self._c.timeout else None))
+
+    async def update(self, *, egress: EgressLike | None | c.Keep = c.KEEP
+                     ) -> models.Machine:
+        """See :meth:`ember.sdk.client.MachineHandle.update`."""
+        return self._update(await self._c._request("PATCH", self._path,
+                                                   json=c.machine_update_body(egress=egress)))
 
     async def rename(self, name: str) -> models.Machine:
         return self._update(await self._c._request("POST", f"{self._path}/rename",

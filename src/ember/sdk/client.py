@@ -19,7 +19,7 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 from ember._httpx import httpx
 from ember.api import models
 from ember.sdk import _common as c
-from ember.sdk._common import ExecEvent, PortLike
+from ember.sdk._common import EgressLike, ExecEvent, PortLike
 from ember.sdk.errors import DaemonUnavailable, NotFound, error_for
 
 if TYPE_CHECKING:
@@ -315,7 +315,8 @@ class Machines:
                workdir: str | None = None, user: str | None = None,
                hostname: str | None = None, ports: Sequence[PortLike] | None = None,
                network: str | None = None, restart: str = "no", auto_remove: bool = False,
-               start: bool = True, cold: bool = False) -> MachineHandle:
+               start: bool = True, cold: bool = False,
+               egress: EgressLike | None = None) -> MachineHandle:
         """Create a machine from ``image`` (or as a clone of ``snapshot``) and (unless
         ``start=False``) start it.
 
@@ -327,18 +328,23 @@ class Machines:
         the image, the machine idles until stopped (a sandbox to exec into).
         ``ports``: ``"8080:80"``, ``"127.0.0.1:8080:80"``, ``80`` (any free host
         port), or :class:`~ember.api.models.PortSpec`. ``auto_remove``: the
-        machine is removed when it stops (``run --rm``). If the boot fails the
-        machine is removed again, so no half-made machine is left behind.
+        machine is removed when it stops (``run --rm``). ``egress``: where the
+        guest may connect, ``{"allow": ["1.1.1.1:53", "10.0.0.0/8"], "deny": [...]}``
+        (needs a root daemon's tap network; see :meth:`MachineHandle.update`). If
+        the boot fails the machine is removed again, so no half-made machine is
+        left behind.
 
         Raises:
-            InvalidRequest: a value the API refuses (checked before sending).
-            NotFound: no such image. Conflict: the name or a host port is taken.
+            InvalidRequest: a value the API refuses (checked before sending), e.g. a
+                malformed egress rule.
+            NotFound: no such image. Conflict: the name or a host port is taken, or the
+                daemon cannot enforce an egress policy.
         """
         body = c.machine_create_body(
             image, name=name, cpus=cpus, memory_mib=memory_mib, env=env, cmd=cmd,
             entrypoint=entrypoint, workdir=workdir, user=user, hostname=hostname, ports=ports,
             network=network, restart=restart, auto_remove=auto_remove, snapshot=snapshot,
-            cold=cold)
+            cold=cold, egress=egress)
         resp = self._c._request("POST", "/v1/machines", json=body)
         handle = MachineHandle(self._c, models.Machine.model_validate_json(resp.content))
         if start:
@@ -412,6 +418,21 @@ class MachineHandle(c.MachineRecord):
         return self._update(self._c._request(
             "POST", f"{self._path}/restart", params={"timeout": timeout},
             timeout=max(self._c.timeout or 0, timeout + 120) if self._c.timeout else None))
+
+    def update(self, *, egress: EgressLike | None | c.Keep = c.KEEP) -> models.Machine:
+        """Change what the machine was created with; what is not given stays.
+
+        ``egress``: its new egress policy (``{"allow": [...], "deny": [...]}``; None
+        or no rules: none, public addresses only), kept for its next starts and
+        applied at once if it runs (new connections; open ones stay).
+
+        Raises:
+            InvalidRequest: a malformed rule (checked before sending).
+            Conflict: the machine (network none, slirp) or the daemon (not root)
+                cannot enforce a policy; nothing changed.
+        """
+        return self._update(self._c._request("PATCH", self._path,
+                                             json=c.machine_update_body(egress=egress)))
 
     def rename(self, name: str) -> models.Machine:
         """Give the machine a new name (its hostname stays). Raises Conflict if taken."""

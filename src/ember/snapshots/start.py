@@ -107,7 +107,8 @@ def machine_from_snapshot(snap: Snapshot, host: HostIdentity, *, machines_dir: P
         memory_mib=m.memory_mib, accel=m.accel,
         drives=(DriveSpec(Path(m.rootfs.path), readonly=True),), network=m.network,
         net_backend=default_backend() if m.network == NETWORK_USER else BACKEND_SLIRP,
-        ports=config.ports, limit_resources=config.limit_resources, restore=restore)
+        ports=config.ports, egress=config.egress, limit_resources=config.limit_resources,
+        restore=restore)
     check_shape(m, spec)  # the devices, and the kernel, initramfs and rootfs still there
     snap.touch()
     return Machine(spec, ephemeral=config.ephemeral, hostname=config.hostname)

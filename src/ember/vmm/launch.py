@@ -108,7 +108,7 @@ class Launch:
 
                 assert slot is not None
                 netns.sweep()
-                tap_fd, port_fds = netns.setup(slot.number, spec.ports)
+                tap_fd, port_fds = netns.setup(slot.number, spec.ports, spec.egress)
                 net_fds = [tap_fd, *port_fds]
         except BaseException as exc:
             if slot is not None:

@@ -56,6 +56,7 @@ from typing import TypeVar
 
 from ember.errors import VMMError
 from ember.util import log
+from ember.vmm.egress import EgressPolicy
 from ember.vmm.network import DNS_IP, GATEWAY_IP, GUEST_IP, GUEST_PREFIX, PortMapping
 
 #: The /30 blocks of the veth pairs: slot N has ``POOL[4N:4N+4]``.
@@ -119,7 +120,8 @@ class SlotNet:
         return f"{POOL[4 * self.slot]}/30"
 
 
-def setup(slot: int, ports: tuple[PortMapping, ...]) -> tuple[int, list[int]]:
+def setup(slot: int, ports: tuple[PortMapping, ...],
+          policy: EgressPolicy | None = None) -> tuple[int, list[int]]:
     """Make slot ``slot``'s namespace, veth, tap and firewall; publish ``ports``.
 
     Returns the tap's descriptor (for QEMU) and the sockets reserving the host
@@ -167,13 +169,14 @@ def setup(slot: int, ports: tuple[PortMapping, ...]) -> tuple[int, list[int]]:
                 # children of this thread are born in the namespace: no `ip netns exec`
                 _ip_batch(None, [
                     f"addr add {GATEWAY_IP}/{GUEST_PREFIX} dev {TAP}",
+                    f"addr add {DNS_IP}/32 dev {TAP}",  # Ember's resolver, for domain rules
                     f"link set {TAP} up",
                     f"addr add {net.ns_ip}/30 dev {PEER}",
                     f"link set {PEER} up",
                     "link set lo up",
                     f"route add default via {net.host_ip}",
                 ])
-                _nft_wait(_nft_start(netns_rules(net, ports, resolver)))
+                _nft_wait(_nft_start(netns_rules(net, ports, resolver, policy)))
             except BaseException:
                 os.close(tap)
                 raise
@@ -317,22 +320,19 @@ table ip {net.table} {{
 """
 
 
-def netns_rules(net: SlotNet, ports: tuple[PortMapping, ...], resolver: str | None) -> str:
-    """The machine namespace's nft table: the guest's firewall."""
-    guest_ports = sorted({p.guest_port for p in ports})
-    pre = []
-    if guest_ports:
-        pre.append(f'iifname "{PEER}" tcp dport {{ {", ".join(map(str, guest_ports))} }} '
-                   f"dnat to {GUEST_IP}")
-    if resolver:
-        for proto in ("udp", "tcp"):
-            pre.append(f'iifname "{TAP}" ip daddr {DNS_IP} {proto} dport 53 '
-                       f"dnat to {resolver}")
-    pre_rules = "\n".join(f"    {r}" for r in pre)
+def netns_rules(net: SlotNet, ports: tuple[PortMapping, ...], resolver: str | None,
+                policy: EgressPolicy | None = None) -> str:
+    """The machine namespace's nft table: the guest's firewall (``policy``: its egress)."""
+    pre_rules = "\n".join(f"    {r}" for r in _prerouting_rules(ports, resolver, policy))
+    forward = "\n".join(f"    {r}" for r in _forward_rules(policy))
+    inputs = "\n".join(f"    {r}" for r in _input_rules(policy))
     return f"""table ip ember {{
   set blocked {{
     type ipv4_addr; flags interval;
     elements = {{ {", ".join(BLOCKED)} }}
+  }}
+{_policy_sets(policy)}
+  counter denied {{
   }}
   chain prerouting {{
     type nat hook prerouting priority dstnat; policy accept;
@@ -344,22 +344,164 @@ def netns_rules(net: SlotNet, ports: tuple[PortMapping, ...], resolver: str | No
   }}
   chain forward {{
     type filter hook forward priority filter; policy drop;
-    ct state established,related accept
-    iifname "{PEER}" oifname "{TAP}" ct status dnat accept
-    iifname "{TAP}" oifname "{PEER}" ct status dnat accept
-    iifname "{TAP}" oifname "{PEER}" ip daddr @blocked counter drop
-    iifname "{TAP}" oifname "{PEER}" accept
-    counter
+{forward}
   }}
   chain input {{
     type filter hook input priority filter; policy drop;
-    ct state established,related accept
-    iifname "lo" accept
-    iifname "{TAP}" icmp type echo-request accept
-    counter
+{inputs}
   }}
 }}
 """
+
+
+def _prerouting_rules(ports: tuple[PortMapping, ...], resolver: str | None,
+                      policy: EgressPolicy | None) -> list[str]:
+    """Published ports to the guest; the guest's DNS to the host's resolver, unless its
+    policy has Ember's own resolver (domains) or is an allowlist of addresses only."""
+    out = []
+    guest_ports = sorted({p.guest_port for p in ports})
+    if guest_ports:
+        out.append(f'iifname "{PEER}" tcp dport {{ {", ".join(map(str, guest_ports))} }} '
+                   f"dnat to {GUEST_IP}")
+    if resolver and (policy is None or not (policy.domains or policy.allowlist)):
+        for proto in ("udp", "tcp"):
+            out.append(f'iifname "{TAP}" ip daddr {DNS_IP} {proto} dport 53 '
+                       f"dnat to {resolver}")
+    return out
+
+
+def _input_rules(policy: EgressPolicy | None) -> list[str]:
+    """What the namespace itself answers: ICMP echo, and Ember's resolver (domains)."""
+    out = ["ct state established,related accept", 'iifname "lo" accept',
+           f'iifname "{TAP}" icmp type echo-request accept']
+    if policy is not None and policy.domains:
+        out.append(f'iifname "{TAP}" ip daddr {DNS_IP} udp dport 53 accept')
+    out.append(f'iifname "{TAP}" counter name denied drop')
+    return out
+
+
+#: The sets an egress policy fills: addresses (any port) and address . port pairs.
+_SETS = (("allow", "ipv4_addr"), ("allow_ports", "ipv4_addr . inet_service"),
+         ("deny", "ipv4_addr"), ("deny_ports", "ipv4_addr . inet_service"))
+#: The sets Ember's resolver fills with the answers to allowed names, for their TTL.
+_DNS_SETS = (("allow_dns", "ipv4_addr"), ("allow_dns_ports", "ipv4_addr . inet_service"))
+
+
+def _set_elements(policy: EgressPolicy | None) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {name: [] for name, _ in _SETS}
+    if policy is None:
+        return out
+    for kind, rules in (("allow", policy.allow), ("deny", policy.deny)):
+        for r in sorted({r for r in rules if r.network is not None}, key=str):
+            if r.port is None:
+                out[kind].append(str(r.network))
+            else:
+                out[f"{kind}_ports"].append(f"{r.network} . {r.port}")
+    return out
+
+
+def _policy_sets(policy: EgressPolicy | None) -> str:
+    elements = _set_elements(policy)
+    out = []
+    for name, kind in _SETS:
+        # auto-merge is not allowed with concatenations; overlapping CIDRs are the
+        # user's to avoid (nft refuses them, in one line)
+        merge = " auto-merge;" if "." not in kind else ""
+        els = (f"\n    elements = {{ {', '.join(elements[name])} }}" if elements[name] else "")
+        out.append(f"  set {name} {{\n    type {kind}; flags interval;{merge}{els}\n  }}")
+    for name, kind in _DNS_SETS:
+        out.append(f"  set {name} {{\n    type {kind}; flags timeout;\n  }}")
+    return "\n".join(out)
+
+
+def _forward_rules(policy: EgressPolicy | None) -> list[str]:
+    """The forward chain: what the guest may open, given its egress ``policy``."""
+    out = ["ct state established,related accept",
+           f'iifname "{PEER}" oifname "{TAP}" ct status dnat accept']
+    guest = f'iifname "{TAP}" oifname "{PEER}"'
+    out += [f"{guest} ip daddr @deny counter name denied drop"]
+    out += [f"{guest} ip daddr . {proto} dport @deny_ports counter name denied drop"
+            for proto in ("tcp", "udp")]
+    if policy is not None and policy.allowlist:
+        out += [f"{guest} ip daddr @allow accept", f"{guest} ip daddr @allow_dns accept"]
+        out += [f"{guest} ip daddr . {proto} dport @{name} accept"
+                for name in ("allow_ports", "allow_dns_ports") for proto in ("tcp", "udp")]
+    else:
+        # the guest's DNS, forwarded to the host's resolver by our own DNAT
+        out += [f"{guest} ct status dnat accept",
+                f"{guest} ip daddr @blocked counter name denied drop",
+                f"{guest} accept"]
+    out.append("counter name denied")
+    return out
+
+
+def apply_policy(slot: int, ports: tuple[PortMapping, ...],
+                 policy: EgressPolicy | None) -> None:
+    """Replace a running machine's egress policy in one nftables transaction.
+
+    The sets are refilled and the forward chain rewritten; the ``denied`` counter
+    and connections already open are kept.
+
+    Raises:
+        VMMError: the machine has no namespace, or nftables refused the policy.
+    """
+    net = SlotNet(slot)
+    if not os.path.exists(f"/run/netns/{net.netns}"):
+        raise VMMError(f"slot {slot} has no network namespace")
+    lines = []
+    for name, elements in _set_elements(policy).items():
+        lines.append(f"flush set ip ember {name}")
+        if elements:
+            lines.append(f"add element ip ember {name} {{ {', '.join(elements)} }}")
+    lines += [f"flush set ip ember {name}" for name, _ in _DNS_SETS]
+    for chain, rules in (("prerouting", _prerouting_rules(ports, host_resolver(), policy)),
+                         ("forward", _forward_rules(policy)), ("input", _input_rules(policy))):
+        lines.append(f"flush chain ip ember {chain}")
+        lines += [f"add rule ip ember {chain} {r}" for r in rules]
+    _in_netns(net.netns, lambda: _nft_wait(_nft_start("\n".join(lines) + "\n")))
+
+
+def allow_resolved(slot: int, addresses: dict[str, int], ports: set[int | None]) -> None:
+    """Let slot ``slot``'s guest reach ``addresses`` (address → TTL, seconds) on ``ports``
+    (None: any port) until their TTL runs out: what Ember's resolver just answered."""
+    from ember.vmm.resolver import MIN_TTL
+
+    lines = []
+    for addr, ttl in sorted(addresses.items()):
+        timeout = max(int(ttl), MIN_TTL)
+        for port in sorted(ports, key=lambda p: -1 if p is None else p):
+            name, el = ("allow_dns", addr) if port is None else ("allow_dns_ports",
+                                                                 f"{addr} . {port}")
+            # added, deleted, added again: the element's timeout starts over
+            lines += [f"add element ip ember {name} {{ {el} }}",
+                      f"delete element ip ember {name} {{ {el} }}",
+                      f"add element ip ember {name} {{ {el} timeout {timeout}s }}"]
+    if lines:
+        _in_netns(SlotNet(slot).netns, lambda: _nft_wait(_nft_start("\n".join(lines) + "\n")))
+
+
+def denied(slot: int) -> int:
+    """Packets of new connections the guest's firewall dropped so far (slot ``slot``).
+
+    Raises:
+        VMMError: no such namespace, or nftables could not be read.
+    """
+    import json
+
+    net = SlotNet(slot)
+    if not os.path.exists(f"/run/netns/{net.netns}"):
+        raise VMMError(f"slot {slot} has no network namespace")
+
+    def read() -> int:
+        proc = subprocess.run(["nft", "-j", "list", "counter", "ip", "ember", "denied"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise VMMError(f"cannot read the firewall's counter: {proc.stderr.strip()}")
+        for item in json.loads(proc.stdout).get("nftables", []):
+            if "counter" in item:
+                return int(item["counter"]["packets"])
+        raise VMMError("the firewall has no denied counter")
+    return _in_netns(net.netns, read)
 
 
 def _enable_forwarding() -> None:
@@ -407,6 +549,11 @@ def _open_tap() -> int:
         os.close(fd)
         raise
     return fd
+
+
+def in_netns(netns: str, fn: Callable[[], T]) -> T:
+    """Run ``fn`` in network namespace ``netns`` (sockets it makes stay there)."""
+    return _in_netns(netns, fn)
 
 
 def _in_netns(netns: str, fn: Callable[[], T]) -> T:

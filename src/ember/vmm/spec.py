@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from ember.errors import EmberError, VMMError
-from ember.vmm.network import NET_BACKENDS, NETWORK_NONE, PortMapping, check_network
+from ember.vmm.egress import EgressPolicy
+from ember.vmm.network import (
+    BACKEND_TAP,
+    NET_BACKENDS,
+    NETWORK_NONE,
+    NETWORK_USER,
+    PortMapping,
+    check_network,
+)
 
 MIN_MEMORY_MIB = 64
 MAX_MEMORY_MIB = 256 * 1024
@@ -86,6 +94,9 @@ class MachineSpec:
     net_backend: str = "slirp"
     #: Guest TCP ports published on the host (``"user"`` network only).
     ports: tuple[PortMapping, ...] = field(default_factory=tuple)
+    #: Where the guest may connect (``vmm/egress.py``; the tap network only); None:
+    #: the default network's rule, public addresses only.
+    egress: EgressPolicy | None = None
     #: Confine QEMU to a cgroup holding it to ``cpus`` CPUs and ``memory_mib`` plus
     #: QEMU's overhead (``host/cgroup.py``), where the host allows.
     limit_resources: bool = False
@@ -103,6 +114,11 @@ class MachineSpec:
                            f"not {self.net_backend!r}")
         if self.accel not in ("kvm", "tcg"):
             raise VMMError(f"accelerator must be kvm or tcg, not {self.accel!r}")
+        if self.egress is not None and not (self.network == NETWORK_USER
+                                            and self.net_backend == BACKEND_TAP):
+            raise VMMError("egress policies need the tap network (root's default); this "
+                           f"machine's network is {self.network}"
+                           + (f" on {self.net_backend}" if self.network == NETWORK_USER else ""))
         try:
             check_network(self.network, self.ports)
         except EmberError as exc:
@@ -136,6 +152,7 @@ class MachineSpec:
         d["drives"] = [{**asdict(x), "path": str(x.path)} for x in self.drives]
         d["ports"] = [asdict(x) for x in self.ports]
         d["restore"] = self.restore.to_json() if self.restore else None
+        d["egress"] = self.egress.to_json() if self.egress else None
         return d
 
     @classmethod
@@ -154,6 +171,7 @@ class MachineSpec:
                                         x["host_ip"], x.get("protocol", "tcp"))
                             for x in d.get("ports", ())),
                 limit_resources=bool(d.get("limit_resources", False)),
+                egress=EgressPolicy.from_json(d.get("egress")),
                 restore=RestoreSpec.from_json(d["restore"]) if d.get("restore") else None,
             )
         except (EmberError, KeyError, TypeError, ValueError) as exc:

@@ -91,3 +91,73 @@ def time_exec(api: Any) -> float:
     t0 = time.monotonic()
     assert run(api, "bystander", "true")["exit_code"] == 0
     return time.monotonic() - t0
+
+
+# --------------------------------------------- a guest speaking garbage to the agent channel
+
+HOSTILE_INIT = """#!/bin/busybox sh
+B=/bin/busybox
+$B mount -t devtmpfs dev /dev
+$B mount -t sysfs sys /sys
+for d in /sys/class/virtio-ports/*; do
+  [ "$($B cat $d/name)" = ember.agent ] && port=/dev/$($B basename $d)
+done
+case "$1" in
+  garbage) $B cat /dev/urandom > $port ;;
+  oversized) $B printf '\\377\\377\\377\\377\\001' > $port; $B cat /dev/zero > $port ;;
+  trickle) while :; do $B printf 'x' > $port; $B sleep 1; done ;;
+esac
+$B sleep 1000
+"""
+
+
+@pytest.fixture(scope="module")
+def hostile_guests(tmp_path_factory: pytest.TempPathFactory, guest: Any) -> dict[str, Any]:
+    """Guest bundles whose /init is a busybox script abusing the agent port, by mode."""
+    import dataclasses
+    import stat as st
+
+    from ember.guest.initramfs import CpioEntry, write_cpio
+
+    busybox = Path("/bin/busybox").read_bytes()
+    out = {}
+    for mode in ("garbage", "oversized", "trickle"):
+        d = st.S_IFDIR | 0o755
+        script = HOSTILE_INIT.replace('"$1"', mode)
+        cpio = write_cpio([CpioEntry("dev", d), CpioEntry("sys", d), CpioEntry("bin", d),
+                           CpioEntry("bin/busybox", st.S_IFREG | 0o755, data=busybox),
+                           CpioEntry("init", st.S_IFREG | 0o755, data=script.encode())])
+        path = tmp_path_factory.mktemp("hostile") / f"{mode}.cpio"
+        path.write_bytes(cpio)
+        out[mode] = dataclasses.replace(guest, initramfs=path)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["garbage", "oversized", "trickle"])
+@pytest.mark.timeout(120)
+def test_a_guest_speaking_garbage_on_the_agent_channel_is_a_crashed_machine(
+        hostile_guests: dict[str, Any], store: Any, mode: str) -> None:
+    from ember import paths
+    from ember.errors import MachineCrashed
+    from ember.host.probe import choose_accel
+    from ember.machine import Machine, MachineConfig
+
+    m = Machine.create(machines_dir=paths.machines_dir(), guest=hostile_guests[mode],
+                       rootfs=store.rootfs(store.resolve("sample:latest")),
+                       accel=choose_accel(None), config=MachineConfig(network="none"))
+    rss_before = rss_mib(os.getpid())
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(MachineCrashed) as crashed:
+            m.start(boot_timeout=15)
+    finally:
+        m.close()
+    # it ends (no hang past the boot timeout), with a reason, and this process's memory
+    # did not follow whatever the guest sent
+    assert time.monotonic() - t0 < 60
+    why = str(crashed.value).splitlines()[0]
+    assert why.startswith(f"machine {m.name}: the guest "), why
+    # named as what it is: the length is checked as soon as its 4 bytes are in (the
+    # trickle's after 4 s), before anything is buffered
+    assert "broke the agent protocol" in why, why
+    assert rss_mib(os.getpid()) - rss_before < 64

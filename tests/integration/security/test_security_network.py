@@ -17,16 +17,19 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from ember import paths
 from ember.agent.protocol import ExecRequest
+from ember.errors import EmberError
 from ember.guest.bundle import GuestBundle
 from ember.host.probe import choose_accel
 from ember.images import ImageStore
 from ember.machine import Machine, MachineConfig
 from ember.vmm import parse_port
+from ember.vmm.egress import EgressPolicy
 from ember.vmm.netns import SlotNet
 
 pytestmark = [pytest.mark.security,
@@ -43,20 +46,24 @@ FORBIDDEN = {
     "shared-100": "100.64.5.5",
 }
 PORT = 7000
+OTHER_PORT = 7001
 
 SERVER = r"""
 import socket, sys, threading
 log = open(sys.argv[1], "a", buffering=1)
-s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", int(sys.argv[2]))); s.listen(64)
+def serve(port):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port)); s.listen(64)
+    while True:
+        c, peer = s.accept()
+        here = c.getsockname()[0]
+        log.write(f"{here} {peer[0]}\n")
+        c.sendall(f"hi from {here}\n".encode()); c.close()
+for port in sys.argv[2:]:
+    threading.Thread(target=serve, args=(int(port),), daemon=True).start()
 print("ready", flush=True)
-while True:
-    c, peer = s.accept()
-    here = c.getsockname()[0]
-    log.write(f"{here} {peer[0]}\n")
-    c.sendall(f"hi from {here}\n".encode()); c.close()
+threading.Event().wait()
 """
-
 
 def sh(*args: str) -> None:
     subprocess.run(args, check=True, capture_output=True)
@@ -84,7 +91,7 @@ def test_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     sh("ip", "-n", NS, "link", "set", "lo", "up")
     sh("ip", "-n", NS, "route", "add", "default", "via", "198.51.100.1")
     server = subprocess.Popen(["ip", "netns", "exec", NS, sys.executable, "-c", SERVER,
-                               str(log), str(PORT)], stdout=subprocess.PIPE)
+                               str(log), str(PORT), str(OTHER_PORT)], stdout=subprocess.PIPE)
     try:
         assert server.stdout is not None and server.stdout.readline() == b"ready\n"
         yield log
@@ -233,3 +240,179 @@ def test_a_guest_cannot_reach_another_machine(guest_a: Machine, guest_b: Machine
                                                           *host_addresses()]
                                 for port in (9000, *b_ports.values())])
     assert set(got.values()) == {""}, got
+
+
+# ------------------------------------------------------------------ egress policies
+
+
+@pytest.fixture(scope="module")
+def allowlisted(store: ImageStore, guest: GuestBundle) -> Iterator[Machine]:
+    """A machine allowed PUBLIC:PORT and one private address (named: so allowed), nothing else."""
+    policy = EgressPolicy.from_json({"allow": [f"{PUBLIC}:{PORT}", FORBIDDEN["private-10"]]})
+    m = boot(store, guest, MachineConfig(egress=policy))
+    yield m
+    m.close()
+
+
+def test_an_allowlist_reaches_what_it_names_and_nothing_else(
+        allowlisted: Machine, test_hosts: Path) -> None:
+    private = FORBIDDEN["private-10"]
+    denied_before = allowlisted.egress_denied()
+    assert denied_before is not None
+    got = connect_all(allowlisted, [(PUBLIC, PORT), (private, PORT), (private, OTHER_PORT),
+                                    (PUBLIC, OTHER_PORT), (FORBIDDEN["metadata"], PORT)])
+    assert got == {(PUBLIC, PORT): f"hi from {PUBLIC}\n",
+                   (private, PORT): f"hi from {private}\n",      # any port of a bare address
+                   (private, OTHER_PORT): f"hi from {private}\n",
+                   (PUBLIC, OTHER_PORT): "",                      # not that port
+                   (FORBIDDEN["metadata"], PORT): ""}
+    # the guest's DNS is not a way out either
+    assert connect(allowlisted, "10.0.2.3", 53) == ""
+    # refused connections are counted
+    after = allowlisted.egress_denied()
+    assert after is not None and after >= denied_before + 2
+
+
+def test_a_policy_changes_at_once_on_a_running_machine(allowlisted: Machine,
+                                                       test_hosts: Path) -> None:
+    try:
+        allowlisted.set_egress(EgressPolicy.from_json({"deny": [f"{PUBLIC}:{PORT}"]}))
+        got = connect_all(allowlisted, [(PUBLIC, PORT), (PUBLIC, OTHER_PORT),
+                                        (FORBIDDEN["private-10"], PORT)])
+        # deny on top of the default: the public port denied, its neighbour not, the
+        # private address back to refused (no longer named)
+        assert got == {(PUBLIC, PORT): "", (PUBLIC, OTHER_PORT): f"hi from {PUBLIC}\n",
+                       (FORBIDDEN["private-10"], PORT): ""}
+        allowlisted.set_egress(None)
+        assert connect(allowlisted, PUBLIC, PORT) == f"hi from {PUBLIC}\n"
+    finally:
+        allowlisted.set_egress(EgressPolicy.from_json(
+            {"allow": [f"{PUBLIC}:{PORT}", FORBIDDEN["private-10"]]}))
+
+
+def test_an_egress_policy_needs_the_tap_network(store: ImageStore, guest: GuestBundle,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBER_NET_BACKEND", "slirp")
+    with pytest.raises(EmberError, match="egress policies need the tap network"):
+        boot(store, guest, MachineConfig(egress=EgressPolicy.from_json({"deny": [PUBLIC]})))
+
+
+# ------------------------------------------------------------------ domain rules
+
+DNS_SERVER = r"""
+import socket, sys
+import dns.message, dns.rcode, dns.rrset
+names = {"allowed.test.", "other.test.", "x.wild.test."}
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 53))  # its own address: answers come from where queries went
+print("ready", flush=True)
+while True:
+    data, peer = s.recvfrom(4096)
+    q = dns.message.from_wire(data)
+    r = dns.message.make_response(q)
+    name = q.question[0].name.to_text().lower()
+    if name in names and q.question[0].rdtype == 1:
+        r.answer.append(dns.rrset.from_text(name, 60, "IN", "A", sys.argv[1]))
+    elif name not in names:
+        r.set_rcode(dns.rcode.NXDOMAIN)
+    s.sendto(r.to_wire(), peer)
+"""
+
+
+@pytest.fixture(scope="module")
+def test_resolver(test_hosts: Path) -> Iterator[str]:
+    """A DNS server on the test host (PUBLIC:53) knowing a few names, all at PUBLIC.
+
+    Ember's resolver asks it (EMBER_DNS_UPSTREAM): no real DNS anywhere."""
+    site = next((Path(__file__).resolve().parents[3] / ".venv" / "lib")
+                .glob("python3*/site-packages"))
+    server = subprocess.Popen(["ip", "netns", "exec", NS, sys.executable, "-c", DNS_SERVER,
+                               PUBLIC], stdout=subprocess.PIPE,
+                              env={**os.environ, "PYTHONPATH": str(site)})
+    old = os.environ.get("EMBER_DNS_UPSTREAM")
+    try:
+        assert server.stdout is not None and server.stdout.readline() == b"ready\n"
+        os.environ["EMBER_DNS_UPSTREAM"] = f"{PUBLIC}:53"
+        import dns.message
+        import dns.query
+
+        answer = dns.query.udp(dns.message.make_query("allowed.test", "A"), PUBLIC, timeout=5)
+        assert answer.answer, answer  # the test resolver answers the host
+        yield PUBLIC
+    finally:
+        if old is None:
+            os.environ.pop("EMBER_DNS_UPSTREAM", None)
+        else:
+            os.environ["EMBER_DNS_UPSTREAM"] = old
+        server.kill()
+        server.wait()
+
+
+def lookup(m: Machine, name: str, server: str = "10.0.2.3") -> str:
+    """The guest's busybox nslookup: its output, or "" when it found nothing."""
+    p = m.exec(ExecRequest(argv=["/bin/sh", "-c", f"nslookup {name} {server} 2>&1"],
+                           env=[PATH]))
+    st = m.wait_process(p, timeout=60)
+    return p.stdout.decode() if st.exit_code == 0 else ""
+
+
+def test_domain_rules_allow_what_the_resolver_answered_and_nothing_else(
+        store: ImageStore, guest: GuestBundle, test_resolver: str) -> None:
+    policy = EgressPolicy.from_json({"allow": [f"allowed.test:{PORT}", "*.wild.test"]})
+    m = boot(store, guest, MachineConfig(egress=policy))
+    try:
+        # nothing resolved yet: the address is not allowed, not even on the rule's port
+        assert connect(m, PUBLIC, PORT) == ""
+        assert PUBLIC in lookup(m, "allowed.test")
+        got = connect_all(m, [(PUBLIC, PORT), (PUBLIC, OTHER_PORT), (PUBLIC, 853)])
+        assert got == {(PUBLIC, PORT): f"hi from {PUBLIC}\n",  # the answer, on its port
+                       (PUBLIC, OTHER_PORT): "", (PUBLIC, 853): ""}  # no other port, no DoT
+        # a name no rule allows is not resolved, and counts as denied
+        before = m.egress_denied()
+        assert lookup(m, "other.test") == ""
+        after = m.egress_denied()
+        assert before is not None and after is not None and after > before
+        # the guest cannot ask another resolver
+        assert lookup(m, "allowed.test", server=PUBLIC) == ""
+        # a wildcard allows any name below it, on any port
+        assert PUBLIC in lookup(m, "x.wild.test")
+        assert connect(m, PUBLIC, OTHER_PORT) == f"hi from {PUBLIC}\n"
+    finally:
+        m.close()
+
+
+# ------------------------------------------------------------------ through the daemon
+
+
+def test_a_daemon_machine_s_policy_is_set_at_create_changed_by_patch_and_denials_are_events(
+        daemon: Any, test_hosts: Path) -> None:
+    from daemon_api import Events, create, delete, get, run, start
+
+    with daemon.http() as api, Events(daemon, machine="egress-box") as events:
+        create(api, name="egress-box", cmd=["sleep", "3600"],
+               egress={"allow": [f"{PUBLIC}:{PORT}"]})
+        start(api, "egress-box")
+        try:
+            probe = f"nc -w 3 {PUBLIC} {{}} </dev/null"
+            assert run(api, "egress-box", "sh", "-c", probe.format(PORT))["stdout"] == \
+                f"hi from {PUBLIC}\n"
+            assert run(api, "egress-box", "sh", "-c", probe.format(OTHER_PORT))["stdout"] == ""
+            # the watcher turns the firewall's count into an event (it polls every 5 s)
+            events.wait_for_machine("egress-box", "egress-denied", timeout=30)
+            ev = events.of("egress-denied", "egress-box")[0]
+            assert "denied" in (ev.get("detail") or ""), ev
+            m = get(api, "egress-box")
+            assert m["egress"] == {"allow": [f"{PUBLIC}/32:{PORT}"], "deny": []}
+            assert m["egress_denied"] >= 1
+            # a bad rule is refused whole, and the policy in force stays
+            r = api.patch("/v1/machines/egress-box", json={"egress": {"allow": ["nope:x"]}})
+            assert r.status_code == 422 and "nope:x" in r.json()["error"]["message"]
+            # cleared on the running machine: the default network again, at once
+            r = api.patch("/v1/machines/egress-box", json={"egress": None})
+            assert r.status_code == 200, r.text
+            assert r.json()["egress"] is None
+            assert run(api, "egress-box", "sh", "-c", probe.format(OTHER_PORT))["stdout"] == \
+                f"hi from {PUBLIC}\n"
+            assert events.of("egress-updated", "egress-box")
+        finally:
+            delete(api, "egress-box")
