@@ -138,3 +138,35 @@ def test_at_most_max_rules_in_all() -> None:
     assert ok is not None and len(ok.allow) + len(ok.deny) == MAX_RULES
     with pytest.raises(EmberError, match=f"at most {MAX_RULES} rules"):
         EgressPolicy.from_json({"allow": ["1.1.1.1"] * half, "deny": ["2.2.2.2"] * (half + 1)})
+
+
+def test_resolver_names_match_exactly_or_below_a_wildcard() -> None:
+    from ember.vmm.egress import parse_rule
+    from ember.vmm.resolver import matches
+
+    exact, wild = parse_rule("api.example.com:443"), parse_rule("*.example.com")
+    assert matches(exact, "api.example.com") and not matches(exact, "x.api.example.com")
+    assert matches(wild, "a.b.example.com") and not matches(wild, "example.com")
+    assert not matches(wild, "badexample.com") and not matches(parse_rule("10.0.0.0/8"), "x")
+
+
+def test_the_resolver_refuses_unlisted_names_without_asking_upstream(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    import dns.message
+    import dns.rcode
+
+    from ember.vmm import resolver
+    from ember.vmm.egress import EgressPolicy
+
+    monkeypatch.setattr(resolver, "upstream", lambda: pytest.fail("asked upstream"))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        served = resolver.Served(0, EgressPolicy.from_json({"allow": ["a.test"]}) or
+                                 pytest.fail("no policy"), s)
+        reply = resolver.answer(served, dns.message.make_query("b.test", "A").to_wire())
+        assert reply is not None
+        assert dns.message.from_wire(reply).rcode() == dns.rcode.NXDOMAIN
+        assert served.denied == 1
+        # garbage is dropped, not answered
+        assert resolver.answer(served, b"\x00\x01garbage") is None

@@ -44,6 +44,9 @@ MIN_TTL = 10
 UPSTREAM_TIMEOUT = 3.0
 #: Largest DNS message over UDP we read.
 MAX_QUERY = 4096
+#: Queries in flight at once, all machines together; a guest flooding its resolver
+#: gets the rest dropped (as a lossy network would), never a growing queue.
+MAX_PENDING = 64
 
 
 def matches(rule: Rule, name: str) -> bool:
@@ -96,6 +99,7 @@ class Hub:
         self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
         self._lock = threading.Lock()
+        self._pending = threading.BoundedSemaphore(MAX_PENDING)
         threading.Thread(target=self._run, name="ember-resolver", daemon=True).start()
 
     def serve(self, slot: int, policy: EgressPolicy) -> Served:
@@ -141,6 +145,8 @@ class Hub:
                     data, peer = served.sock.recvfrom(MAX_QUERY)
                 except OSError:
                     continue
+                if not self._pending.acquire(blocking=False):
+                    continue  # flooded: dropped
                 self._pool.submit(self._answer, served, data, peer)
 
     def _answer(self, served: Served, data: bytes, peer: tuple[str, int]) -> None:
@@ -149,6 +155,8 @@ class Hub:
         except Exception as exc:  # a hostile or broken query, an upstream failure
             log.debug("dns for slot %d: %s", served.slot, exc)
             return
+        finally:
+            self._pending.release()
         if reply is not None:
             with contextlib.suppress(OSError):
                 served.sock.sendto(reply, peer)

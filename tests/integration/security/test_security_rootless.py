@@ -66,8 +66,9 @@ def nobody_env(guest: object) -> Iterator[dict[str, str]]:
                "PYTHONPATH": f"{ROOT / 'src'}:{site}", "PYTHONDONTWRITEBYTECODE": "1"}
         yield env
     finally:
-        subprocess.run(["pkill", "-KILL", "-u", "nobody", "-f", "qemu-system"],
-                       capture_output=True)
+        # `ember image` went through a daemon it started (as nobody): it goes too
+        for what in ("ember serve", "qemu-system"):
+            subprocess.run(["pkill", "-KILL", "-u", "nobody", "-f", what], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
 
 
