@@ -47,6 +47,8 @@ from ember.vmm.network import (
 from ember.vmm.process import VMProcess, is_running_in
 from ember.vmm.qemu import APIC_BUS_HZ
 from ember.vmm.spec import AGENT_PORT_NAME, DriveSpec, MachineSpec, RestoreSpec
+from ember.volumes.store import VolumeMount, check_mounts
+from ember.volumes.store import cmdline_param as volume_cmdline
 
 if TYPE_CHECKING:
     from ember.agent.client import AgentClient, Process
@@ -143,6 +145,9 @@ class MachineConfig:
     #: Where the guest may connect (``vmm/egress.py``); None: public addresses only.
     #: Needs the tap network (root).
     egress: EgressPolicy | None = None
+    #: Named volumes to mount (``volumes/store.py``): disks after the root, mounted by
+    #: the agent. Such a machine never starts from, nor makes, a snapshot.
+    volumes: tuple[VolumeMount, ...] = ()
 
     def __post_init__(self) -> None:
         # The hostname travels on the kernel command line: anything beyond a
@@ -153,6 +158,9 @@ class MachineConfig:
         if not isinstance(self.ports, tuple):  # a list from a caller: keep the record frozen
             object.__setattr__(self, "ports", tuple(self.ports))
         check_network(self.network, self.ports)
+        if not isinstance(self.volumes, tuple):
+            object.__setattr__(self, "volumes", tuple(self.volumes))
+        check_mounts(self.volumes)
 
 
 class Machine:
@@ -192,16 +200,23 @@ class Machine:
         store checks), except the name, hostname and published ports.
         """
         name = name or new_machine_id()
+        if config.volumes and restore is not None:
+            raise EmberError("a machine with volumes cannot start from a snapshot: its guest "
+                             "would hold another disk's filesystem state")
         net = guest_cmdline_param(config.network)
+        vols = volume_cmdline(config.volumes)
         cmdline = guest_cmdline(
             guest, f"ember.root=/dev/vda ember.rootfstype=erofs "
             f"ember.hostname={config.hostname or name} "
-            f"ember.port={AGENT_PORT_NAME}" + (f" {net}" if net else ""), accel=accel.name)
+            f"ember.port={AGENT_PORT_NAME}" + (f" {net}" if net else "")
+            + (f" {vols}" if vols else ""), accel=accel.name)
         spec = MachineSpec(
             name=name, state_dir=machines_dir / name, kernel=guest.kernel,
             initramfs=guest.initramfs, cmdline=cmdline, cpus=config.cpus,
             memory_mib=config.memory_mib, accel=accel.name,
-            drives=(DriveSpec(rootfs, readonly=True),),
+            drives=(DriveSpec(rootfs, readonly=True),
+                    *(DriveSpec(v.path, readonly=v.readonly) for v in config.volumes)),
+            volumes=config.volumes,
             network=config.network, ports=config.ports, egress=config.egress,
             net_backend=default_backend() if config.network == NETWORK_USER else BACKEND_SLIRP,
             limit_resources=config.limit_resources, restore=restore,

@@ -32,6 +32,11 @@ def images_dir() -> Path:
     return data_dir() / "images"
 
 
+def volumes_dir() -> Path:
+    """Named volumes (``ember volume create``): a user's own data."""
+    return data_dir() / "volumes"
+
+
 def machines_dir() -> Path:
     return data_dir() / "machines"
 

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from ember.snapshots.store import Snapshot
     from ember.snapshots.take import ImageInfo, Pending
     from ember.vmm.egress import EgressPolicy
+    from ember.volumes.store import VolumeMount, VolumeRequest
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,9 @@ class RunRequest:
     #: Where the guest may connect (``--egress``, ``vmm/egress.py``); None: public
     #: addresses only. Needs the tap network (root).
     egress: EgressPolicy | None = None
+    #: Named volumes to mount (``-v NAME:/PATH[:ro]``, ``volumes/store.py``); a run with
+    #: any never starts warm.
+    volumes: tuple[VolumeRequest, ...] = ()
 
 
 @dataclass
@@ -137,10 +141,11 @@ def _prepare(req: RunRequest, progress: Progress, notice: Progress,
     check_ports_free(ports)
     if req.egress is not None:
         _check_egress(req.network)
+    volumes = _volume_mounts(req)
     accel = choose_accel(req.accel)
     config = MachineConfig(cpus=req.cpus, memory_mib=req.memory_mib, hostname=req.hostname,
                            ephemeral=True, network=req.network, ports=ports,
-                           egress=req.egress)
+                           egress=req.egress, volumes=volumes)
     if req.from_snapshot is not None:
         return _prepare_from_snapshot(req, accel, config)
     store = ImageStore(paths.images_dir())
@@ -162,7 +167,7 @@ def _prepare(req: RunRequest, progress: Progress, notice: Progress,
     machine = Machine.create(machines_dir=paths.machines_dir(), guest=guest, rootfs=rootfs,
                              accel=accel, config=config, name=name)
     prepared = Prepared(machine, process, accel)
-    if req.cold:
+    if req.cold or machine.spec.volumes:  # volumes: never a snapshot (volumes/store.py)
         return prepared
     from ember.snapshots import start as snapstart
 
@@ -183,6 +188,22 @@ def _prepare(req: RunRequest, progress: Progress, notice: Progress,
     prepared.host = host
     prepared.image = ImageInfo.of(image.id, req.image, image.config)
     return prepared
+
+
+def _volume_mounts(req: RunRequest) -> tuple[VolumeMount, ...]:
+    """``-v``: the volumes of this data dir, found (VolumeNotFound) and checked together.
+    Whether another machine has one is for the start to say (VolumeInUse)."""
+    if not req.volumes:
+        return ()
+    from ember.volumes.store import VolumeStore, check_mounts
+
+    if req.from_snapshot is not None:
+        raise EmberError("-v cannot be used with --from: a clone's memory would not match "
+                         "the volumes' disks")
+    store = VolumeStore(paths.volumes_dir())
+    mounts = tuple(store.mount(v) for v in req.volumes)
+    check_mounts(mounts)
+    return mounts
 
 
 def _check_egress(network: str) -> None:
@@ -326,6 +347,11 @@ def run(req: RunRequest, progress: Progress, notice: Progress = stderr_progress,
     except KeyboardInterrupt:
         raise EmberError("interrupted: machine stopped") from None
     finally:
+        if machine.spec.volumes:
+            # a volume's ext4 must be unmounted cleanly (synced, journal closed): the
+            # next machine may mount it read-only, which cannot replay a journal
+            with contextlib.suppress(EmberError):
+                machine.shutdown(timeout=10.0)
         machine.kill()
         machine.close(remove_state=True)
         if committing is not None:

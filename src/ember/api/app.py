@@ -42,6 +42,7 @@ from ember.api.metrics import add_metrics_routes
 from ember.api.ndjson import line as _line
 from ember.api.snapshots import add_snapshot_routes
 from ember.api.stats import add_stats_routes
+from ember.api.volumes import add_volume_routes
 from ember.daemon import egress
 from ember.daemon.errors import Invalid, ManagerError
 from ember.daemon.events import Reader
@@ -65,7 +66,7 @@ STREAM_STALL = 10.0
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": models.Error, "description": "Malformed request (e.g. invalid JSON)"},
-    404: {"model": models.Error, "description": "No such machine, image or snapshot"},
+    404: {"model": models.Error, "description": "No such machine, image, snapshot or volume"},
     409: {"model": models.Error, "description": "Wrong state, name taken, resource in use"},
     413: {"model": models.Error, "description": "The request body is larger than the "
                                                 "endpoint's limit (docs/api.md)"},
@@ -297,6 +298,7 @@ def create_app(mgr: Manager, *, streams_per_client: int = STREAMS_PER_CLIENT) ->
                               accel=mgr.accel.name, accel_reason=mgr.accel.reason)
 
     add_image_routes(app, mgr, call)
+    add_volume_routes(app, mgr, call)
     add_metrics_routes(app, mgr)
     add_stats_routes(app, mgr, call)
 

@@ -263,6 +263,40 @@ class Egress(_Request):
                                    description="Destinations dropped whatever else says.")
 
 
+#: A volume's name, as ``volumes/store.py`` takes it (Docker's rule: no ``/``).
+VOLUME_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+
+
+class VolumeSpec(_Request):
+    """A named volume for a machine (`-v NAME:/PATH[:ro]`)."""
+
+    name: str = Field(pattern=VOLUME_NAME_PATTERN,
+                      description="The volume (`POST /v1/volumes`); it must exist at create.")
+    target: str = Field(min_length=2, max_length=201, pattern=r"^/",
+                        description="Where the guest mounts it: an absolute path other "
+                                    "than `/`, of letters, digits, `.`, `_`, `-` and `/`.")
+    readonly: StrictBool = False
+
+
+class VolumeCreate(_Request):
+    name: str = Field(pattern=VOLUME_NAME_PATTERN,
+                      description="Unique name: letters, digits, `_`, `.`, `-`, starting "
+                                  "with a letter or digit; at most 128 characters.")
+    size_bytes: StrictInt | None = Field(
+        default=None, ge=16 << 20, le=16 << 40,
+        description="Its size (an empty ext4 of that size, stored sparse); default 10 GiB.")
+
+
+class Volume(_Response):
+    name: str
+    size_bytes: int = Field(description="The size the guest sees.")
+    disk_bytes: int = Field(description="What its sparse image takes on the host's disk.")
+    created_at: str
+    in_use: bool = Field(description="A running machine has it attached (it cannot be "
+                                     "removed, nor attached to another machine).")
+    path: str = Field(description="Its image file on the daemon's host.")
+
+
 class MachineCreate(_Request):
     image: str | None = Field(default=None, min_length=1, max_length=512,
                               description="Image tag, id or id prefix (or give `snapshot`).")
@@ -303,6 +337,12 @@ class MachineCreate(_Request):
         default=None,
         description="Egress policy (needs the tap network: a root daemon, network `user`); "
                     "none: public addresses only. A malformed rule is 422, naming it.")
+    volumes: list[VolumeSpec] = Field(
+        default_factory=list, max_length=4,
+        description="Named volumes to attach, as disks the guest mounts at `target`; each "
+                    "must exist (404). Resolved at each start: one a running machine has "
+                    "is a 409 then. A machine with volumes never starts warm and cannot be "
+                    "snapshotted; not with `snapshot`.")
 
     _env = field_validator("env")(_check_env)
     _argv = field_validator("cmd", "entrypoint")(_check_argv)
@@ -364,6 +404,8 @@ class Machine(_Response):
                     "and the default ones), read by the daemon every 5 s and afresh for "
                     "`GET /v1/machines/{name}`; null when not running on the tap network, "
                     "or not read yet.")
+    volumes: list[VolumeSpec] = Field(default_factory=list,
+                                      description="The volumes asked for at create.")
 
 
 class Confinement(_Response):

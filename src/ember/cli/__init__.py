@@ -1,8 +1,8 @@
 """The ``ember`` command line: arguments in, library calls, output formatting out.
 
-One module per command group (``run``, ``image``, ``machine``, ``ps``,
-``logs``, ``exec``, ``cp``, ``system``), each with a ``register(subparsers)``. Kept thin and quick
-to start: heavy modules are imported inside the command that needs them, so
+One module per command group (``run``, ``image``, ``volume``, ``machine``,
+``ps``, ``logs``, ``exec``, ``cp``, ``system``), each with a ``register(subparsers)``.
+Kept thin and quick to start: heavy modules are imported inside the command that needs them, so
 ``ember run`` pays only for what it uses.
 """
 
@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "run": "run",
     **dict.fromkeys(("doctor", "serve", "setup", "token", "version"), "system"),
     "image": "image",
+    "volume": "volume",
     **dict.fromkeys(("create", "kill", "pause", "rename", "restart", "resume", "rm", "start",
                      "stop", "update", "wait"), "machine"),
     **dict.fromkeys(("clone", "snapshot"), "snapshot"),
@@ -38,8 +39,8 @@ COMMANDS: dict[str, str] = {
     **dict.fromkeys(("events", "stats", "top"), "stats"),
     **dict.fromkeys(("completion", "__complete"), "completion"),
 }
-GROUPS = ("run", "system", "image", "pull", "machine", "snapshot", "ps", "stats", "logs", "exec",
-          "cp", "completion")
+GROUPS = ("run", "system", "image", "volume", "pull", "machine", "snapshot", "ps", "stats",
+          "logs", "exec", "cp", "completion")
 
 
 def entry() -> None:

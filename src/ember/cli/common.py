@@ -171,6 +171,29 @@ def count(value: str) -> int:
     return int(value)
 
 
+def volume_arg(value: str) -> Any:
+    """``-v NAME:/PATH[:ro]``: a :class:`~ember.volumes.store.VolumeRequest`."""
+    from ember.volumes.store import VolumeError, parse_volume_flag
+
+    try:
+        return parse_volume_flag(value)
+    except VolumeError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"-v {value!r}: ")) from None
+
+
+def parse_size(value: str) -> int:
+    """``--size``: bytes, or with a binary unit: ``512M``, ``10G``, ``1T`` (``K``, ``KiB``,
+    ``GB`` alike: powers of 1024)."""
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    scale = 1
+    if text[-1:] in ("K", "M", "G", "T"):
+        scale = 1 << (10 * ("KMGT".index(text[-1]) + 1))
+        text = text[:-1]
+    if not text.isascii() or not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{value!r} is not a size (e.g. 512M, 10G, 1T)")
+    return int(text) * scale
+
+
 def port_number(value: str) -> int:
     n = count(value.removesuffix("/tcp"))
     if not 1 <= n <= 65535:

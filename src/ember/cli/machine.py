@@ -26,6 +26,7 @@ from ember.cli.common import (
     parse_env,
     parse_memory,
     pipe_safe,
+    volume_arg,
 )
 from ember.errors import EmberError, MachineCrashed
 
@@ -86,7 +87,8 @@ def create_machine(c: Client, args: argparse.Namespace, *, start: bool) -> Machi
             entrypoint=entrypoint_arg(args.entrypoint), workdir=args.workdir, user=args.user,
             hostname=args.hostname, ports=[parse_port(p) for p in args.publish],
             network=args.network if args.network != "user" else None, restart=args.restart,
-            auto_remove=bool(getattr(args, "rm", False)), start=False, egress=egress)
+            auto_remove=bool(getattr(args, "rm", False)), start=False, egress=egress,
+            volumes=volume_specs(args))
         return _started(m) if start else m
     if image is None:
         raise EmberError("the following arguments are required: IMAGE (or --from SNAPSHOT)")
@@ -109,8 +111,14 @@ def create_machine(c: Client, args: argparse.Namespace, *, start: bool) -> Machi
         ports=[parse_port(p) for p in args.publish],
         network=args.network, restart=args.restart,
         auto_remove=bool(getattr(args, "rm", False)), start=False, cold=args.cold,
-        egress=egress)
+        egress=egress, volumes=volume_specs(args))
     return _started(m) if start else m
+
+
+def volume_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``-v`` values (parsed by ``volume_arg``) as the create body takes them."""
+    return [{"name": v.name, "target": v.target, "readonly": v.readonly}
+            for v in getattr(args, "volume", None) or []]
 
 
 def _pulled(c: Client, image: str, args: argparse.Namespace) -> str:
@@ -366,6 +374,10 @@ def add_create_options(p: argparse.ArgumentParser) -> None:
                    help="user: NAT with outbound access (default); none: no network")
     p.add_argument("--egress", action="append", default=[], metavar="SPEC",
                    help=EGRESS_HELP + " (needs the tap network: root)")
+    p.add_argument("-v", "--volume", action="append", default=[], type=volume_arg,
+                   metavar="NAME:/PATH[:ro]",
+                   help="mount the named volume (ember volume create) at PATH in the guest; "
+                   ":ro read-only")
     p.add_argument("--restart", choices=("no", "on-failure", "always"), default="no",
                    help="restart policy (default no; a daemon machine's)")
     p.add_argument("--cold", action="store_true",

@@ -53,7 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         tty=args.tty, hostname=args.hostname, boot_timeout=args.boot_timeout,
         network=args.network, ports=tuple(args.publish), name=args.name,
         verbose=args.verbose, cold=args.cold, from_snapshot=args.from_snapshot,
-        pull=args.pull, egress=egress)
+        pull=args.pull, egress=egress, volumes=tuple(args.volume))
     return run(req, progress(args), plan_key=plan_key, speculative=speculative)
 
 
@@ -61,13 +61,13 @@ def _speculate(args: argparse.Namespace) -> tuple[str | None, Any]:
     """A warm start's QEMU, spawned at once from this run's plan where there is one.
 
     Only for the plain case: an image reference (not a path), no name, no published
-    ports, no egress policy, not cold. Whatever is spawned, ``ember.run.prepare`` checks
+    ports, no egress policy, no volumes, not cold. Whatever is spawned, ``ember.run.prepare`` checks
     it against the spec it builds, and kills it if they differ (``snapshots/plan.py``).
     """
     import os
 
     if (args.cold or args.from_snapshot is not None or args.name or args.publish
-            or args.egress or args.image is None or os.path.exists(args.image)):
+            or args.egress or args.volume or args.image is None or os.path.exists(args.image)):
         return None, None
     from ember import paths
     from ember.snapshots import plan

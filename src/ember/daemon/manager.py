@@ -35,6 +35,7 @@ from ember.machine import Machine, MachineConfig
 from ember.util import log
 from ember.vmm import network
 from ember.vmm.egress import EgressPolicy
+from ember.volumes import store as vstore
 
 if TYPE_CHECKING:
     from ember.images.store import Image, Imported, Removal
@@ -53,6 +54,7 @@ class Manager(Snapshots):
         self.db = StateDB(self.home / "state.db")
         self.events = EventBus(self.db)
         self.store = ImageStore(paths.images_dir())
+        self.volume_store = vstore.VolumeStore(paths.volumes_dir())
         self.machines_root = paths.machines_dir() / "daemon"
         self.machines_root.mkdir(parents=True, exist_ok=True)
         self.accel: AccelChoice = choose_accel(accel)
@@ -93,7 +95,23 @@ class Manager(Snapshots):
                                                     host_ip=p["host_ip"]) for p in ports)
         kwargs["limit_resources"] = True
         kwargs["egress"] = EgressPolicy.from_json(doc.get("egress"))
+        kwargs["volumes"] = self.volume_mounts(doc.get("volumes") or [])
         return MachineConfig(**kwargs)
+
+    def volume_mounts(self, specs: list[dict[str, Any]]) -> tuple[vstore.VolumeMount, ...]:
+        """A machine's volume requests (as its record keeps them) resolved for a start.
+
+        Raises:
+            Conflict: a volume was removed since the machine was created.
+        """
+        out = []
+        for spec in specs:
+            req = vstore.VolumeRequest(spec["name"], spec["target"], bool(spec["readonly"]))
+            try:
+                out.append(self.volume_store.mount(req))
+            except vstore.VolumeNotFound as exc:
+                raise Conflict(f"{exc} (removed since the machine was created)") from None
+        return tuple(out)
 
     def limits_of(self, m: Machine) -> dict[str, str]:
         cg = m.vm.cgroup if m.vm is not None else None
@@ -196,6 +214,7 @@ class Manager(Snapshots):
         name = body.name or f"ember-{mid[:6]}"
         policy = egress.policy_of(body.egress)
         egress.check_create(name, fields.get("network", body.network.value), policy)
+        vols = self._volume_specs(body)
         seen = set()
         for p in body.ports:
             if p.host_port and (p.host_ip, p.host_port) in seen:
@@ -208,7 +227,7 @@ class Manager(Snapshots):
             "workdir": body.workdir, "user": body.user, "hostname": body.hostname or name,
             "network": body.network.value, "ports": [],
             "publish": [p.model_dump() for p in body.ports], "auto_remove": body.auto_remove,
-            "_cold": body.cold, "egress": egress.as_record(policy),
+            "_cold": body.cold, "egress": egress.as_record(policy), "volumes": vols,
             "restart": body.restart.value, "restart_count": 0, "created_at": now(),
             "started_at": None, "finished_at": None, "exit_code": None, "reason": None,
             "pid": None, "accel": None, "limits": {},
@@ -229,6 +248,53 @@ class Manager(Snapshots):
             raise
         self.events.publish(mid, name, "created")
         return mm
+
+    def _volume_specs(self, body: models.MachineCreate) -> list[dict[str, Any]]:
+        """The create's volumes, checked (422) and found (404), as the record keeps them."""
+        if not body.volumes:
+            return []
+        if body.snapshot is not None:
+            raise Invalid("a clone of a snapshot cannot mount volumes: its guest's memory "
+                          "would not match their disks")
+        try:
+            reqs = [vstore.validated(vstore.VolumeRequest(v.name, v.target, v.readonly))
+                    for v in body.volumes]
+            mounts = tuple(self.volume_store.mount(r) for r in reqs)
+            vstore.check_mounts(mounts)
+        except vstore.VolumeNotFound as exc:
+            raise NotFound(str(exc)) from None
+        except vstore.VolumeError as exc:
+            raise Invalid(str(exc)) from None
+        return [{"name": r.name, "target": r.target, "readonly": r.readonly} for r in reqs]
+
+    # --- volumes
+
+    def volumes(self) -> list[vstore.Volume]:
+        return self.volume_store.list()
+
+    def volume(self, name: str) -> vstore.Volume:
+        try:
+            return self.volume_store.get(name)
+        except vstore.VolumeNotFound as exc:
+            raise NotFound(str(exc)) from None
+
+    def create_volume(self, name: str, size: int | None = None) -> vstore.Volume:
+        try:
+            return self.volume_store.create(name, vstore.DEFAULT_SIZE if size is None
+                                            else size)
+        except vstore.VolumeExists as exc:
+            raise Conflict(str(exc)) from None
+        except vstore.VolumeError as exc:
+            raise Invalid(str(exc)) from None
+
+    def remove_volume(self, name: str) -> None:
+        """Delete a volume; a stopped machine that names it fails its next start (409)."""
+        try:
+            self.volume_store.remove(name)
+        except vstore.VolumeNotFound as exc:
+            raise NotFound(str(exc)) from None
+        except vstore.VolumeInUse as exc:
+            raise Conflict(str(exc)) from None
 
     # --- images
 

@@ -46,6 +46,9 @@ PortLike = models.PortSpec | Mapping[str, Any] | str | int
 #: An egress policy: ``{"allow": [RULE, ...], "deny": [RULE, ...]}`` (either may be left
 #: out), or the API's model.
 EgressLike = models.Egress | Mapping[str, Sequence[str]]
+#: A volume for a machine: ``{"name": "data", "target": "/data", "readonly": False}``
+#: (``readonly`` may be left out), ``"data:/data[:ro]"``, or the API's model.
+VolumeLike = models.VolumeSpec | Mapping[str, Any] | str
 
 
 class Keep:
@@ -203,6 +206,37 @@ def egress_body(value: EgressLike | None) -> models.Egress | None:
     return models.Egress.model_validate(policy.to_json()) if policy is not None else None
 
 
+def volume_spec(value: VolumeLike) -> models.VolumeSpec:
+    """A volume of a create as the API takes it, checked as the daemon checks it."""
+    from ember.volumes.store import VolumeError, VolumeRequest, parse_volume_flag, validated
+
+    try:
+        if isinstance(value, models.VolumeSpec):
+            spec = value
+        elif isinstance(value, str):
+            req = parse_volume_flag(value)
+            return models.VolumeSpec(name=req.name, target=req.target, readonly=req.readonly)
+        elif isinstance(value, Mapping):
+            spec = models.VolumeSpec.model_validate(dict(value))
+        else:
+            raise invalid('a volume is {"name": ..., "target": "/path", "readonly": false} '
+                          'or "NAME:/PATH[:ro]"')
+        req = validated(VolumeRequest(spec.name, spec.target, spec.readonly))
+    except ValidationError as exc:
+        raise invalid(f"volumes: {validation_message(exc)}") from None
+    except VolumeError as exc:
+        raise invalid(str(exc)) from None
+    return models.VolumeSpec(name=req.name, target=req.target, readonly=req.readonly)
+
+
+def volume_create_body(name: str, size_bytes: int | None) -> dict[str, Any]:
+    try:
+        body = models.VolumeCreate(name=name, size_bytes=size_bytes)
+    except ValidationError as exc:
+        raise invalid(validation_message(exc)) from None
+    return body.model_dump(mode="json", exclude_none=True)
+
+
 def machine_update_body(*, egress: EgressLike | None | Keep = KEEP) -> dict[str, Any]:
     """The JSON body of ``PATCH /v1/machines/{name}``: only the fields given."""
     body: dict[str, Any] = {}
@@ -227,7 +261,8 @@ def machine_create_body(image: str | None, *, name: str | None, cpus: int | None
                         ports: Sequence[PortLike] | None, network: str | None,
                         restart: str, auto_remove: bool = False,
                         snapshot: str | None = None, cold: bool = False,
-                        egress: EgressLike | None = None) -> dict[str, Any]:
+                        egress: EgressLike | None = None,
+                        volumes: Sequence[VolumeLike] | None = None) -> dict[str, Any]:
     """The JSON body of ``POST /v1/machines``, checked against the contract before sending.
 
     Only what is given is sent (``None``: the daemon's default, or a snapshot's own).
@@ -254,6 +289,11 @@ def machine_create_body(image: str | None, *, name: str | None, cpus: int | None
         policy = egress_body(egress)
         if policy is not None:
             kwargs["egress"] = policy
+        if volumes:
+            if isinstance(volumes, str | bytes | Mapping):
+                raise invalid("volumes must be a list, e.g. "
+                              '[{"name": "data", "target": "/data"}]')
+            kwargs["volumes"] = [volume_spec(v) for v in volumes]
         body = models.MachineCreate(**kwargs)
     except ValidationError as exc:
         raise invalid(validation_message(exc)) from None
@@ -323,7 +363,8 @@ def decode_exec_event(line: bytes | str) -> ExecEvent:
                      truncated=bool(ev.truncated))
 
 
-def parse_list(model: type[models.Image] | type[models.Machine] | type[models.Snapshot],
+def parse_list(model: type[models.Image] | type[models.Machine] | type[models.Snapshot]
+               | type[models.Volume],
                data: bytes) -> list[Any]:
     return [model.model_validate(x) for x in json.loads(data)]
 

@@ -20,7 +20,7 @@ from typing import IO, Any, TypeVar
 from ember._httpx import httpx
 from ember.api import models
 from ember.sdk import _common as c
-from ember.sdk._common import EgressLike, ExecEvent, PortLike
+from ember.sdk._common import EgressLike, ExecEvent, PortLike, VolumeLike
 from ember.sdk.client import DEFAULT, _Default, _unreachable
 from ember.sdk.errors import DaemonUnavailable, NotFound, error_for
 
@@ -50,6 +50,7 @@ class AsyncClient:
         self.images = AsyncImages(self)
         self.machines = AsyncMachines(self)
         self.snapshots = AsyncSnapshots(self)
+        self.volumes = AsyncVolumes(self)
 
     @classmethod
     async def connect_or_start(cls, socket_path: str | os.PathLike[str] | None = None, *,
@@ -242,6 +243,29 @@ class AsyncSnapshots:
                                params={"force": force})
 
 
+class AsyncVolumes:
+    """See :class:`ember.sdk.client.Volumes`."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def create(self, name: str, size_bytes: int | None = None) -> models.Volume:
+        resp = await self._c._request("POST", "/v1/volumes",
+                                      json=c.volume_create_body(name, size_bytes))
+        return models.Volume.model_validate_json(resp.content)
+
+    async def list(self) -> list[models.Volume]:
+        resp = await self._c._request("GET", "/v1/volumes")
+        return c.parse_list(models.Volume, resp.content)
+
+    async def get(self, name: str) -> models.Volume:
+        resp = await self._c._request("GET", f"/v1/volumes/{c.quote_name(name)}")
+        return models.Volume.model_validate_json(resp.content)
+
+    async def remove(self, name: str) -> None:
+        await self._c._request("DELETE", f"/v1/volumes/{c.quote_name(name)}")
+
+
 class AsyncMachines:
     """``client.machines`` of an :class:`AsyncClient`."""
 
@@ -257,13 +281,14 @@ class AsyncMachines:
                      network: str | None = None, restart: str = "no",
                      auto_remove: bool = False, start: bool = True,
                      cold: bool = False,
-                     egress: EgressLike | None = None) -> AsyncMachineHandle:
+                     egress: EgressLike | None = None,
+                     volumes: Sequence[VolumeLike] | None = None) -> AsyncMachineHandle:
         """See :meth:`ember.sdk.client.Machines.create`."""
         body = c.machine_create_body(
             image, name=name, cpus=cpus, memory_mib=memory_mib, env=env, cmd=cmd,
             entrypoint=entrypoint, workdir=workdir, user=user, hostname=hostname, ports=ports,
             network=network, restart=restart, auto_remove=auto_remove, snapshot=snapshot,
-            cold=cold, egress=egress)
+            cold=cold, egress=egress, volumes=volumes)
         resp = await self._c._request("POST", "/v1/machines", json=body)
         handle = AsyncMachineHandle(self._c, models.Machine.model_validate_json(resp.content))
         if start:

@@ -19,7 +19,7 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 from ember._httpx import httpx
 from ember.api import models
 from ember.sdk import _common as c
-from ember.sdk._common import EgressLike, ExecEvent, PortLike
+from ember.sdk._common import EgressLike, ExecEvent, PortLike, VolumeLike
 from ember.sdk.errors import DaemonUnavailable, NotFound, error_for
 
 if TYPE_CHECKING:
@@ -76,6 +76,7 @@ class Client:
         self.images = Images(self)
         self.machines = Machines(self)
         self.snapshots = Snapshots(self)
+        self.volumes = Volumes(self)
 
     @classmethod
     def connect_or_start(cls, socket_path: str | os.PathLike[str] | None = None, *,
@@ -297,6 +298,36 @@ class Snapshots:
                          params={"force": force})
 
 
+class Volumes:
+    """``client.volumes``: named volumes (persistent disks machines mount by name)."""
+
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def create(self, name: str, size_bytes: int | None = None) -> models.Volume:
+        """Make a volume (an empty ext4; default 10 GiB, stored sparse).
+
+        Raises:
+            InvalidRequest: a bad name or size. Conflict: the name is taken.
+        """
+        resp = self._c._request("POST", "/v1/volumes",
+                                json=c.volume_create_body(name, size_bytes))
+        return models.Volume.model_validate_json(resp.content)
+
+    def list(self) -> list[models.Volume]:
+        return c.parse_list(models.Volume, self._c._request("GET", "/v1/volumes").content)
+
+    def get(self, name: str) -> models.Volume:
+        """Raises NotFound."""
+        resp = self._c._request("GET", f"/v1/volumes/{c.quote_name(name)}")
+        return models.Volume.model_validate_json(resp.content)
+
+    def remove(self, name: str) -> None:
+        """Delete a volume and its data. Raises NotFound; Conflict while a running machine
+        has it."""
+        self._c._request("DELETE", f"/v1/volumes/{c.quote_name(name)}")
+
+
 def _chunks(f: IO[bytes]) -> Iterator[bytes]:
     while chunk := f.read(_UPLOAD_CHUNK):
         yield chunk
@@ -316,7 +347,8 @@ class Machines:
                hostname: str | None = None, ports: Sequence[PortLike] | None = None,
                network: str | None = None, restart: str = "no", auto_remove: bool = False,
                start: bool = True, cold: bool = False,
-               egress: EgressLike | None = None) -> MachineHandle:
+               egress: EgressLike | None = None,
+               volumes: Sequence[VolumeLike] | None = None) -> MachineHandle:
         """Create a machine from ``image`` (or as a clone of ``snapshot``) and (unless
         ``start=False``) start it.
 
@@ -332,19 +364,22 @@ class Machines:
         guest may connect, ``{"allow": ["1.1.1.1:53", "10.0.0.0/8"], "deny": [...]}``
         (needs a root daemon's tap network; see :meth:`MachineHandle.update`). If
         the boot fails the machine is removed again, so no half-made machine is
-        left behind.
+        left behind. ``volumes``: named volumes to mount, ``[{"name": "data",
+        "target": "/data", "readonly": False}]`` or ``["data:/data:ro"]`` (at most 4;
+        each must exist: :attr:`Client.volumes`).
 
         Raises:
             InvalidRequest: a value the API refuses (checked before sending), e.g. a
                 malformed egress rule.
-            NotFound: no such image. Conflict: the name or a host port is taken, or the
-                daemon cannot enforce an egress policy.
+            NotFound: no such image or volume. Conflict: the name or a host port is
+                taken, a volume is in use by a running machine, or the daemon cannot
+                enforce an egress policy.
         """
         body = c.machine_create_body(
             image, name=name, cpus=cpus, memory_mib=memory_mib, env=env, cmd=cmd,
             entrypoint=entrypoint, workdir=workdir, user=user, hostname=hostname, ports=ports,
             network=network, restart=restart, auto_remove=auto_remove, snapshot=snapshot,
-            cold=cold, egress=egress)
+            cold=cold, egress=egress, volumes=volumes)
         resp = self._c._request("POST", "/v1/machines", json=body)
         handle = MachineHandle(self._c, models.Machine.model_validate_json(resp.content))
         if start:

@@ -112,6 +112,10 @@ def begin(machine: Machine, store: SnapshotStore, snap_id: str | None = None) ->
 
     if machine.vm is None:
         raise SnapshotError(f"machine {machine.name} is not running")
+    if machine.spec.volumes:
+        raise SnapshotError(f"cannot snapshot {machine.name}: it has volumes, whose "
+                            "filesystems its guest holds in memory; a clone would pair that "
+                            "state with another disk's contents")
     snap_id, tmp, lock = store.new_tmp(snap_id)
     try:
         cap = capture(machine.vm, tmp)

@@ -46,6 +46,8 @@ class Launch:
     net_fds: list[int] = field(default_factory=list)
     #: The machine has a namespace of its own (``vmm/netns.py``), named after its slot.
     netns: bool = False
+    #: The locks of its volumes (QEMU holds them; ours are closed).
+    volume_fds: list[int] = field(default_factory=list)
 
     @property
     def jailed(self) -> bool:
@@ -76,11 +78,12 @@ class Launch:
             except OSError as exc:
                 raise VMMError(f"snapshot {spec.restore.snapshot_id}: cannot open its "
                                f"memory to clones: {exc.strerror}") from exc
+        volume_fds = _hold_volumes(spec)
         if pol.mode not in (jail.MODE_FULL, jail.MODE_ROOTLESS):
             jail.prepare_vmm_dir(state, None, None)
             cmd = build_command(spec, qemu, console_reconnect=not die_with_parent,
                                 memory_fd=memory_fd, sandbox=pol.mode != jail.MODE_OFF)
-            launch = cls(cmd, pol.mode)
+            launch = cls(cmd, pol.mode, list(volume_fds), volume_fds=volume_fds)
             launch._record(spec)
             return launch
         full = pol.mode == jail.MODE_FULL
@@ -94,7 +97,12 @@ class Launch:
             if full:
                 groups.append(jail.CLONE_GID)
         devices = ["/dev/kvm"] if spec.accel == "kvm" else []
-        slot = jail.reserve_slot(str(state)) if full else None
+        try:
+            slot = jail.reserve_slot(str(state)) if full else None
+        except BaseException:
+            for fd in volume_fds:
+                os.close(fd)
+            raise
         uid = gid = slot.uid if slot is not None else None
         if full and spec.accel == "kvm":
             kvm = jail.kvm_gid()
@@ -103,6 +111,8 @@ class Launch:
         net_fds: list[int] = []
         try:
             jail.prepare_vmm_dir(state, uid, gid)
+            for v in spec.volumes:  # its disk is this machine's alone while it runs
+                jail.give(v.path, uid, gid)
             if tap:
                 from ember.vmm import netns
 
@@ -113,6 +123,8 @@ class Launch:
         except BaseException as exc:
             if slot is not None:
                 slot.close()
+            for fd in volume_fds:
+                os.close(fd)
             if isinstance(exc, OSError):
                 raise VMMError(f"cannot prepare {state / jail.VMM_DIR}: {exc.strerror}") from exc
             raise
@@ -130,8 +142,9 @@ class Launch:
                                                setpriv=shutil.which("setpriv") or "setpriv")]
         else:
             argv.append("--")
-        pass_fds = [w, *net_fds] + ([slot.fd] if slot is not None else [])
-        launch = cls(argv + cmd, pol.mode, pass_fds, uid, gid, slot, r, w, net_fds, tap)
+        pass_fds = [w, *net_fds, *volume_fds] + ([slot.fd] if slot is not None else [])
+        launch = cls(argv + cmd, pol.mode, pass_fds, uid, gid, slot, r, w, net_fds, tap,
+                     volume_fds)
         launch._record(spec)
         return launch
 
@@ -165,9 +178,9 @@ class Launch:
             if fd is not None:
                 os.close(fd)
         self.info_fd = self._info_w = None
-        for fd in self.net_fds:
+        for fd in (*self.net_fds, *self.volume_fds):
             os.close(fd)
-        self.net_fds = []
+        self.net_fds, self.volume_fds = [], []
         if self.slot is not None:
             self.slot.close()
 
@@ -178,6 +191,25 @@ class Launch:
         self.close()
         if netns and slot is not None:
             release_network(slot)
+
+
+def _hold_volumes(spec: MachineSpec) -> list[int]:
+    """The locks of ``spec``'s volumes, taken (``volumes.store.hold``).
+
+    Raises:
+        VolumeInUse: another running machine has one; VolumeNotFound: one is gone.
+    """
+    from ember.volumes.store import hold
+
+    fds: list[int] = []
+    try:
+        for v in spec.volumes:
+            fds.append(hold(v))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
 
 
 def _uses_slirp(spec: MachineSpec) -> bool:

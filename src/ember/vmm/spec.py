@@ -23,6 +23,7 @@ from ember.vmm.network import (
     PortMapping,
     check_network,
 )
+from ember.volumes.store import VolumeMount
 
 MIN_MEMORY_MIB = 64
 MAX_MEMORY_MIB = 256 * 1024
@@ -97,6 +98,9 @@ class MachineSpec:
     #: Where the guest may connect (``vmm/egress.py``; the tap network only); None:
     #: the default network's rule, public addresses only.
     egress: EgressPolicy | None = None
+    #: Named volumes, in the order of ``drives`` after the root (``volumes/store.py``):
+    #: QEMU holds each one's lock while it runs.
+    volumes: tuple[VolumeMount, ...] = field(default_factory=tuple)
     #: Confine QEMU to a cgroup holding it to ``cpus`` CPUs and ``memory_mib`` plus
     #: QEMU's overhead (``host/cgroup.py``), where the host allows.
     limit_resources: bool = False
@@ -153,6 +157,7 @@ class MachineSpec:
         d["ports"] = [asdict(x) for x in self.ports]
         d["restore"] = self.restore.to_json() if self.restore else None
         d["egress"] = self.egress.to_json() if self.egress else None
+        d["volumes"] = [v.to_json() for v in self.volumes]
         return d
 
     @classmethod
@@ -172,6 +177,7 @@ class MachineSpec:
                             for x in d.get("ports", ())),
                 limit_resources=bool(d.get("limit_resources", False)),
                 egress=EgressPolicy.from_json(d.get("egress")),
+                volumes=tuple(VolumeMount.from_json(v) for v in d.get("volumes") or ()),
                 restore=RestoreSpec.from_json(d["restore"]) if d.get("restore") else None,
             )
         except (EmberError, KeyError, TypeError, ValueError) as exc:

@@ -107,10 +107,52 @@ static int cmdline_get(const char *cmdline, const char *key, char *out, size_t o
     return 0;
 }
 
+/*
+ * ember.volumes=vdb:/data:rw,vdc:/logs:ro -- named volumes (ext4 disks after the
+ * root), mounted into the new root before it becomes "/". The host checked the
+ * paths (absolute, plain characters, no ".."); a volume that will not mount is
+ * fatal: the machine must not run without the data it was given.
+ */
+static void mount_volumes(char *spec)
+{
+    char *save = NULL;
+    for (char *item = strtok_r(spec, ",", &save); item; item = strtok_r(NULL, ",", &save)) {
+        char *dev = item, *target = strchr(item, ':'), *mode;
+        if (!target) die("ember.volumes: bad entry %s", item);
+        *target++ = 0;
+        mode = strrchr(target, ':');
+        if (!mode) die("ember.volumes: bad entry %s", item);
+        *mode++ = 0;
+        if (target[0] != '/' || strstr(target, "..") || strchr(dev, '/'))
+            die("ember.volumes: bad entry %s", item);
+        char devpath[64], dst[PATH_MAX];
+        snprintf(devpath, sizeof devpath, "/dev/%s", dev);
+        snprintf(dst, sizeof dst, "/ember/root%s", target);
+        struct stat st;
+        long long end = now_ms(CLOCK_MONOTONIC) + 5000;
+        while (stat(devpath, &st) < 0) {
+            if (now_ms(CLOCK_MONOTONIC) > end) die("volume %s: %s", devpath, strerror(errno));
+            sleep_ms(10);
+        }
+        int ro = strcmp(mode, "ro") == 0;
+        unsigned long flags = MS_NOSUID | MS_NODEV | (ro ? MS_RDONLY : 0);
+        mkdirs(dst, 0755);
+        if (mount(devpath, dst, "ext4", flags, NULL) == 0) continue;
+        if (ro && errno == EROFS) {
+            /* its last machine died without unmounting it: a read-only disk cannot
+             * replay the journal, so read it as it is (the last writes may be missing) */
+            logmsg("volume %s was not unmounted cleanly: mounted without its journal", dev);
+            do_mount(devpath, dst, "ext4", flags, "norecovery", 1);
+            continue;
+        }
+        die("mount ext4 on %s: %s", dst, strerror(errno));
+    }
+}
+
 void boot(void)
 {
     char cmdline[4096] = "", root[256] = "", fstype[64] = "erofs", host[65] = "ember";
-    char port[128] = "ember.agent", net[128] = "";
+    char port[128] = "ember.agent", net[128] = "", vols[1024] = "";
     int fd;
     ssize_t n;
 
@@ -130,6 +172,7 @@ void boot(void)
     cmdline_get(cmdline, "ember.hostname", host, sizeof host);
     cmdline_get(cmdline, "ember.port", port, sizeof port);
     cmdline_get(cmdline, "ember.net", net, sizeof net);
+    cmdline_get(cmdline, "ember.volumes", vols, sizeof vols);
 
     if (root[0]) {
         struct stat st;
@@ -145,6 +188,7 @@ void boot(void)
         do_mount("overlay", "/ember/root", "overlay", 0,
                  "lowerdir=/ember/lower,upperdir=/ember/rw/upper,workdir=/ember/rw/work", 1);
         mount_inner("/ember/root", 1);
+        if (vols[0]) mount_volumes(vols);
         /* the initramfs's own API mounts are not needed any more */
         umount2("/dev", MNT_DETACH);
         umount2("/proc", MNT_DETACH);
