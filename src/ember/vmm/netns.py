@@ -149,6 +149,7 @@ def setup(slot: int, ports: tuple[PortMapping, ...],
         raise VMMError(f"cannot reserve a host port: {exc.strerror}") from exc
     if os.path.exists(f"/run/netns/{net.netns}"):
         teardown(slot)
+    _wait_link_gone(net.host_if)
     try:
         _enable_forwarding()
         _ip_batch(None, [
@@ -232,8 +233,11 @@ def teardown(slot: int, *, hold: int | None = None) -> None:
     net = SlotNet(slot)
     cmds = [f"nft delete table ip {net.table}"]
     if os.path.exists(f"/run/netns/{net.netns}"):
-        # the kernel removes the namespace's links (and so the veth's host end) itself
-        cmds.append(f"ip netns delete {net.netns}")
+        # The kernel removes the namespace's links (and so the veth's host end) itself,
+        # after `ip netns delete` returns: wait for that (bounded) before the slot is
+        # let go, or its next machine finds the old link still there.
+        cmds.append(f"{{ ip netns delete {net.netns}; i=0; while [ -e /sys/class/net/"
+                    f"{net.host_if} ] && [ $i -lt 500 ]; do sleep 0.01; i=$((i+1)); done; }}")
     elif os.path.exists(f"/sys/class/net/{net.host_if}"):  # its namespace went by hand
         cmds.append(f"ip link delete {net.host_if}")
     proc = subprocess.Popen(["sh", "-c", " & ".join(cmds) + "; wait"],
@@ -242,6 +246,19 @@ def teardown(slot: int, *, hold: int | None = None) -> None:
                             pass_fds=[hold] if hold is not None else [])
     if hold is None:
         proc.wait()
+
+
+def _wait_link_gone(name: str, timeout: float = 5.0) -> None:
+    """Wait for a veth end that a deleted namespace takes along (the kernel does it a
+    moment later); one still there after ``timeout`` is deleted."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/sys/class/net/{name}"):
+        if time.monotonic() > deadline:
+            _ip(["link", "delete", name], check=False)
+            return
+        time.sleep(0.005)
 
 
 def _reserve_port(p: PortMapping) -> int:
@@ -520,7 +537,9 @@ def _ip_batch(netns: str | None, lines: list[str]) -> None:
     cmd = ["ip", *(["-n", netns] if netns else []), "-batch", "-"]
     proc = subprocess.run(cmd, input="\n".join(lines) + "\n", capture_output=True, text=True)
     if proc.returncode != 0:
-        raise VMMError(f"network setup failed: {proc.stderr.strip().splitlines()[-1:]}")
+        why = "; ".join(line for line in proc.stderr.strip().splitlines()
+                        if not line.startswith("Command failed"))
+        raise VMMError(f"network setup failed: {why or proc.stderr.strip()}")
 
 
 def _nft_start(ruleset: str) -> subprocess.Popen[str]:
