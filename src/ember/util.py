@@ -102,3 +102,21 @@ def parse_signal(text: str | int) -> int:
     if not isinstance(sig, signal.Signals) or name.startswith("SIG_"):
         raise ValueError(f"unknown signal {text!r} (e.g. SIGTERM, TERM or 15)")
     return int(sig)
+
+
+def try_lock(path: str | os.PathLike[str], *, create: bool = False) -> int | None:
+    """An exclusive ``flock`` on ``path`` if nobody holds one: the descriptor holding it
+    (close it to let go; a child that inherits it holds it too), or None when it is held.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist and ``create`` is false.
+    """
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0), 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd

@@ -16,12 +16,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from vms import boot, halt
 
-from ember import paths
 from ember.agent.protocol import ExecRequest
 from ember.errors import MachineCrashed
 from ember.guest.bundle import GuestBundle
-from ember.host.probe import choose_accel
 from ember.images import ImageStore
 from ember.machine import Machine, MachineConfig
 from ember.vmm import PortMapping, parse_port
@@ -63,23 +62,8 @@ def service() -> Iterator[HostService]:
     s.close()
 
 
-def boot(store: ImageStore, guest: GuestBundle, config: MachineConfig) -> Machine:
-    m = Machine.create(machines_dir=paths.machines_dir(), guest=guest,
-                       rootfs=store.rootfs(store.resolve("sample:latest")),
-                       accel=choose_accel(None), config=config)
-    try:
-        m.start()
-    except BaseException:
-        m.close()
-        raise
-    return m
 
 
-def halt(m: Machine) -> None:
-    try:
-        m.shutdown()
-    finally:
-        m.close()
 
 
 @pytest.fixture(scope="module")

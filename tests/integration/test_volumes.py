@@ -11,12 +11,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import vms
+from vms import halt
 
 from ember import paths
 from ember.agent.protocol import ExecRequest
 from ember.errors import EmberError
 from ember.guest.bundle import GuestBundle
-from ember.host.probe import choose_accel
 from ember.images import ImageStore
 from ember.machine import Machine, MachineConfig
 from ember.volumes.store import VolumeInUse, VolumeRequest, VolumeStore
@@ -38,16 +39,8 @@ def vol(volumes: VolumeStore) -> Iterator[str]:
 
 def boot(store: ImageStore, guest: GuestBundle, volumes: VolumeStore,
          *requests: VolumeRequest) -> Machine:
-    m = Machine.create(machines_dir=paths.machines_dir(), guest=guest,
-                       rootfs=store.rootfs(store.resolve("sample:latest")),
-                       accel=choose_accel(None),
-                       config=MachineConfig(volumes=tuple(volumes.mount(r) for r in requests)))
-    try:
-        m.start()
-    except BaseException:
-        m.close()
-        raise
-    return m
+    return vms.boot(store, guest,
+                    MachineConfig(volumes=tuple(volumes.mount(r) for r in requests)))
 
 
 def sh(m: Machine, script: str) -> tuple[int | None, str]:
@@ -56,11 +49,6 @@ def sh(m: Machine, script: str) -> tuple[int | None, str]:
     return st.exit_code, (p.stdout + p.stderr).decode()
 
 
-def halt(m: Machine) -> None:
-    try:
-        m.shutdown()
-    finally:
-        m.close()
 
 
 def test_a_volume_keeps_its_data_from_one_machine_to_the_next(

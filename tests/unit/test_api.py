@@ -13,43 +13,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from api_helpers import err, sample_manager
 from fastapi.testclient import TestClient
 
 from ember.api import openapi
 from ember.api.app import _error, create_app
-from ember.daemon.manager import Manager
 from ember.daemon.server import TokenAuth
-from ember.images import ImageStore
-from ember.sample import write_busybox_image
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    home = tmp_path_factory.mktemp("home")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("EMBER_HOME", str(home))
-    mp.setenv("EMBER_ACCEL", "tcg")
-    store = ImageStore()
-    store.import_path(write_busybox_image(tmp_path_factory.mktemp("img") / "s"),
-                      tag="sample:latest")
-    mgr = Manager()
-    with TestClient(create_app(mgr), raise_server_exceptions=False) as c:
+    with sample_manager(tmp_path_factory) as mgr, \
+            TestClient(create_app(mgr), raise_server_exceptions=False) as c:
         yield c
-    mgr.db.close()
-    mp.undo()
-
-
-def err(r: Any, status: int, code: str | None = None) -> str:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
-    if code:
-        assert body["error"]["code"] == code
-    msg = body["error"]["message"]
-    assert msg and "\n" not in msg
-    return str(msg)
 
 
 def test_committed_openapi_document_is_the_served_one(client: TestClient) -> None:

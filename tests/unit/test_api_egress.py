@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from api_helpers import err, sample_manager
 from fastapi.testclient import TestClient
 
 from ember.api.app import create_app
@@ -22,8 +23,6 @@ from ember.daemon import egress
 from ember.daemon.managed import Managed
 from ember.daemon.manager import Manager
 from ember.errors import EmberError
-from ember.images import ImageStore
-from ember.sample import write_busybox_image
 from ember.vmm.egress import EgressPolicy
 
 TAP = ("tap", "tap: a namespace and firewall per machine")
@@ -53,17 +52,8 @@ class FakeMachine:
 
 @pytest.fixture(scope="module")
 def mgr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Manager]:
-    home = tmp_path_factory.mktemp("home")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("EMBER_HOME", str(home))
-    mp.setenv("EMBER_ACCEL", "tcg")
-    store = ImageStore()
-    store.import_path(write_busybox_image(tmp_path_factory.mktemp("img") / "s"),
-                      tag="sample:latest")
-    m = Manager()
-    yield m
-    m.db.close()
-    mp.undo()
+    with sample_manager(tmp_path_factory) as m:
+        yield m
 
 
 @pytest.fixture(scope="module")
@@ -78,13 +68,6 @@ def tap(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(egress, "backend", lambda: TAP)
 
 
-def err(r: Any, status: int, code: str | None = None) -> str:
-    assert r.status_code == status, r.text
-    body = r.json()["error"]
-    if code:
-        assert body["code"] == code
-    assert body["message"] and "\n" not in body["message"]
-    return str(body["message"])
 
 
 def create(client: TestClient, name: str, **extra: Any) -> dict[str, Any]:

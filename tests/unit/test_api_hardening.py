@@ -29,6 +29,7 @@ from typing import Any
 
 import httpx
 import pytest
+from api_helpers import err, sample_manager
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -42,8 +43,6 @@ from ember.cli import main
 from ember.daemon.manager import Manager
 from ember.daemon.server import Token, TokenAuth, check_tcp_flags, rotate_token, tcp_token
 from ember.errors import EmberError
-from ember.images import ImageStore
-from ember.sample import write_busybox_image
 from ember.sdk import DaemonUnavailable, ExecSession, NotFound
 from ember.sdk import daemon as sdk_daemon
 
@@ -51,12 +50,6 @@ from ember.sdk import daemon as sdk_daemon
 UP = 60.0
 
 
-def err(r: Any, status: int, code: str) -> str:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert body.keys() == {"error"} and body["error"]["code"] == code
-    assert body["error"]["message"] and "\n" not in body["error"]["message"]
-    return str(body["error"]["message"])
 
 
 # ------------------------------------------------------------------ certificates
@@ -416,15 +409,8 @@ def test_token_auth_follows_the_file_in_constant_time(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def mgr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Manager]:
-    mp = pytest.MonkeyPatch()
-    mp.setenv("EMBER_HOME", str(tmp_path_factory.mktemp("home")))
-    mp.setenv("EMBER_ACCEL", "tcg")
-    ImageStore().import_path(write_busybox_image(tmp_path_factory.mktemp("img") / "s"),
-                             tag="sample:latest")
-    m = Manager()
-    yield m
-    m.db.close()
-    mp.undo()
+    with sample_manager(tmp_path_factory) as m:
+        yield m
 
 
 @pytest.fixture(scope="module")

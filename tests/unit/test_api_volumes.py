@@ -15,13 +15,12 @@ from typing import Any
 
 import httpx
 import pytest
+from api_helpers import err, sample_manager
 from fastapi.testclient import TestClient
 
 from ember.api.app import create_app
 from ember.daemon.errors import Conflict
 from ember.daemon.manager import Manager
-from ember.images import ImageStore
-from ember.sample import write_busybox_image
 from ember.sdk import AsyncClient, Client, InvalidRequest
 from ember.sdk import Conflict as SDKConflict
 from ember.sdk import NotFound as SDKNotFound
@@ -32,17 +31,8 @@ pytestmark = pytest.mark.skipif(shutil.which("mkfs.ext4") is None, reason="no mk
 
 @pytest.fixture(scope="module")
 def mgr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Manager]:
-    home = tmp_path_factory.mktemp("home")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("EMBER_HOME", str(home))
-    mp.setenv("EMBER_ACCEL", "tcg")
-    store = ImageStore()
-    store.import_path(write_busybox_image(tmp_path_factory.mktemp("img") / "s"),
-                      tag="sample:latest")
-    m = Manager()
-    yield m
-    m.db.close()
-    mp.undo()
+    with sample_manager(tmp_path_factory) as m:
+        yield m
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +41,6 @@ def client(mgr: Manager) -> Iterator[TestClient]:
         yield c
 
 
-def err(r: Any, status: int, code: str | None = None) -> str:
-    assert r.status_code == status, r.text
-    body = r.json()["error"]
-    if code:
-        assert body["code"] == code
-    assert body["message"] and "\n" not in body["message"]
-    return str(body["message"])
 
 
 def test_create_list_get_delete(client: TestClient) -> None:

@@ -129,6 +129,18 @@ def each(names: Sequence[str], action: Any) -> int:
     return status
 
 
+def inspect_each(names: Sequence[str], get: Callable[[Any, str], Any],
+                 doc: Callable[[Any], Any]) -> int:
+    """``docker inspect``'s shape: a JSON array of the objects found (``doc(get(client,
+    name))``), an error line for each of the others."""
+    import json
+
+    docs: list[Any] = []
+    status = each(names, lambda c, name: docs.append(doc(get(c, name))))
+    print(json.dumps(docs, indent=2))
+    return status
+
+
 def console() -> Any:
     from rich.console import Console
 

@@ -16,7 +16,13 @@ import tempfile
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from ember.cli.common import EXIT_EMBER_FAILED, client, each, error, help_command, progress
+from ember.cli.common import (
+    client,
+    each,
+    help_command,
+    inspect_each,
+    progress,
+)
 from ember.errors import EmberError
 
 if TYPE_CHECKING:
@@ -149,21 +155,7 @@ def inspect_doc(image: Image) -> dict[str, Any]:
 
 def cmd_image_inspect(args: argparse.Namespace) -> int:
     """A JSON array, as ``docker inspect`` prints, of the images found; errors for the rest."""
-    from ember.sdk import DaemonUnavailable
-
-    docs = []
-    status = 0
-    with client() as c:
-        for ref in args.refs:
-            try:
-                docs.append(inspect_doc(c.images.get(ref)))
-            except DaemonUnavailable:
-                raise
-            except EmberError as exc:
-                error(str(exc))
-                status = EXIT_EMBER_FAILED
-    print(json.dumps(docs, indent=2))
-    return status
+    return inspect_each(args.refs, lambda c, name: c.images.get(name), inspect_doc)
 
 
 # ---------------------------------------------------------------- tag / rm / prune

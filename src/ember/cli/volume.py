@@ -11,8 +11,13 @@ import argparse
 import json
 from typing import TYPE_CHECKING, Any
 
-from ember.cli.common import EXIT_EMBER_FAILED, client, each, error, help_command, parse_size
-from ember.errors import EmberError
+from ember.cli.common import (
+    client,
+    each,
+    help_command,
+    inspect_each,
+    parse_size,
+)
 
 if TYPE_CHECKING:
     from ember.api.models import Volume
@@ -62,21 +67,7 @@ def inspect_doc(vol: Volume) -> dict[str, Any]:
 
 def cmd_volume_inspect(args: argparse.Namespace) -> int:
     """A JSON array of the volumes found; an error line for each of the others."""
-    from ember.sdk import DaemonUnavailable
-
-    docs = []
-    status = 0
-    with client() as c:
-        for name in args.names:
-            try:
-                docs.append(inspect_doc(c.volumes.get(name)))
-            except DaemonUnavailable:
-                raise
-            except EmberError as exc:
-                error(str(exc))
-                status = EXIT_EMBER_FAILED
-    print(json.dumps(docs, indent=2))
-    return status
+    return inspect_each(args.names, lambda c, name: c.volumes.get(name), inspect_doc)
 
 
 def cmd_volume_rm(args: argparse.Namespace) -> int:

@@ -42,7 +42,6 @@ the untouched pages of that snapshot's other clones. Nothing else on the host.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import json
 import os
@@ -56,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from ember.errors import VMMError
-from ember.util import log
+from ember.util import log, try_lock
 
 #: The first of the uids (and gids) jailed QEMUs run as: slot N runs as base + N.
 #: Far above any real or subordinate (``/etc/subuid``) range; below 2**31, which
@@ -163,8 +162,8 @@ def reserve_slot(hint: str = "") -> Slot:
     """Reserve a free slot, starting the search at a number derived from ``hint``.
 
     A slot is free when nobody holds its lock: its last QEMU has exited, however
-    it ended. ``on_reserve`` hooks (stale network state of the slot) run before it
-    is handed out.
+    it ended, and the background teardown of its network (``vmm/netns.py``), which
+    holds the lock too, is done.
 
     Raises:
         VMMError: every slot is taken, or the slots directory cannot be made.
@@ -179,13 +178,9 @@ def reserve_slot(hint: str = "") -> Slot:
     start = zlib.crc32(hint.encode()) % SLOTS
     for i in range(SLOTS):
         n = (start + i) % SLOTS
-        fd = os.open(d / str(n), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            continue
-        return Slot(n, fd)
+        fd = try_lock(d / str(n), create=True)
+        if fd is not None:
+            return Slot(n, fd)
     raise VMMError(f"all {SLOTS} jail slots are in use")
 
 
@@ -193,22 +188,7 @@ def hold_free_slot(number: int) -> int | None:
     """Lock slot ``number`` if it is free: the descriptor holding it, or None if in use."""
     d = _slots_dir()
     d.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(d / str(number), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def slot_in_use(number: int) -> bool:
-    """Whether a QEMU (or a process about to start one) holds slot ``number``."""
-    fd = hold_free_slot(number)
-    if fd is None:
-        return True
-    os.close(fd)
-    return False
+    return try_lock(d / str(number), create=True)
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,6 @@ from pathlib import Path
 from typing import TypeVar
 
 from ember.errors import VMMError
-from ember.util import log
 from ember.vmm.egress import EgressPolicy
 from ember.vmm.network import DNS_IP, GATEWAY_IP, GUEST_IP, GUEST_PREFIX, PortMapping
 
@@ -289,8 +288,10 @@ def host_resolver() -> str | None:
             except ValueError:
                 continue
             if addr.is_loopback:
-                log.warning("the host's resolver %s is on its loopback, which guests cannot "
-                            "reach: guests get no DNS", addr)
+                from ember.host.jail import warn_once
+
+                warn_once(f"the host's resolver {addr} is on its loopback, which guests on "
+                          "the tap network cannot reach: they get no DNS")
                 return None
             return str(addr)
     return None

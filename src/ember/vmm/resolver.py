@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ember.errors import VMMError
+from ember.host import jail
 from ember.util import log
 from ember.vmm.egress import EgressPolicy, Rule
 from ember.vmm.network import DNS_IP
@@ -69,6 +70,8 @@ def upstream() -> tuple[str, int]:
     env = os.environ.get("EMBER_DNS_UPSTREAM", "").strip()
     if env:
         host, _, port = env.partition(":")
+        if not host or not (port or "53").isdigit() or not 1 <= int(port or 53) <= 65535:
+            raise VMMError(f"EMBER_DNS_UPSTREAM={env!r}: expected HOST[:PORT]")
         return host, int(port or 53)
     with contextlib.suppress(OSError):
         for line in Path("/etc/resolv.conf").read_text().splitlines():
@@ -152,6 +155,9 @@ class Hub:
     def _answer(self, served: Served, data: bytes, peer: tuple[str, int]) -> None:
         try:
             reply = answer(served, data)
+        except VMMError as exc:  # ours: say it (once), the guest's query goes unanswered
+            jail.warn_once(f"Ember's resolver: {exc}")
+            return
         except Exception as exc:  # a hostile or broken query, an upstream failure
             log.debug("dns for slot %d: %s", served.slot, exc)
             return

@@ -19,7 +19,6 @@ a restore would pair with another disk's contents.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ember.errors import EmberError
+from ember.util import try_lock
 
 #: A volume's name: Docker's rule (no ``/``, which marks a host path).
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -156,15 +156,12 @@ class Volume:
     def in_use(self) -> bool:
         """Whether a running machine's QEMU holds the volume's lock."""
         try:
-            fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CLOEXEC)
+            fd = try_lock(self.dir / LOCK)
         except FileNotFoundError:
             return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if fd is None:
             return True
-        finally:
-            os.close(fd)
+        os.close(fd)
         return False
 
     def disk_bytes(self) -> int:
@@ -257,12 +254,10 @@ class VolumeStore:
             VolumeNotFound; VolumeInUse: a running machine has it.
         """
         vol = self.get(name)
-        fd = os.open(vol.dir / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = try_lock(vol.dir / LOCK, create=True)
+        if fd is None:
+            raise VolumeInUse(f"volume {name} is in use by a running machine")
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise VolumeInUse(f"volume {name} is in use by a running machine") from None
             gone = self.root / f".rm-{name}-{time.monotonic_ns()}"
             os.rename(vol.dir, gone)  # under the lock: no machine can take it meanwhile
         finally:
@@ -282,14 +277,11 @@ def hold(mount: VolumeMount) -> int:
         VolumeInUse: another running machine has it; VolumeNotFound: it is gone.
     """
     try:
-        fd = os.open(mount.lock_path, os.O_RDWR | os.O_CLOEXEC)
+        fd = try_lock(mount.lock_path)
     except FileNotFoundError:
         raise VolumeNotFound(f"no volume named {mount.name!r}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise VolumeInUse(f"volume {mount.name} is in use by another running machine") from None
+    if fd is None:
+        raise VolumeInUse(f"volume {mount.name} is in use by another running machine")
     return fd
 
 

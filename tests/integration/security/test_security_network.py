@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from vms import boot
 
-from ember import paths
 from ember.agent.protocol import ExecRequest
 from ember.errors import EmberError
 from ember.guest.bundle import GuestBundle
-from ember.host.probe import choose_accel
 from ember.images import ImageStore
 from ember.machine import Machine, MachineConfig
 from ember.vmm import parse_port
@@ -104,16 +103,6 @@ def test_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         subprocess.run(["ip", "netns", "delete", NS], capture_output=True)
 
 
-def boot(store: ImageStore, guest: GuestBundle, config: MachineConfig) -> Machine:
-    m = Machine.create(machines_dir=paths.machines_dir(), guest=guest,
-                       rootfs=store.rootfs(store.resolve("sample:latest")),
-                       accel=choose_accel(None), config=config)
-    try:
-        m.start()
-    except BaseException:
-        m.close()
-        raise
-    return m
 
 
 @pytest.fixture(scope="module")
