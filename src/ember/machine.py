@@ -47,6 +47,8 @@ from ember.vmm.network import (
 from ember.vmm.process import VMProcess, is_running_in
 from ember.vmm.qemu import APIC_BUS_HZ
 from ember.vmm.spec import AGENT_PORT_NAME, DriveSpec, MachineSpec, RestoreSpec
+from ember.volumes.shares import ShareMount
+from ember.volumes.shares import cmdline_param as shares_cmdline
 from ember.volumes.store import VolumeMount, check_mounts
 from ember.volumes.store import cmdline_param as volume_cmdline
 
@@ -148,6 +150,14 @@ class MachineConfig:
     #: Named volumes to mount (``volumes/store.py``): disks after the root, mounted by
     #: the agent. Such a machine never starts from, nor makes, a snapshot.
     volumes: tuple[VolumeMount, ...] = ()
+    #: Host directories shared live (``volumes/shares.py``); no snapshots either.
+    shares: tuple[ShareMount, ...] = ()
+
+    @property
+    def mounts_host_data(self) -> bool:
+        """Whether it has volumes or shares: it never starts from, nor makes, a snapshot
+        (the guest kernel's view of them would not survive a restore)."""
+        return bool(self.volumes or self.shares)
 
     def __post_init__(self) -> None:
         # The hostname travels on the kernel command line: anything beyond a
@@ -158,9 +168,10 @@ class MachineConfig:
         if not isinstance(self.ports, tuple):  # a list from a caller: keep the record frozen
             object.__setattr__(self, "ports", tuple(self.ports))
         check_network(self.network, self.ports)
-        if not isinstance(self.volumes, tuple):
-            object.__setattr__(self, "volumes", tuple(self.volumes))
-        check_mounts(self.volumes)
+        for name in ("volumes", "shares"):
+            if not isinstance(getattr(self, name), tuple):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        check_mounts(self.volumes, self.shares)
 
 
 class Machine:
@@ -200,11 +211,12 @@ class Machine:
         store checks), except the name, hostname and published ports.
         """
         name = name or new_machine_id()
-        if config.volumes and restore is not None:
-            raise EmberError("a machine with volumes cannot start from a snapshot: its guest "
-                             "would hold another disk's filesystem state")
+        if config.mounts_host_data and restore is not None:
+            raise EmberError("a machine with volumes or shares cannot start from a snapshot: "
+                             "its guest would hold another disk's filesystem state")
         net = guest_cmdline_param(config.network)
-        vols = volume_cmdline(config.volumes)
+        vols = " ".join(p for p in (volume_cmdline(config.volumes),
+                                    shares_cmdline(config.shares)) if p)
         cmdline = guest_cmdline(
             guest, f"ember.root=/dev/vda ember.rootfstype=erofs "
             f"ember.hostname={config.hostname or name} "
@@ -214,9 +226,8 @@ class Machine:
             name=name, state_dir=machines_dir / name, kernel=guest.kernel,
             initramfs=guest.initramfs, cmdline=cmdline, cpus=config.cpus,
             memory_mib=config.memory_mib, accel=accel.name,
-            drives=(DriveSpec(rootfs, readonly=True),
-                    *(DriveSpec(v.path, readonly=v.readonly) for v in config.volumes)),
-            volumes=config.volumes,
+            drives=(DriveSpec(rootfs, readonly=True),),
+            volumes=config.volumes, shares=config.shares,
             network=config.network, ports=config.ports, egress=config.egress,
             net_backend=default_backend() if config.network == NETWORK_USER else BACKEND_SLIRP,
             limit_resources=config.limit_resources, restore=restore,

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from ember.snapshots.store import Snapshot
     from ember.snapshots.take import ImageInfo, Pending
     from ember.vmm.egress import EgressPolicy
+    from ember.volumes.shares import ShareMount
     from ember.volumes.store import VolumeMount, VolumeRequest
 
 
@@ -78,9 +79,9 @@ class RunRequest:
     #: Where the guest may connect (``--egress``, ``vmm/egress.py``); None: public
     #: addresses only. Needs the tap network (root).
     egress: EgressPolicy | None = None
-    #: Named volumes to mount (``-v NAME:/PATH[:ro]``, ``volumes/store.py``); a run with
-    #: any never starts warm.
-    volumes: tuple[VolumeRequest, ...] = ()
+    #: ``-v``: named volumes (``NAME:/PATH[:ro]``, ``volumes/store.py``) and host shares
+    #: (``HOSTDIR:/PATH[:ro]``, ``volumes/shares.py``); a run with any never starts warm.
+    volumes: tuple[VolumeRequest | ShareMount, ...] = ()
 
 
 @dataclass
@@ -141,11 +142,11 @@ def _prepare(req: RunRequest, progress: Progress, notice: Progress,
     check_ports_free(ports)
     if req.egress is not None:
         _check_egress(req.network)
-    volumes = _volume_mounts(req)
+    volumes, shares = _volume_mounts(req)
     accel = choose_accel(req.accel)
     config = MachineConfig(cpus=req.cpus, memory_mib=req.memory_mib, hostname=req.hostname,
                            ephemeral=True, network=req.network, ports=ports,
-                           egress=req.egress, volumes=volumes)
+                           egress=req.egress, volumes=volumes, shares=shares)
     if req.from_snapshot is not None:
         return _prepare_from_snapshot(req, accel, config)
     store = ImageStore(paths.images_dir())
@@ -167,7 +168,7 @@ def _prepare(req: RunRequest, progress: Progress, notice: Progress,
     machine = Machine.create(machines_dir=paths.machines_dir(), guest=guest, rootfs=rootfs,
                              accel=accel, config=config, name=name)
     prepared = Prepared(machine, process, accel)
-    if req.cold or machine.spec.volumes:  # volumes: never a snapshot (volumes/store.py)
+    if req.cold or machine.spec.mounts_host_data:  # never a snapshot (volumes/)
         return prepared
     from ember.snapshots import start as snapstart
 
@@ -190,20 +191,23 @@ def _prepare(req: RunRequest, progress: Progress, notice: Progress,
     return prepared
 
 
-def _volume_mounts(req: RunRequest) -> tuple[VolumeMount, ...]:
-    """``-v``: the volumes of this data dir, found (VolumeNotFound) and checked together.
-    Whether another machine has one is for the start to say (VolumeInUse)."""
+def _volume_mounts(req: RunRequest) -> tuple[tuple[VolumeMount, ...], tuple[ShareMount, ...]]:
+    """``-v``: the volumes of this data dir, found (VolumeNotFound), and the shares,
+    checked together. Whether another machine has a volume is for the start to say
+    (VolumeInUse)."""
     if not req.volumes:
-        return ()
+        return (), ()
+    from ember.volumes.shares import ShareMount
     from ember.volumes.store import VolumeStore, check_mounts
 
     if req.from_snapshot is not None:
         raise EmberError("-v cannot be used with --from: a clone's memory would not match "
-                         "the volumes' disks")
+                         "the volumes' disks or the shares' files")
     store = VolumeStore(paths.volumes_dir())
-    mounts = tuple(store.mount(v) for v in req.volumes)
-    check_mounts(mounts)
-    return mounts
+    mounts = tuple(store.mount(v) for v in req.volumes if not isinstance(v, ShareMount))
+    shares = tuple(v for v in req.volumes if isinstance(v, ShareMount))
+    check_mounts(mounts, shares)
+    return mounts, shares
 
 
 def _check_egress(network: str) -> None:

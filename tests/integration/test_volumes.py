@@ -55,7 +55,7 @@ def test_a_volume_keeps_its_data_from_one_machine_to_the_next(
         store: ImageStore, guest: GuestBundle, volumes: VolumeStore, vol: str) -> None:
     a = boot(store, guest, volumes, VolumeRequest(vol, "/data"))
     try:
-        assert sh(a, "mount | grep ' /data '")[1].startswith("/dev/vdb on /data type ext4")
+        assert sh(a, "mount | grep ' /data '")[1].startswith("/dev/sda on /data type ext4")
         assert sh(a, "seq 1 1000 > /data/numbers && sync")[0] == 0
     finally:
         halt(a)

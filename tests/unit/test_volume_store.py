@@ -129,9 +129,9 @@ def test_parse_volume_flag(text: str, want: VolumeRequest) -> None:
     (":/data", "NAME:/PATH"),
     ("a:/b:c:d", "NAME:/PATH"),
     ("data:/data:rx", "mode"),
-    ("/srv/data:/data", "host directories"),
-    ("./data:/data", "host directories"),
-    ("..:/data", "host directories"),
+    ("/nonexistent/ember-test:/data", "does not exist"),
+    ("/etc/hostname:/data", "is not a directory"),
+    ("/:/data", "root directory"),
     ("data:relative", "mount path"),
     ("data:/", "mount path"),
     ("data:/..", "mount path"),
@@ -152,7 +152,39 @@ def test_mounts_together_and_on_the_command_line(tmp_path: Path) -> None:
         check_mounts((a, VolumeMount("a", tmp_path / "a", "/c")))
     with pytest.raises(VolumeError, match="given twice"):
         check_mounts((a, VolumeMount("b", tmp_path / "b", "/a")))
-    with pytest.raises(VolumeError, match="at most 4"):
-        check_mounts(tuple(VolumeMount(f"v{i}", tmp_path, f"/m{i}") for i in range(5)))
+    with pytest.raises(VolumeError, match="at most 16"):
+        check_mounts(tuple(VolumeMount(f"v{i}", tmp_path, f"/m{i}") for i in range(17)))
     assert cmdline_param(()) == ""
-    assert cmdline_param((a, b)) == "ember.volumes=vdb:/a:rw,vdc:/b:ro"
+    assert cmdline_param((a, b)) == "ember.volumes=0:/a:rw,1:/b:ro"
+
+
+def test_shares_parse_resolve_and_go_with_volumes(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from ember.volumes.shares import ShareMount
+    from ember.volumes.shares import cmdline_param as shares_param
+
+    monkeypatch.setenv("EMBER_HOME", str(tmp_path / "home"))
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    got = parse_volume_flag("./link:/src/:ro", cwd=str(tmp_path))
+    # a host directory, resolved (symlinks too) against the caller's directory
+    assert got == ShareMount(tmp_path / "real", "/src", True)
+    assert isinstance(parse_volume_flag("data:/data"), VolumeRequest)
+    share = ShareMount(tmp_path / "real", "/s")
+    vol = VolumeMount("a", tmp_path / "a", "/a")
+    check_mounts((vol,), (share,))
+    with pytest.raises(VolumeError, match="given twice"):
+        check_mounts((vol,), (ShareMount(tmp_path, "/a"),))
+    with pytest.raises(VolumeError, match="cannot nest"):
+        check_mounts((vol,), (ShareMount(tmp_path, "/a/b"),))
+    with pytest.raises(VolumeError, match="at most 32 shares"):
+        check_mounts((), tuple(ShareMount(tmp_path, f"/m{i}") for i in range(33)))
+    with pytest.raises(VolumeError, match="too long"):
+        check_mounts((), tuple(ShareMount(tmp_path, "/" + f"{i}" * 60) for i in range(1, 10))
+                     + tuple(ShareMount(tmp_path, "/x" + f"{i}" * 60) for i in range(1, 10)))
+    assert shares_param((share, got)) == "ember.shares=0:/s:rw,1:/src:ro"
+    # Ember's own data must stay out of reach: neither in a share nor holding one
+    (tmp_path / "home" / "machines").mkdir(parents=True)
+    for inside in (tmp_path, tmp_path / "home", tmp_path / "home" / "machines"):
+        with pytest.raises(VolumeError, match="data directory"):
+            parse_volume_flag(f"{inside}:/x")

@@ -197,8 +197,8 @@ class Managed(Adoption, RestartPolicy):
                 m = Machine.create(machines_dir=self.root, guest=self.mgr.guest(),
                                    rootfs=rootfs, accel=self.mgr.accel, config=config,
                                    name=self.name)
-                # a clone of its shape's boot snapshot, if any (volumes: never, volumes/store.py)
-                if not self.doc.get("_cold") and not config.volumes:
+                # a clone of its shape's boot snapshot, if any (volumes, shares: never, volumes/)
+                if not self.doc.get("_cold") and not config.mounts_host_data:
                     m, keep = self.mgr.warm(m)
             self.machine = m
             started = time.monotonic()

@@ -201,10 +201,14 @@ class Mounts:
     devices: tuple[str, ...] = ()
     #: The working directory inside the jail.
     chdir: Path | None = None
+    #: Host shares: (host path, path in the jail, read-only), bound under a
+    #: directory of their own (``volumes/shares.py``).
+    shares: tuple[tuple[Path, str, bool], ...] = ()
 
 
 def bwrap_args(mounts: Mounts, *, bwrap: str, share_net: bool, userns: bool,
-               info_fd: int, die_with_parent: bool) -> list[str]:
+               info_fd: int, die_with_parent: bool,
+               seccomp_fd: int | None = None) -> list[str]:
     """bubblewrap's command line (up to the command it runs) for ``mounts``.
 
     Every bind target keeps its host path. bubblewrap makes a missing parent
@@ -215,9 +219,14 @@ def bwrap_args(mounts: Mounts, *, bwrap: str, share_net: bool, userns: bool,
     with ``die_with_parent`` that init kills the namespace when bubblewrap's
     parent (``ember run``) dies. A parent-death signal set on QEMU itself would
     not do, as the kernel does not deliver it to a namespace's PID 1.
+
+    ``seccomp_fd``: a filter bubblewrap loads before it runs QEMU, on top of
+    QEMU's own (``host/modefilter.py``).
     """
     args = [bwrap, "--unshare-pid", "--unshare-ipc", "--unshare-uts",
             "--unshare-cgroup-try", "--clearenv", "--info-fd", str(info_fd)]
+    if seccomp_fd is not None:
+        args += ["--seccomp", str(seccomp_fd)]
     if die_with_parent:
         args.append("--die-with-parent")
     if userns:
@@ -247,6 +256,12 @@ def bwrap_args(mounts: Mounts, *, bwrap: str, share_net: bool, userns: bool,
         args += ["--bind", str(p), str(p)]
     for dev in mounts.devices:
         args += ["--dev-bind", dev, dev]
+    if mounts.shares:
+        from ember.volumes.shares import SHARES_ROOT
+
+        args += ["--perms", "0755", "--dir", SHARES_ROOT]
+    for src, dest, ro in mounts.shares:
+        args += ["--ro-bind" if ro else "--bind", str(src), dest]
     if mounts.chdir is not None:
         args += ["--chdir", str(mounts.chdir)]
     return args

@@ -97,9 +97,10 @@ def machine_from_snapshot(snap: Snapshot, host: HostIdentity, *, machines_dir: P
         raise SnapshotError(f"snapshot {m.tag or m.short_id} is of a machine with {m.cpus} "
                             f"vCPU and {m.memory_mib} MiB: a clone has the shape of its "
                             "snapshot (drop --cpus/-m, or give the same)")
-    if config.volumes:
-        raise SnapshotError(f"snapshot {m.tag or m.short_id}: a clone cannot have volumes (its "
-                            "guest would hold another disk's filesystem state); boot the image")
+    if config.mounts_host_data:
+        raise SnapshotError(f"snapshot {m.tag or m.short_id}: a clone cannot have volumes or "
+                            "shares (its guest would hold another file system's state); boot "
+                            "the image")
     if config.network != m.network:
         raise SnapshotError(f"snapshot {m.tag or m.short_id} is of a machine with network "
                             f"{m.network}: a clone has the network mode of its snapshot")

@@ -112,10 +112,11 @@ def begin(machine: Machine, store: SnapshotStore, snap_id: str | None = None) ->
 
     if machine.vm is None:
         raise SnapshotError(f"machine {machine.name} is not running")
-    if machine.spec.volumes:
-        raise SnapshotError(f"cannot snapshot {machine.name}: it has volumes, whose "
-                            "filesystems its guest holds in memory; a clone would pair that "
-                            "state with another disk's contents")
+    if machine.spec.mounts_host_data:
+        what = "volumes" if machine.spec.volumes else "host shares"
+        raise SnapshotError(f"cannot snapshot {machine.name}: it has {what}, whose file "
+                            "systems its guest holds in memory; a clone would pair that "
+                            "state with other contents")
     snap_id, tmp, lock = store.new_tmp(snap_id)
     try:
         cap = capture(machine.vm, tmp)

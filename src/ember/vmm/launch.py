@@ -48,6 +48,10 @@ class Launch:
     netns: bool = False
     #: The locks of its volumes (QEMU holds them; ours are closed).
     volume_fds: list[int] = field(default_factory=list)
+    #: The host's idmapped mounts of its shares, detached once QEMU runs
+    #: (``host/idmap.py``); and the descriptor bubblewrap reads its mode filter from.
+    share_mounts: list[Path] = field(default_factory=list)
+    seccomp_fd: int | None = None
 
     @property
     def jailed(self) -> bool:
@@ -78,6 +82,10 @@ class Launch:
             except OSError as exc:
                 raise VMMError(f"snapshot {spec.restore.snapshot_id}: cannot open its "
                                f"memory to clones: {exc.strerror}") from exc
+        if spec.shares and pol.mode not in (jail.MODE_FULL, jail.MODE_ROOTLESS):
+            raise VMMError(f"machine {spec.name} has host shares, which need the jail's mount "
+                           f"namespace (bubblewrap); this host gives {pol.mode}: {pol.reason}")
+        _check_shares(spec)
         volume_fds = _hold_volumes(spec)
         if pol.mode not in (jail.MODE_FULL, jail.MODE_ROOTLESS):
             jail.prepare_vmm_dir(state, None, None)
@@ -91,6 +99,8 @@ class Launch:
         writable = [state / jail.VMM_DIR]
         for d in spec.drives:
             (readonly if d.readonly else writable).append(Path(d.path).resolve())
+        for v in spec.volumes:
+            (readonly if v.readonly else writable).append(Path(v.path).resolve())
         groups: list[int] = []
         if spec.restore is not None and not spec.restore.copy:
             writable.append(Path(spec.restore.memory).resolve())
@@ -109,10 +119,16 @@ class Launch:
             if kvm is not None:
                 groups.append(kvm)
         net_fds: list[int] = []
+        share_mounts: list[Path] = []
         try:
             jail.prepare_vmm_dir(state, uid, gid)
             for v in spec.volumes:  # its disk is this machine's alone while it runs
                 jail.give(v.path, uid, gid)
+            if spec.shares and slot is not None:
+                from ember.host import idmap
+
+                assert uid is not None and gid is not None
+                share_mounts = idmap.attach(slot.number, spec.shares, uid, gid)
             if tap:
                 from ember.vmm import netns
 
@@ -121,6 +137,10 @@ class Launch:
                 tap_fd, port_fds = netns.setup(slot.number, spec.ports, spec.egress)
                 net_fds = [tap_fd, *port_fds]
         except BaseException as exc:
+            if share_mounts:
+                from ember.host import idmap
+
+                idmap.detach(share_mounts)
             if slot is not None:
                 slot.close()
             for fd in volume_fds:
@@ -131,20 +151,30 @@ class Launch:
         cmd = build_command(spec, qemu, console_reconnect=not die_with_parent,
                             memory_fd=memory_fd, sandbox=True,
                             tap_fd=net_fds[0] if net_fds else None)
+        from ember.host import modefilter
+        from ember.volumes.shares import SHARES_ROOT
+
+        sources = share_mounts or [m.source for m in spec.shares]
+        shares = tuple((src, f"{SHARES_ROOT}/{i}", m.readonly)
+                       for i, (src, m) in enumerate(zip(sources, spec.shares, strict=True)))
+        seccomp_fd = modefilter.program_fd() if modefilter.supported() else None
         r, w = os.pipe2(os.O_CLOEXEC)
         argv = jail.bwrap_args(
-            jail.Mounts(tuple(readonly), tuple(writable), tuple(devices), chdir=state),
+            jail.Mounts(tuple(readonly), tuple(writable), tuple(devices), chdir=state,
+                        shares=shares),
             bwrap=shutil.which("bwrap") or "bwrap", share_net=_uses_slirp(spec),
-            userns=not full, info_fd=w, die_with_parent=die_with_parent)
+            userns=not full, info_fd=w, die_with_parent=die_with_parent,
+            seccomp_fd=seccomp_fd)
         if full:
             assert uid is not None and gid is not None
             argv += ["--", *jail.setpriv_args(uid, gid, tuple(groups),
                                                setpriv=shutil.which("setpriv") or "setpriv")]
         else:
             argv.append("--")
-        pass_fds = [w, *net_fds, *volume_fds] + ([slot.fd] if slot is not None else [])
+        pass_fds = ([w, *net_fds, *volume_fds] + ([slot.fd] if slot is not None else [])
+                    + ([seccomp_fd] if seccomp_fd is not None else []))
         launch = cls(argv + cmd, pol.mode, pass_fds, uid, gid, slot, r, w, net_fds, tap,
-                     volume_fds)
+                     volume_fds, share_mounts, seccomp_fd)
         launch._record(spec)
         return launch
 
@@ -165,19 +195,29 @@ class Launch:
             os.close(self._info_w)
             self._info_w = None
         try:
-            return jail.read_child_pid(self.info_fd)
+            pid = jail.read_child_pid(self.info_fd)
         except VMMError as exc:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 popen.wait(5)
             why = console.tail(spec.path(spec.QEMU_LOG), 3).strip()
             raise VMMError(f"{exc}{': ' + why.splitlines()[-1] if why else ''}") from None
+        self._detach_shares()  # QEMU runs: its jail has its own binds of them
+        return pid
+
+    def _detach_shares(self) -> None:
+        if self.share_mounts:
+            from ember.host import idmap
+
+            idmap.detach(self.share_mounts)
+            self.share_mounts = []
 
     def close(self) -> None:
         """Close Ember's copies of the descriptors QEMU inherited."""
-        for fd in (self.info_fd, self._info_w):
+        self._detach_shares()
+        for fd in (self.info_fd, self._info_w, self.seccomp_fd):
             if fd is not None:
                 os.close(fd)
-        self.info_fd = self._info_w = None
+        self.info_fd = self._info_w = self.seccomp_fd = None
         for fd in (*self.net_fds, *self.volume_fds):
             os.close(fd)
         self.net_fds, self.volume_fds = [], []
@@ -210,6 +250,16 @@ def _hold_volumes(spec: MachineSpec) -> list[int]:
             os.close(fd)
         raise
     return fds
+
+
+def _check_shares(spec: MachineSpec) -> None:
+    from ember.volumes.shares import ShareError, check_source
+
+    for m in spec.shares:
+        try:
+            check_source(m)
+        except ShareError as exc:
+            raise VMMError(f"machine {spec.name}: {exc}") from None
 
 
 def _uses_slirp(spec: MachineSpec) -> bool:

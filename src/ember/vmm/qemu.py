@@ -27,6 +27,11 @@ Choices and why:
 * The agent channel is a ``virtserialport`` backed by a Unix socket that QEMU
   listens on (``server=on,wait=off``): the host may connect, disconnect and
   reconnect (a restarted daemon) without the guest noticing.
+* Devices (microvm has 8 virtio-mmio transports; docs/architecture.md, "Devices"):
+  the console's virtio-serial, the root disk (virtio-blk), the NIC, one
+  virtio-scsi controller whose LUN N is volume N, and one virtio-9p export whose
+  entry N is share N; the last two only when the machine has any. Five at most,
+  whatever the number of volumes and shares.
 * The ``"user"`` network is QEMU's slirp (rootless NAT, ``vmm/network.py``) behind
   a ``virtio-net-device``; ``ipv6=off`` because the guest is set up for IPv4 only
   (slirp's router advertisements would hand it a second, half-configured stack).
@@ -109,6 +114,7 @@ def build_command(spec: MachineSpec, qemu: str = "qemu-system-x86_64", *,
                        f"if=none,readonly={ro}"),
             "-device", f"virtio-blk-device,drive=disk{i}",
         ]
+    cmd += mount_args(spec)
     if spec.restore is not None:
         cmd += ["-incoming", "defer"]
     if sandbox:
@@ -116,6 +122,24 @@ def build_command(spec: MachineSpec, qemu: str = "qemu-system-x86_64", *,
 
         cmd += ["-sandbox", SANDBOX]
     return cmd + network_args(spec, tap_fd)
+
+
+def mount_args(spec: MachineSpec) -> list[str]:
+    """The volumes' SCSI controller and LUNs, and the shares' 9p export."""
+    args: list[str] = []
+    if spec.volumes:
+        args += ["-device", "virtio-scsi-device,id=scsi0,num_queues=1"]
+    for i, v in enumerate(spec.volumes):
+        ro = "on" if v.readonly else "off"
+        args += ["-drive", (f"id=vol{i},file={_opt(str(v.path))},format=raw,if=none,"
+                            f"readonly={ro},discard=unmap"),
+                 "-device", f"scsi-hd,drive=vol{i},bus=scsi0.0,channel=0,scsi-id=0,lun={i}"]
+    if spec.shares:
+        from ember.volumes.shares import MOUNT_TAG, SHARES_ROOT
+
+        args += ["-fsdev", f"local,id=shares,path={SHARES_ROOT},security_model=none",
+                 "-device", f"virtio-9p-device,fsdev=shares,mount_tag={MOUNT_TAG}"]
+    return args
 
 
 def network_args(spec: MachineSpec, tap_fd: int | None = None) -> list[str]:

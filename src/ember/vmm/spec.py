@@ -23,6 +23,7 @@ from ember.vmm.network import (
     PortMapping,
     check_network,
 )
+from ember.volumes.shares import ShareMount
 from ember.volumes.store import VolumeMount
 
 MIN_MEMORY_MIB = 64
@@ -98,9 +99,12 @@ class MachineSpec:
     #: Where the guest may connect (``vmm/egress.py``; the tap network only); None:
     #: the default network's rule, public addresses only.
     egress: EgressPolicy | None = None
-    #: Named volumes, in the order of ``drives`` after the root (``volumes/store.py``):
+    #: Named volumes, LUN N of the SCSI controller being volume N (``volumes/store.py``):
     #: QEMU holds each one's lock while it runs.
     volumes: tuple[VolumeMount, ...] = field(default_factory=tuple)
+    #: Host directories shared over 9p, entry N of the export being share N
+    #: (``volumes/shares.py``).
+    shares: tuple[ShareMount, ...] = field(default_factory=tuple)
     #: Confine QEMU to a cgroup holding it to ``cpus`` CPUs and ``memory_mib`` plus
     #: QEMU's overhead (``host/cgroup.py``), where the host allows.
     limit_resources: bool = False
@@ -148,6 +152,11 @@ class MachineSpec:
     def path(self, name: str) -> Path:
         return self.state_dir / name
 
+    @property
+    def mounts_host_data(self) -> bool:
+        """Volumes or shares: never snapshotted nor restored (``MachineConfig``'s)."""
+        return bool(self.volumes or self.shares)
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["state_dir"] = str(self.state_dir)
@@ -158,6 +167,7 @@ class MachineSpec:
         d["restore"] = self.restore.to_json() if self.restore else None
         d["egress"] = self.egress.to_json() if self.egress else None
         d["volumes"] = [v.to_json() for v in self.volumes]
+        d["shares"] = [m.to_json() for m in self.shares]
         return d
 
     @classmethod
@@ -178,6 +188,7 @@ class MachineSpec:
                 limit_resources=bool(d.get("limit_resources", False)),
                 egress=EgressPolicy.from_json(d.get("egress")),
                 volumes=tuple(VolumeMount.from_json(v) for v in d.get("volumes") or ()),
+                shares=tuple(ShareMount.from_json(m) for m in d.get("shares") or ()),
                 restore=RestoreSpec.from_json(d["restore"]) if d.get("restore") else None,
             )
         except (EmberError, KeyError, TypeError, ValueError) as exc:

@@ -2,9 +2,10 @@
 
 A volume is ``volumes/NAME/volume.img`` (a sparse file, ext4 made by
 ``mkfs.ext4`` when the volume is created, never mounted on the host) and
-``volume.json`` (name, size, created). A machine that mounts it gets it as a
-virtio-blk disk (``vdb``, ``vdc``, ... after its root), and the guest agent
-mounts it at the path asked for (``ember.volumes=`` on the kernel command line).
+``volume.json`` (name, size, created). A machine's volumes are the LUNs of one
+virtio-scsi controller (LUN N is its volume N: one virtio-mmio transport for
+them all, ``vmm/qemu.py``), and the guest agent mounts each at the path asked
+for (``ember.volumes=`` on the kernel command line).
 
 In use means attached to a running machine: the machine's QEMU inherits an
 ``flock`` on ``volumes/NAME/lock`` (as a jail slot's, ``host/jail.py``), held
@@ -31,6 +32,7 @@ from typing import Any
 
 from ember.errors import EmberError
 from ember.util import try_lock
+from ember.volumes.shares import ShareMount
 
 #: A volume's name: Docker's rule (no ``/``, which marks a host path).
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
@@ -40,9 +42,12 @@ TARGET_RE = re.compile(r"/[A-Za-z0-9._/-]{1,200}")
 DEFAULT_SIZE = 10 << 30
 MIN_SIZE = 16 << 20
 MAX_SIZE = 16 << 40
-#: Volumes one machine may mount (virtio-mmio transports left after the console,
-#: the root disk and the NIC).
-MAX_PER_MACHINE = 4
+#: Volumes one machine may mount (LUNs of its one SCSI controller; the bound is the
+#: kernel command line they travel on).
+MAX_PER_MACHINE = 16
+#: The kernel command line's size on x86 (``COMMAND_LINE_SIZE``), less room for
+#: what the kernel and QEMU append (``virtio_mmio.device=`` entries).
+CMDLINE_MAX = 2048 - 512
 
 IMAGE = "volume.img"
 META = "volume.json"
@@ -99,47 +104,69 @@ class VolumeMount:
         return self.path.parent / LOCK
 
 
-def parse_volume_flag(text: str) -> VolumeRequest:
-    """``NAME:/path`` or ``NAME:/path:ro`` (``:rw`` too).
+def parse_volume_flag(text: str, *, cwd: str | None = None) -> VolumeRequest | ShareMount:
+    """``NAME:/path`` (a volume) or ``HOSTDIR:/path`` (a share, ``volumes/shares.py``),
+    then optionally ``:ro`` (or ``:rw``).
 
     Raises:
-        VolumeError: malformed, a host path (shares are not built yet), a bad name or
-            target.
+        VolumeError: malformed, a bad name or target, a host directory that is not one.
     """
+    from ember.volumes.shares import ShareError, is_host_path, share
+
     parts = text.split(":")
     if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
-        raise VolumeError(f"-v {text!r}: use NAME:/PATH or NAME:/PATH:ro")
+        raise VolumeError(f"-v {text!r}: use NAME:/PATH or HOSTDIR:/PATH, then :ro if wanted")
     name, target = parts[0], parts[1]
     mode = parts[2] if len(parts) == 3 else "rw"
     if mode not in ("ro", "rw"):
         raise VolumeError(f"-v {text!r}: the mode must be ro or rw, not {mode!r}")
-    if "/" in name or name in (".", ".."):
-        raise VolumeError(f"-v {text!r}: host directories cannot be shared yet; give a "
-                          "volume name (ember volume create NAME)")
+    if is_host_path(name):
+        try:
+            return share(name, target, mode == "ro", cwd=cwd)
+        except ShareError as exc:
+            raise VolumeError(f"-v {text!r}: {exc}") from None
     return validated(VolumeRequest(name, target, mode == "ro"))
+
+
+def check_target(target: str) -> str:
+    """A guest mount path, normalised. Raises VolumeError."""
+    norm = os.path.normpath(target)
+    if not TARGET_RE.fullmatch(norm) or norm == "/" or ".." in norm.split("/"):
+        raise VolumeError(f"invalid mount path {target!r}: an absolute path other than /, "
+                          "of letters, digits, '.', '_', '-' and '/'")
+    return norm
 
 
 def validated(req: VolumeRequest) -> VolumeRequest:
     if not NAME_RE.fullmatch(req.name):
         raise VolumeError(f"invalid volume name {req.name!r}: letters, digits, '_', '.', "
                           "'-', starting with a letter or digit")
-    target = os.path.normpath(req.target)
-    if not TARGET_RE.fullmatch(target) or target == "/" or ".." in target.split("/"):
-        raise VolumeError(f"invalid mount path {req.target!r}: an absolute path other than /, "
-                          "of letters, digits, '.', '_', '-' and '/'")
-    return VolumeRequest(req.name, target, req.readonly)
+    return VolumeRequest(req.name, check_target(req.target), req.readonly)
 
 
-def check_mounts(mounts: tuple[VolumeMount, ...]) -> None:
-    """Raises VolumeError when a machine's mounts cannot go together."""
+def check_mounts(mounts: tuple[VolumeMount, ...], shares: tuple[ShareMount, ...] = ()) -> None:
+    """Raises VolumeError when a machine's volumes and shares cannot go together."""
+    from ember.volumes.shares import MAX_PER_MACHINE as MAX_SHARES
+    from ember.volumes.shares import cmdline_param as shares_cmdline
+
     if len(mounts) > MAX_PER_MACHINE:
         raise VolumeError(f"at most {MAX_PER_MACHINE} volumes per machine, not {len(mounts)}")
+    if len(shares) > MAX_SHARES:
+        raise VolumeError(f"at most {MAX_SHARES} shares per machine, not {len(shares)}")
     names = [m.name for m in mounts]
-    targets = [m.target for m in mounts]
+    targets = [m.target for m in mounts] + [s.target for s in shares]
     for what, values in (("volume", names), ("mount path", targets)):
         dup = {v for v in values if values.count(v) > 1}
         if dup:
             raise VolumeError(f"{what} {sorted(dup)[0]} is given twice")
+    for t in targets:
+        outer = [o for o in targets if t.startswith(o + "/")]
+        if outer:
+            raise VolumeError(f"mount path {t} is inside mount path {outer[0]}: mount paths "
+                              "cannot nest")
+    if len(cmdline_param(mounts)) + len(shares_cmdline(shares)) > CMDLINE_MAX // 2:
+        raise VolumeError("the mount paths are too long together (they travel on the "
+                          "kernel command line): use fewer or shorter ones")
 
 
 @dataclass(frozen=True)
@@ -286,9 +313,8 @@ def hold(mount: VolumeMount) -> int:
 
 
 def cmdline_param(mounts: tuple[VolumeMount, ...]) -> str:
-    """``ember.volumes=vdb:/data:rw,vdc:/logs:ro``: the disks after the root, in order."""
+    """``ember.volumes=0:/data:rw,1:/logs:ro``: the SCSI LUNs and their paths."""
     if not mounts:
         return ""
-    parts = [f"vd{chr(ord('b') + i)}:{m.target}:{'ro' if m.readonly else 'rw'}"
-             for i, m in enumerate(mounts)]
+    parts = [f"{i}:{m.target}:{'ro' if m.readonly else 'rw'}" for i, m in enumerate(mounts)]
     return "ember.volumes=" + ",".join(parts)

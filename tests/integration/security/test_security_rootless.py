@@ -122,3 +122,20 @@ def test_a_rootless_qemu_is_in_a_user_namespace_with_seccomp(nobody_env: dict[st
     finally:
         proc.kill()
         proc.communicate()
+
+
+@pytest.mark.timeout(300)
+def test_a_rootless_share_is_live_and_what_the_guest_writes_is_the_users(
+        nobody_env: dict[str, str]) -> None:
+    ember(nobody_env, "image", "sample", "--tag", "app:1")
+    nobody = pwd.getpwnam("nobody")
+    share = Path(nobody_env["HOME"]) / "project"
+    share.mkdir()
+    (share / "in").write_text("from the host\n")
+    os.chown(share, nobody.pw_uid, nobody.pw_gid)
+    rc, out, err = ember(nobody_env, "run", "--rm", "-u", "root", "-v", "./project:/work",
+                         "app:1", "--", "sh", "-c", "cat /work/in && echo out > /work/out")
+    assert rc == 0, err
+    assert out == "from the host\n"
+    st = (share / "out").stat()
+    assert (st.st_uid, (share / "out").read_text()) == (nobody.pw_uid, "out\n")

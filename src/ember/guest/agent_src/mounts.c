@@ -4,6 +4,7 @@
  */
 #include "agent.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -107,41 +108,83 @@ static int cmdline_get(const char *cmdline, const char *key, char *out, size_t o
     return 0;
 }
 
+/* The next "N:/path:mode" entry of a mount list, split in place; 0 at the end. */
+static int next_entry(char **spec, char **save, long *n, char **target, int *ro)
+{
+    char *item = strtok_r(*spec, ",", save), *mode, *end;
+    *spec = NULL; /* strtok_r goes on from *save */
+    if (!item) return 0;
+    *target = strchr(item, ':');
+    if (!*target) die("bad mount entry %s", item);
+    *(*target)++ = 0;
+    mode = strrchr(*target, ':');
+    if (!mode) die("bad mount entry %s", item);
+    *mode++ = 0;
+    *n = strtol(item, &end, 10);
+    if (*end || *n < 0 || *n > 255 || (*target)[0] != '/' || strstr(*target, ".."))
+        die("bad mount entry %s", item);
+    *ro = strcmp(mode, "ro") == 0;
+    return 1;
+}
+
+/* /dev/sdX of LUN n of the one SCSI controller, once the kernel has found it. */
+static void lun_device(long n, char *out, size_t outlen)
+{
+    long long end = now_ms(CLOCK_MONOTONIC) + 5000;
+    for (;;) {
+        DIR *d = opendir("/sys/bus/scsi/devices");
+        struct dirent *e;
+        while (d && (e = readdir(d))) {
+            int host, chan, id, lun;
+            char tail;
+            if (sscanf(e->d_name, "%d:%d:%d:%d%c", &host, &chan, &id, &lun, &tail) != 4
+                || lun != n || chan != 0 || id != 0)
+                continue;
+            char path[PATH_MAX];
+            snprintf(path, sizeof path, "/sys/bus/scsi/devices/%s/block", e->d_name);
+            DIR *b = opendir(path);
+            struct dirent *be;
+            while (b && (be = readdir(b))) {
+                if (be->d_name[0] == '.') continue;
+                snprintf(out, outlen, "/dev/%s", be->d_name);
+                struct stat st;
+                if (stat(out, &st) == 0) {
+                    closedir(b);
+                    closedir(d);
+                    return;
+                }
+            }
+            if (b) closedir(b);
+        }
+        if (d) closedir(d);
+        if (now_ms(CLOCK_MONOTONIC) > end) die("volume %ld: no disk at SCSI LUN %ld", n, n);
+        sleep_ms(10);
+    }
+}
+
 /*
- * ember.volumes=vdb:/data:rw,vdc:/logs:ro -- named volumes (ext4 disks after the
- * root), mounted into the new root before it becomes "/". The host checked the
- * paths (absolute, plain characters, no ".."); a volume that will not mount is
- * fatal: the machine must not run without the data it was given.
+ * ember.volumes=0:/data:rw,1:/logs:ro -- named volumes (ext4 disks, LUN N of the
+ * SCSI controller being volume N), mounted into the new root before it becomes
+ * "/". The host checked the paths (absolute, plain characters, no ".."); a
+ * volume that will not mount is fatal: the machine must not run without the
+ * data it was given.
  */
 static void mount_volumes(char *spec)
 {
-    char *save = NULL;
-    for (char *item = strtok_r(spec, ",", &save); item; item = strtok_r(NULL, ",", &save)) {
-        char *dev = item, *target = strchr(item, ':'), *mode;
-        if (!target) die("ember.volumes: bad entry %s", item);
-        *target++ = 0;
-        mode = strrchr(target, ':');
-        if (!mode) die("ember.volumes: bad entry %s", item);
-        *mode++ = 0;
-        if (target[0] != '/' || strstr(target, "..") || strchr(dev, '/'))
-            die("ember.volumes: bad entry %s", item);
-        char devpath[64], dst[PATH_MAX];
-        snprintf(devpath, sizeof devpath, "/dev/%s", dev);
+    char *save = NULL, *target;
+    long n;
+    int ro;
+    while (next_entry(&spec, &save, &n, &target, &ro)) {
+        char devpath[PATH_MAX], dst[PATH_MAX];
+        lun_device(n, devpath, sizeof devpath);
         snprintf(dst, sizeof dst, "/ember/root%s", target);
-        struct stat st;
-        long long end = now_ms(CLOCK_MONOTONIC) + 5000;
-        while (stat(devpath, &st) < 0) {
-            if (now_ms(CLOCK_MONOTONIC) > end) die("volume %s: %s", devpath, strerror(errno));
-            sleep_ms(10);
-        }
-        int ro = strcmp(mode, "ro") == 0;
         unsigned long flags = MS_NOSUID | MS_NODEV | (ro ? MS_RDONLY : 0);
         mkdirs(dst, 0755);
         if (mount(devpath, dst, "ext4", flags, NULL) == 0) continue;
         if (ro && errno == EROFS) {
             /* its last machine died without unmounting it: a read-only disk cannot
              * replay the journal, so read it as it is (the last writes may be missing) */
-            logmsg("volume %s was not unmounted cleanly: mounted without its journal", dev);
+            logmsg("volume %ld was not unmounted cleanly: mounted without its journal", n);
             do_mount(devpath, dst, "ext4", flags, "norecovery", 1);
             continue;
         }
@@ -149,10 +192,36 @@ static void mount_volumes(char *spec)
     }
 }
 
+/*
+ * ember.shares=0:/src:rw,1:/cfg:ro -- host directories: entry N of the one 9p
+ * export (tag ember.shares) is share N. The export is mounted once, each entry
+ * bound at its path, and the export itself let go: the guest sees its shares
+ * and nothing else. Read-only is the host's doing too (its bind is read-only).
+ */
+static void mount_shares(char *spec)
+{
+    char *save = NULL, *target;
+    long n;
+    int ro;
+    do_mount("ember.shares", "/ember/shares", "9p", MS_NOSUID | MS_NODEV,
+             "trans=virtio,version=9p2000.L,msize=512000,access=user", 1);
+    while (next_entry(&spec, &save, &n, &target, &ro)) {
+        char src[PATH_MAX], dst[PATH_MAX];
+        snprintf(src, sizeof src, "/ember/shares/%ld", n);
+        snprintf(dst, sizeof dst, "/ember/root%s", target);
+        mkdirs(dst, 0755);
+        do_mount(src, dst, NULL, MS_BIND, NULL, 1);
+        if (ro)
+            do_mount(NULL, dst, NULL, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV,
+                     NULL, 1);
+    }
+    umount2("/ember/shares", MNT_DETACH);
+}
+
 void boot(void)
 {
     char cmdline[4096] = "", root[256] = "", fstype[64] = "erofs", host[65] = "ember";
-    char port[128] = "ember.agent", net[128] = "", vols[1024] = "";
+    char port[128] = "ember.agent", net[128] = "", vols[2048] = "", shares[2048] = "";
     int fd;
     ssize_t n;
 
@@ -173,6 +242,7 @@ void boot(void)
     cmdline_get(cmdline, "ember.port", port, sizeof port);
     cmdline_get(cmdline, "ember.net", net, sizeof net);
     cmdline_get(cmdline, "ember.volumes", vols, sizeof vols);
+    cmdline_get(cmdline, "ember.shares", shares, sizeof shares);
 
     if (root[0]) {
         struct stat st;
@@ -189,6 +259,7 @@ void boot(void)
                  "lowerdir=/ember/lower,upperdir=/ember/rw/upper,workdir=/ember/rw/work", 1);
         mount_inner("/ember/root", 1);
         if (vols[0]) mount_volumes(vols);
+        if (shares[0]) mount_shares(shares);
         /* the initramfs's own API mounts are not needed any more */
         umount2("/dev", MNT_DETACH);
         umount2("/proc", MNT_DETACH);
