@@ -66,8 +66,8 @@ def test_top_level_v_is_still_verbose() -> None:
 
 
 @pytest.mark.parametrize(("value", "match"), [
-    ("/srv/data:/data", "host directories"), ("data", "NAME:/PATH"), ("data:/", "mount path"),
-    ("data:/d:rx", "mode"),
+    ("/nonexistent-ember-dir/data:/data", "does not exist"), ("data", "NAME:/PATH"),
+    ("data:/", "mount path"), ("data:/d:rx", "mode"),
 ])
 def test_bad_v_is_one_error_line(value: str, match: str,
                                  capsys: pytest.CaptureFixture[str]) -> None:

@@ -278,6 +278,22 @@ class VolumeSpec(_Request):
     readonly: StrictBool = False
 
 
+class ShareSpec(_Request):
+    """A host directory shared with a machine (`-v HOSTDIR:/PATH[:ro]`)."""
+
+    source: str = Field(min_length=2, max_length=4096, pattern=r"^/",
+                        description="The directory, an absolute path on the daemon's host "
+                                    "(symlinks are resolved at create); it must exist, and "
+                                    "be neither `/` nor hold or be inside Ember's data "
+                                    "directory.")
+    target: str = Field(min_length=2, max_length=201, pattern=r"^/",
+                        description="Where the guest sees it: an absolute path other "
+                                    "than `/`, of letters, digits, `.`, `_`, `-` and `/`.")
+    readonly: StrictBool = Field(default=False,
+                                 description="Read-only, enforced on the host (a read-only "
+                                             "mount), not only in the guest.")
+
+
 class VolumeCreate(_Request):
     name: str = Field(pattern=VOLUME_NAME_PATTERN,
                       description="Unique name: letters, digits, `_`, `.`, `-`, starting "
@@ -338,11 +354,21 @@ class MachineCreate(_Request):
         description="Egress policy (needs the tap network: a root daemon, network `user`); "
                     "none: public addresses only. A malformed rule is 422, naming it.")
     volumes: list[VolumeSpec] = Field(
-        default_factory=list, max_length=4,
-        description="Named volumes to attach, as disks the guest mounts at `target`; each "
-                    "must exist (404). Resolved at each start: one a running machine has "
-                    "is a 409 then. A machine with volumes never starts warm and cannot be "
-                    "snapshotted; not with `snapshot`.")
+        default_factory=list, max_length=16,
+        description="Named volumes to attach (at most 16), as disks the guest mounts at "
+                    "`target`; each must exist (404). Resolved at each start: one a running "
+                    "machine has is a 409 then. A machine with volumes never starts warm and "
+                    "cannot be snapshotted; not with `snapshot` (422).")
+    shares: list[ShareSpec] = Field(
+        default_factory=list, max_length=32,
+        description="Host shares (at most 32): a directory on the daemon's host shared live "
+                    "with the guest over virtio-9p at `target`. Writes are seen both ways "
+                    "at once; `readonly` is enforced on the host. Ownership: what the guest "
+                    "creates in a share belongs on the host to the directory's owner (to "
+                    "the daemon's user, without root). A source that is not a directory "
+                    "is a 422; mount paths of volumes and shares together must be unique "
+                    "and cannot nest. A machine with shares never starts warm and cannot "
+                    "be snapshotted; not with `snapshot` (422).")
 
     _env = field_validator("env")(_check_env)
     _argv = field_validator("cmd", "entrypoint")(_check_argv)
@@ -351,6 +377,9 @@ class MachineCreate(_Request):
     def _image_or_snapshot(self) -> MachineCreate:
         if (self.image is None) == (self.snapshot is None):
             raise ValueError("give exactly one of image and snapshot")
+        if self.snapshot is not None and (self.volumes or self.shares):
+            raise ValueError("a clone of a snapshot cannot have volumes or host shares: its "
+                             "guest's memory would not match their contents")
         return self
 
 
@@ -406,6 +435,9 @@ class Machine(_Response):
                     "or not read yet.")
     volumes: list[VolumeSpec] = Field(default_factory=list,
                                       description="The volumes asked for at create.")
+    shares: list[ShareSpec] = Field(default_factory=list,
+                                    description="The host shares asked for at create "
+                                                "(`source` resolved).")
 
 
 class Confinement(_Response):

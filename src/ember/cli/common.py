@@ -184,7 +184,9 @@ def count(value: str) -> int:
 
 
 def volume_arg(value: str) -> Any:
-    """``-v NAME:/PATH[:ro]``: a :class:`~ember.volumes.store.VolumeRequest`."""
+    """``-v NAME:/PATH[:ro]``: a :class:`~ember.volumes.store.VolumeRequest`;
+    ``-v HOSTDIR:/PATH[:ro]``: a :class:`~ember.volumes.shares.ShareMount` (the directory
+    resolved against the cwd and checked here)."""
     from ember.volumes.store import VolumeError, parse_volume_flag
 
     try:

@@ -88,7 +88,7 @@ def create_machine(c: Client, args: argparse.Namespace, *, start: bool) -> Machi
             hostname=args.hostname, ports=[parse_port(p) for p in args.publish],
             network=args.network if args.network != "user" else None, restart=args.restart,
             auto_remove=bool(getattr(args, "rm", False)), start=False, egress=egress,
-            volumes=volume_specs(args))
+            volumes=volume_specs(args), shares=share_specs(args))
         return _started(m) if start else m
     if image is None:
         raise EmberError("the following arguments are required: IMAGE (or --from SNAPSHOT)")
@@ -111,14 +111,26 @@ def create_machine(c: Client, args: argparse.Namespace, *, start: bool) -> Machi
         ports=[parse_port(p) for p in args.publish],
         network=args.network, restart=args.restart,
         auto_remove=bool(getattr(args, "rm", False)), start=False, cold=args.cold,
-        egress=egress, volumes=volume_specs(args))
+        egress=egress, volumes=volume_specs(args), shares=share_specs(args))
     return _started(m) if start else m
 
 
 def volume_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """``-v`` values (parsed by ``volume_arg``) as the create body takes them."""
+    """The named volumes of the ``-v`` values (parsed by ``volume_arg``) as the create
+    body's ``volumes`` takes them."""
+    from ember.volumes.store import VolumeRequest
+
     return [{"name": v.name, "target": v.target, "readonly": v.readonly}
-            for v in getattr(args, "volume", None) or []]
+            for v in getattr(args, "volume", None) or [] if isinstance(v, VolumeRequest)]
+
+
+def share_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The host shares of the ``-v`` values as the create body's ``shares`` takes them:
+    the directory resolved here (against this shell's cwd), for a daemon on this host."""
+    from ember.volumes.shares import ShareMount
+
+    return [{"source": str(v.source), "target": v.target, "readonly": v.readonly}
+            for v in getattr(args, "volume", None) or [] if isinstance(v, ShareMount)]
 
 
 def _pulled(c: Client, image: str, args: argparse.Namespace) -> str:
@@ -375,9 +387,10 @@ def add_create_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--egress", action="append", default=[], metavar="SPEC",
                    help=EGRESS_HELP + " (needs the tap network: root)")
     p.add_argument("-v", "--volume", action="append", default=[], type=volume_arg,
-                   metavar="NAME:/PATH[:ro]",
-                   help="mount the named volume (ember volume create) at PATH in the guest; "
-                   ":ro read-only")
+                   metavar="NAME|HOSTDIR:/PATH[:ro]",
+                   help="-v NAME:/PATH[:ro] mounts a named volume (ember volume create) at "
+                   "PATH in the guest; -v HOSTDIR:/PATH[:ro] shares a host directory (a path "
+                   "with a '/', or starting with '.' or '~') live; :ro read-only; repeatable")
     p.add_argument("--restart", choices=("no", "on-failure", "always"), default="no",
                    help="restart policy (default no; a daemon machine's)")
     p.add_argument("--cold", action="store_true",

@@ -61,8 +61,9 @@ def _speculate(args: argparse.Namespace) -> tuple[str | None, Any]:
     """A warm start's QEMU, spawned at once from this run's plan where there is one.
 
     Only for the plain case: an image reference (not a path), no name, no published
-    ports, no egress policy, no volumes, not cold. Whatever is spawned, ``ember.run.prepare`` checks
-    it against the spec it builds, and kills it if they differ (``snapshots/plan.py``).
+    ports, no egress policy, no volumes or host shares (``-v``), not cold. Whatever is
+    spawned, ``ember.run.prepare`` checks it against the spec it builds, and kills it if
+    they differ (``snapshots/plan.py``).
     """
     import os
 

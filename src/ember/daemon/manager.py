@@ -36,6 +36,7 @@ from ember.util import log
 from ember.vmm import network
 from ember.vmm.egress import EgressPolicy
 from ember.volumes import store as vstore
+from ember.volumes.shares import ShareError, ShareMount, share
 
 if TYPE_CHECKING:
     from ember.images.store import Image, Imported, Removal
@@ -96,6 +97,7 @@ class Manager(Snapshots):
         kwargs["limit_resources"] = True
         kwargs["egress"] = EgressPolicy.from_json(doc.get("egress"))
         kwargs["volumes"] = self.volume_mounts(doc.get("volumes") or [])
+        kwargs["shares"] = tuple(ShareMount.from_json(d) for d in doc.get("shares") or [])
         return MachineConfig(**kwargs)
 
     def volume_mounts(self, specs: list[dict[str, Any]]) -> tuple[vstore.VolumeMount, ...]:
@@ -214,7 +216,7 @@ class Manager(Snapshots):
         name = body.name or f"ember-{mid[:6]}"
         policy = egress.policy_of(body.egress)
         egress.check_create(name, fields.get("network", body.network.value), policy)
-        vols = self._volume_specs(body)
+        vols, shares = self._mount_specs(body)
         seen = set()
         for p in body.ports:
             if p.host_port and (p.host_ip, p.host_port) in seen:
@@ -228,6 +230,7 @@ class Manager(Snapshots):
             "network": body.network.value, "ports": [],
             "publish": [p.model_dump() for p in body.ports], "auto_remove": body.auto_remove,
             "_cold": body.cold, "egress": egress.as_record(policy), "volumes": vols,
+            "shares": shares,
             "restart": body.restart.value, "restart_count": 0, "created_at": now(),
             "started_at": None, "finished_at": None, "exit_code": None, "reason": None,
             "pid": None, "accel": None, "limits": {},
@@ -249,10 +252,24 @@ class Manager(Snapshots):
         self.events.publish(mid, name, "created")
         return mm
 
-    def _volume_specs(self, body: models.MachineCreate) -> list[dict[str, Any]]:
-        """The create's volumes, checked (422) and found (404), as the record keeps them."""
+    def _mount_specs(self, body: models.MachineCreate
+                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """The create's volumes and shares, checked together (422), the volumes found
+        (404), as the record keeps them."""
+        vols, mounts = self._volume_specs(body)
+        shares = self._share_specs(body)
+        try:
+            vstore.check_mounts(mounts, shares)
+        except vstore.VolumeError as exc:
+            raise Invalid(str(exc)) from None
+        return vols, [m.to_json() for m in shares]
+
+    def _volume_specs(self, body: models.MachineCreate
+                      ) -> tuple[list[dict[str, Any]], tuple[vstore.VolumeMount, ...]]:
+        """The create's volumes, checked (422) and found (404): as the record keeps them,
+        and resolved."""
         if not body.volumes:
-            return []
+            return [], ()
         if body.snapshot is not None:
             raise Invalid("a clone of a snapshot cannot mount volumes: its guest's memory "
                           "would not match their disks")
@@ -260,12 +277,25 @@ class Manager(Snapshots):
             reqs = [vstore.validated(vstore.VolumeRequest(v.name, v.target, v.readonly))
                     for v in body.volumes]
             mounts = tuple(self.volume_store.mount(r) for r in reqs)
-            vstore.check_mounts(mounts)
         except vstore.VolumeNotFound as exc:
             raise NotFound(str(exc)) from None
         except vstore.VolumeError as exc:
             raise Invalid(str(exc)) from None
-        return [{"name": r.name, "target": r.target, "readonly": r.readonly} for r in reqs]
+        return [{"name": r.name, "target": r.target, "readonly": r.readonly}
+                for r in reqs], mounts
+
+    def _share_specs(self, body: models.MachineCreate) -> tuple[ShareMount, ...]:
+        """The create's host shares, checked (422): each a directory of this host, its
+        symlinks resolved (``volumes/shares.py``)."""
+        if not body.shares:
+            return ()
+        if body.snapshot is not None:
+            raise Invalid("a clone of a snapshot cannot have host shares: its guest's memory "
+                          "would not match their files")
+        try:
+            return tuple(share(s.source, s.target, s.readonly) for s in body.shares)
+        except (ShareError, vstore.VolumeError) as exc:
+            raise Invalid(str(exc)) from None
 
     # --- volumes
 

@@ -47,8 +47,13 @@ PortLike = models.PortSpec | Mapping[str, Any] | str | int
 #: out), or the API's model.
 EgressLike = models.Egress | Mapping[str, Sequence[str]]
 #: A volume for a machine: ``{"name": "data", "target": "/data", "readonly": False}``
-#: (``readonly`` may be left out), ``"data:/data[:ro]"``, or the API's model.
-VolumeLike = models.VolumeSpec | Mapping[str, Any] | str
+#: (``readonly`` may be left out), ``"data:/data[:ro]"``, or the API's model. In
+#: ``volumes=``, a host share (:data:`ShareLike`) is taken too, as ``-v`` takes it.
+VolumeLike = models.VolumeSpec | models.ShareSpec | Mapping[str, Any] | str
+#: A host share for a machine: ``{"source": "/srv/app", "target": "/app", "readonly":
+#: False}`` (``readonly`` may be left out), ``"/srv/app:/app[:ro]"``, or the API's model.
+#: The directory is the daemon host's.
+ShareLike = models.ShareSpec | Mapping[str, Any] | str
 
 
 class Keep:
@@ -206,17 +211,37 @@ def egress_body(value: EgressLike | None) -> models.Egress | None:
     return models.Egress.model_validate(policy.to_json()) if policy is not None else None
 
 
-def volume_spec(value: VolumeLike) -> models.VolumeSpec:
-    """A volume of a create as the API takes it, checked as the daemon checks it."""
-    from ember.volumes.store import VolumeError, VolumeRequest, parse_volume_flag, validated
+def _split_mount(text: str, what: str) -> tuple[str, str, bool]:
+    """``SOURCE:/PATH[:ro|:rw]`` as its parts, as ``-v`` reads them."""
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[0] or not parts[1]:
+        raise invalid(f"{what} {text!r}: use NAME:/PATH or HOSTDIR:/PATH, then :ro if wanted")
+    mode = parts[2] if len(parts) == 3 else "rw"
+    if mode not in ("ro", "rw"):
+        raise invalid(f"{what} {text!r}: the mode must be ro or rw, not {mode!r}")
+    return parts[0], parts[1], mode == "ro"
 
+
+def volume_spec(value: VolumeLike) -> models.VolumeSpec | models.ShareSpec:
+    """A ``volumes=`` entry of a create as the API takes it, checked as the daemon checks
+    it: a named volume, or a host share (a string whose first part is a path, as ``-v``
+    reads it, a mapping with a ``source``, a ShareSpec)."""
+    from ember.volumes.shares import is_host_path
+    from ember.volumes.store import VolumeError, VolumeRequest, validated
+
+    if isinstance(value, models.ShareSpec):
+        return share_spec(value)
     try:
         if isinstance(value, models.VolumeSpec):
             spec = value
         elif isinstance(value, str):
-            req = parse_volume_flag(value)
-            return models.VolumeSpec(name=req.name, target=req.target, readonly=req.readonly)
+            name, target, readonly = _split_mount(value, "volume")
+            if is_host_path(name):
+                return share_spec(value)
+            spec = models.VolumeSpec(name=name, target=target, readonly=readonly)
         elif isinstance(value, Mapping):
+            if "source" in value and "name" not in value:
+                return share_spec(value)
             spec = models.VolumeSpec.model_validate(dict(value))
         else:
             raise invalid('a volume is {"name": ..., "target": "/path", "readonly": false} '
@@ -227,6 +252,70 @@ def volume_spec(value: VolumeLike) -> models.VolumeSpec:
     except VolumeError as exc:
         raise invalid(str(exc)) from None
     return models.VolumeSpec(name=req.name, target=req.target, readonly=req.readonly)
+
+
+def share_spec(value: ShareLike) -> models.ShareSpec:
+    """A host share of a create as the API takes it. Only its shape is checked here (the
+    directory is the daemon host's, which checks it): an absolute source (a string's is
+    made so against this process's cwd, ``~`` expanded, as ``-v`` does) and a mount path."""
+    from ember.volumes.shares import is_host_path
+    from ember.volumes.store import VolumeError, check_target
+
+    try:
+        if isinstance(value, models.ShareSpec):
+            spec = value
+        elif isinstance(value, str):
+            source, target, readonly = _split_mount(value, "share")
+            if not is_host_path(source):
+                raise invalid(f"share {value!r}: {source!r} is a volume's name, not a host "
+                              "directory (give a path: /dir, ./dir or ~/dir; volumes go in "
+                              "volumes=)")
+            source = os.path.abspath(os.path.expanduser(source))
+            spec = models.ShareSpec(source=source, target=target, readonly=readonly)
+        elif isinstance(value, Mapping):
+            spec = models.ShareSpec.model_validate(dict(value))
+        else:
+            raise invalid('a share is {"source": "/host/dir", "target": "/path", "readonly": '
+                          'false} or "HOSTDIR:/PATH[:ro]"')
+        target = check_target(spec.target)
+    except ValidationError as exc:
+        raise invalid(f"shares: {validation_message(exc)}") from None
+    except VolumeError as exc:
+        raise invalid(str(exc)) from None
+    return models.ShareSpec(source=posixpath.normpath(spec.source), target=target,
+                            readonly=spec.readonly)
+
+
+def mount_specs(volumes: Sequence[VolumeLike] | None, shares: Sequence[ShareLike] | None
+                ) -> tuple[list[models.VolumeSpec], list[models.ShareSpec]]:
+    """A create's ``volumes=`` and ``shares=`` as the body's ``volumes`` and ``shares``
+    (host shares given in ``volumes=`` move to ``shares``), their mount paths checked
+    together as the daemon checks them."""
+    from pathlib import Path
+
+    from ember.volumes.shares import ShareMount
+    from ember.volumes.store import VolumeError, VolumeMount, check_mounts
+
+    vols: list[models.VolumeSpec] = []
+    shrs: list[models.ShareSpec] = []
+    for what, values, example in (
+            ("volumes", volumes, '[{"name": "data", "target": "/data"}]'),
+            ("shares", shares, '[{"source": "/srv/app", "target": "/app"}]')):
+        if values and isinstance(values, str | bytes | Mapping):
+            raise invalid(f"{what} must be a list, e.g. {example}")
+    for v in volumes or ():
+        spec = volume_spec(v)
+        if isinstance(spec, models.ShareSpec):
+            shrs.append(spec)
+        else:
+            vols.append(spec)
+    shrs.extend(share_spec(s) for s in shares or ())
+    try:
+        check_mounts(tuple(VolumeMount(v.name, Path("/"), v.target, v.readonly) for v in vols),
+                     tuple(ShareMount(Path(s.source), s.target, s.readonly) for s in shrs))
+    except VolumeError as exc:
+        raise invalid(str(exc)) from None
+    return vols, shrs
 
 
 def volume_create_body(name: str, size_bytes: int | None) -> dict[str, Any]:
@@ -262,7 +351,8 @@ def machine_create_body(image: str | None, *, name: str | None, cpus: int | None
                         restart: str, auto_remove: bool = False,
                         snapshot: str | None = None, cold: bool = False,
                         egress: EgressLike | None = None,
-                        volumes: Sequence[VolumeLike] | None = None) -> dict[str, Any]:
+                        volumes: Sequence[VolumeLike] | None = None,
+                        shares: Sequence[ShareLike] | None = None) -> dict[str, Any]:
     """The JSON body of ``POST /v1/machines``, checked against the contract before sending.
 
     Only what is given is sent (``None``: the daemon's default, or a snapshot's own).
@@ -289,11 +379,11 @@ def machine_create_body(image: str | None, *, name: str | None, cpus: int | None
         policy = egress_body(egress)
         if policy is not None:
             kwargs["egress"] = policy
-        if volumes:
-            if isinstance(volumes, str | bytes | Mapping):
-                raise invalid("volumes must be a list, e.g. "
-                              '[{"name": "data", "target": "/data"}]')
-            kwargs["volumes"] = [volume_spec(v) for v in volumes]
+        vols, shrs = mount_specs(volumes, shares)
+        if vols:
+            kwargs["volumes"] = vols
+        if shrs:
+            kwargs["shares"] = shrs
         body = models.MachineCreate(**kwargs)
     except ValidationError as exc:
         raise invalid(validation_message(exc)) from None

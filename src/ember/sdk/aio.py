@@ -20,7 +20,7 @@ from typing import IO, Any, TypeVar
 from ember._httpx import httpx
 from ember.api import models
 from ember.sdk import _common as c
-from ember.sdk._common import EgressLike, ExecEvent, PortLike, VolumeLike
+from ember.sdk._common import EgressLike, ExecEvent, PortLike, ShareLike, VolumeLike
 from ember.sdk.client import DEFAULT, _Default, _unreachable
 from ember.sdk.errors import DaemonUnavailable, NotFound, error_for
 
@@ -282,13 +282,14 @@ class AsyncMachines:
                      auto_remove: bool = False, start: bool = True,
                      cold: bool = False,
                      egress: EgressLike | None = None,
-                     volumes: Sequence[VolumeLike] | None = None) -> AsyncMachineHandle:
+                     volumes: Sequence[VolumeLike] | None = None,
+                     shares: Sequence[ShareLike] | None = None) -> AsyncMachineHandle:
         """See :meth:`ember.sdk.client.Machines.create`."""
         body = c.machine_create_body(
             image, name=name, cpus=cpus, memory_mib=memory_mib, env=env, cmd=cmd,
             entrypoint=entrypoint, workdir=workdir, user=user, hostname=hostname, ports=ports,
             network=network, restart=restart, auto_remove=auto_remove, snapshot=snapshot,
-            cold=cold, egress=egress, volumes=volumes)
+            cold=cold, egress=egress, volumes=volumes, shares=shares)
         resp = await self._c._request("POST", "/v1/machines", json=body)
         handle = AsyncMachineHandle(self._c, models.Machine.model_validate_json(resp.content))
         if start:

@@ -19,7 +19,7 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 from ember._httpx import httpx
 from ember.api import models
 from ember.sdk import _common as c
-from ember.sdk._common import EgressLike, ExecEvent, PortLike, VolumeLike
+from ember.sdk._common import EgressLike, ExecEvent, PortLike, ShareLike, VolumeLike
 from ember.sdk.errors import DaemonUnavailable, NotFound, error_for
 
 if TYPE_CHECKING:
@@ -348,7 +348,8 @@ class Machines:
                network: str | None = None, restart: str = "no", auto_remove: bool = False,
                start: bool = True, cold: bool = False,
                egress: EgressLike | None = None,
-               volumes: Sequence[VolumeLike] | None = None) -> MachineHandle:
+               volumes: Sequence[VolumeLike] | None = None,
+               shares: Sequence[ShareLike] | None = None) -> MachineHandle:
         """Create a machine from ``image`` (or as a clone of ``snapshot``) and (unless
         ``start=False``) start it.
 
@@ -365,12 +366,20 @@ class Machines:
         (needs a root daemon's tap network; see :meth:`MachineHandle.update`). If
         the boot fails the machine is removed again, so no half-made machine is
         left behind. ``volumes``: named volumes to mount, ``[{"name": "data",
-        "target": "/data", "readonly": False}]`` or ``["data:/data:ro"]`` (at most 4;
-        each must exist: :attr:`Client.volumes`).
+        "target": "/data", "readonly": False}]`` or ``["data:/data:ro"]`` (at most 16;
+        each must exist: :attr:`Client.volumes`); a ``"HOSTDIR:/PATH[:ro]"`` there is
+        a host share, as ``-v`` takes it. ``shares``: directories of the daemon's host
+        shared live with the guest, ``[{"source": "/srv/app", "target": "/app",
+        "readonly": False}]`` or ``["/srv/app:/app:ro"]`` (at most 32; a string's
+        relative or ``~`` directory is made absolute here, against this process's
+        cwd; the daemon checks that it is a directory). Writes are seen both ways;
+        what the guest creates belongs to the directory's owner. A machine with
+        volumes or shares never starts warm and cannot be snapshotted.
 
         Raises:
             InvalidRequest: a value the API refuses (checked before sending), e.g. a
-                malformed egress rule.
+                malformed egress rule; a share's directory that is not one on the
+                daemon's host.
             NotFound: no such image or volume. Conflict: the name or a host port is
                 taken, a volume is in use by a running machine, or the daemon cannot
                 enforce an egress policy.
@@ -379,7 +388,7 @@ class Machines:
             image, name=name, cpus=cpus, memory_mib=memory_mib, env=env, cmd=cmd,
             entrypoint=entrypoint, workdir=workdir, user=user, hostname=hostname, ports=ports,
             network=network, restart=restart, auto_remove=auto_remove, snapshot=snapshot,
-            cold=cold, egress=egress, volumes=volumes)
+            cold=cold, egress=egress, volumes=volumes, shares=shares)
         resp = self._c._request("POST", "/v1/machines", json=body)
         handle = MachineHandle(self._c, models.Machine.model_validate_json(resp.content))
         if start:
