@@ -47,10 +47,9 @@ from ember.vmm.network import (
 from ember.vmm.process import VMProcess, is_running_in
 from ember.vmm.qemu import APIC_BUS_HZ
 from ember.vmm.spec import AGENT_PORT_NAME, DriveSpec, MachineSpec, RestoreSpec
+from ember.volumes.layer import RootLayer
 from ember.volumes.shares import ShareMount
-from ember.volumes.shares import cmdline_param as shares_cmdline
 from ember.volumes.store import VolumeMount, check_mounts
-from ember.volumes.store import cmdline_param as volume_cmdline
 
 if TYPE_CHECKING:
     from ember.agent.client import AgentClient, Process
@@ -152,6 +151,8 @@ class MachineConfig:
     volumes: tuple[VolumeMount, ...] = ()
     #: Host directories shared live (``volumes/shares.py``); no snapshots either.
     shares: tuple[ShareMount, ...] = ()
+    #: The writable root layer on disk (``volumes/layer.py``); None: guest memory.
+    layer: RootLayer | None = None
 
     @property
     def mounts_host_data(self) -> bool:
@@ -195,6 +196,9 @@ class Machine:
         self.vm: VMProcess | None = None
         self.agent: AgentClient | None = None
         self.ready: ReadyInfo | None = None
+        #: The guest's root is mounted (False between a boot's READY and the IDENTITY
+        #: that mounts it: a boot snapshot is taken then).
+        self.root_mounted = False
 
     @property
     def name(self) -> str:
@@ -215,19 +219,18 @@ class Machine:
             raise EmberError("a machine with volumes or shares cannot start from a snapshot: "
                              "its guest would hold another disk's filesystem state")
         net = guest_cmdline_param(config.network)
-        vols = " ".join(p for p in (volume_cmdline(config.volumes),
-                                    shares_cmdline(config.shares)) if p)
+        # ember.late=1: the agent mounts the root when the host says how (root_mounts):
+        # a boot snapshot is taken before, so its clones mount their own disks
         cmdline = guest_cmdline(
-            guest, f"ember.root=/dev/vda ember.rootfstype=erofs "
+            guest, f"ember.root=/dev/vda ember.rootfstype=erofs ember.late=1 "
             f"ember.hostname={config.hostname or name} "
-            f"ember.port={AGENT_PORT_NAME}" + (f" {net}" if net else "")
-            + (f" {vols}" if vols else ""), accel=accel.name)
+            f"ember.port={AGENT_PORT_NAME}" + (f" {net}" if net else ""), accel=accel.name)
         spec = MachineSpec(
             name=name, state_dir=machines_dir / name, kernel=guest.kernel,
             initramfs=guest.initramfs, cmdline=cmdline, cpus=config.cpus,
             memory_mib=config.memory_mib, accel=accel.name,
             drives=(DriveSpec(rootfs, readonly=True),),
-            volumes=config.volumes, shares=config.shares,
+            volumes=config.volumes, shares=config.shares, layer=config.layer,
             network=config.network, ports=config.ports, egress=config.egress,
             net_backend=default_backend() if config.network == NETWORK_USER else BACKEND_SLIRP,
             limit_resources=config.limit_resources, restore=restore,
@@ -294,8 +297,13 @@ class Machine:
     @require(MachineState.CREATED)
     def start(self, boot_timeout: float = 60.0,
               progress: Callable[[str], None] | None = None,
-              speculative: Speculative | None = None) -> ReadyInfo:
-        """Start QEMU and wait for the agent's READY.
+              speculative: Speculative | None = None,
+              before_root: Callable[[], None] | None = None) -> ReadyInfo:
+        """Start QEMU and wait for the agent's READY, then have it mount the root.
+
+        ``before_root``: called between a boot's READY and the mounting of its root
+        (its guest then has nothing of this machine's disks mounted): where a boot
+        snapshot is taken.
 
         A boot still waiting after :data:`SLOW_BOOT` seconds is reported once to
         ``progress``, with what it waits for and the console's last line.
@@ -330,21 +338,30 @@ class Machine:
                 assert speculative.ready is not None and self.spec.restore is not None
                 self.agent = speculative.agent
                 self.ready = dataclasses.replace(speculative.ready,
-                                                 restored_from=self.spec.restore.snapshot_id)
+                                                 restored_from=self.spec.restore.snapshot_id,
+                                                 root_pending=False)
+                self.root_mounted = True
                 self.state = MachineState.RUNNING
                 return self.ready
             sock = self.vm.connect(MachineSpec.AGENT_SOCKET, timeout=10.0)
             if self.spec.restore is None:
                 self.agent = AgentClient(sock)
-                self.ready = self.agent.hello(timeout=boot_timeout)
+                ready = self.agent.hello(timeout=boot_timeout)
+                if ready.root_pending:
+                    if before_root is not None:
+                        before_root()
+                    self.agent.identity(hostname=None, root=self.spec.root_mounts())
+                self.ready = dataclasses.replace(ready, root_pending=False)
             else:
                 # A clone's channel ids keep clear of the snapshot's live processes,
                 # and its first HELLO can be lost while the restored port comes up.
                 self.agent = AgentClient(sock, first_channel=secrets.randbelow(1 << 30) + (1 << 30))
                 ready = self.agent.hello(timeout=boot_timeout, resend=0.1)
                 snap = self.spec.restore.snapshot_id
-                self.agent.identity(hostname=self.hostname, snapshot=snap)
-                self.ready = dataclasses.replace(ready, restored_from=snap)
+                self.agent.identity(hostname=self.hostname, snapshot=snap,
+                                    root=self.spec.root_mounts() if ready.root_pending else None)
+                self.ready = dataclasses.replace(ready, restored_from=snap, root_pending=False)
+            self.root_mounted = True
         except AgentDisconnected as exc:
             self.state = MachineState.CRASHED
             raise self._crash_error() from exc

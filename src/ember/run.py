@@ -80,8 +80,11 @@ class RunRequest:
     #: addresses only. Needs the tap network (root).
     egress: EgressPolicy | None = None
     #: ``-v``: named volumes (``NAME:/PATH[:ro]``, ``volumes/store.py``) and host shares
-    #: (``HOSTDIR:/PATH[:ro]``, ``volumes/shares.py``); a run with any never starts warm.
+    #: (``HOSTDIR:/PATH[:ro]``, ``volumes/shares.py``); such a machine cannot be snapshotted.
     volumes: tuple[VolumeRequest | ShareMount, ...] = ()
+    #: A writable root layer on disk of this many bytes (``volumes/layer.py``), in the
+    #: machine's state dir (gone with it at exit); None: guest memory.
+    rootfs_size: int | None = None
 
 
 @dataclass
@@ -165,10 +168,18 @@ def _prepare(req: RunRequest, progress: Progress, notice: Progress,
     guest = ensure_guest(paths.cache_dir(), progress)
     _reap_and_check_name(req)
     name = req.name or (speculative.vm.spec.name if speculative is not None else None)
+    if req.rootfs_size is not None:
+        import dataclasses
+
+        from ember.volumes.layer import LAYER_FILE, RootLayer
+
+        name = name or new_machine_id()
+        config = dataclasses.replace(config, layer=RootLayer(
+            paths.machines_dir() / name / LAYER_FILE, req.rootfs_size))
     machine = Machine.create(machines_dir=paths.machines_dir(), guest=guest, rootfs=rootfs,
                              accel=accel, config=config, name=name)
     prepared = Prepared(machine, process, accel)
-    if req.cold or machine.spec.mounts_host_data:  # never a snapshot (volumes/)
+    if req.cold:
         return prepared
     from ember.snapshots import start as snapstart
 
@@ -328,10 +339,13 @@ def run(req: RunRequest, progress: Progress, notice: Progress = stderr_progress,
     committing: threading.Thread | None = None
     try:
         with _signals() as set_proc:
-            machine.start(boot_timeout=req.boot_timeout, progress=progress,
-                          speculative=prep.speculative)
-            if prep.boot_key is not None:
+            def keep() -> None:  # before the root is mounted (Machine.start)
+                nonlocal committing
                 committing = _keep_boot_snapshot(prep)
+
+            machine.start(boot_timeout=req.boot_timeout, progress=progress,
+                          speculative=prep.speculative,
+                          before_root=keep if prep.boot_key is not None else None)
             with _terminal_raw(req.tty):
                 if prep.process is None:
                     proc = _follow_main(prep)

@@ -194,3 +194,36 @@ def test_through_the_daemon_a_share_is_live_and_listed(daemon: object, tmp_path:
             assert info["shares"] == [{"source": str(d), "target": "/work", "readonly": False}]
         finally:
             delete(api, "share-a")
+
+
+def test_a_boot_snapshot_serves_machines_with_their_own_volumes_and_shares(
+        store: ImageStore, tmp_path: Path) -> None:
+    """Boot snapshots are taken before the root is mounted: a machine started warm from
+    one mounts its own volume (of another size) and its own share."""
+    import subprocess
+    import sys
+
+    vs = VolumeStore(paths.volumes_dir())
+    vs.create("warm-a", 32 << 20)
+    vs.create("warm-b", 96 << 20)
+    outs = []
+    try:
+        for vol in ("warm-a", "warm-b"):
+            d = tmp_path / vol
+            d.mkdir()
+            (d / "who").write_text(f"share of {vol}\n")
+            proc = subprocess.run(
+                [sys.executable, "-m", "ember.cli", "run", "--rm", "-u", "root", "-v",
+                 f"{vol}:/data", "-v", f"{d}:/s:ro", "sample", "--", "sh", "-c",
+                 "cat /s/who; echo kept >> /data/f; cat /data/f; "
+                 "df -k /data | tail -1 | awk '{print $2}'"],
+                capture_output=True, timeout=180, stdin=subprocess.DEVNULL)
+            assert proc.returncode == 0, proc.stderr.decode()
+            outs.append((proc.stdout.decode().split("\n"), proc.stderr.decode()))
+    finally:
+        vs.remove("warm-a")
+        vs.remove("warm-b")
+    (a, _), (b, b_err) = outs
+    assert "warm start" in b_err
+    assert a[:2] == ["share of warm-a", "kept"] and b[:2] == ["share of warm-b", "kept"]
+    assert int(b[2]) > 2 * int(a[2])  # its own disk's size, not the snapshot's

@@ -303,12 +303,15 @@ class AgentClient:
         raise _copy_error(failure or AgentDisconnected("agent channel closed"))
 
     def identity(self, *, hostname: str | None, snapshot: str = "",
-                 timeout: float = 10.0) -> IdentityDone:
+                 root: dict[str, str] | None = None, timeout: float = 10.0) -> IdentityDone:
         """Give a guest restored from a snapshot its own identity, before any user command.
 
         Sends 256 bytes of the host's entropy (the agent credits them and reseeds
         the kernel's CRNG), the host's wall clock, ``hostname``, a fresh
-        machine-id, and the snapshot it was restored from.
+        machine-id, and the snapshot it was restored from. ``root``: mount the root
+        first (a guest whose READY said ``root_pending``): its writable layer
+        (``rw``), and the ``volumes`` and ``shares`` of ``ember.volumes=`` and
+        ``ember.shares=``.
 
         Raises:
             AgentError: the agent refused the refresh, or no answer within ``timeout``.
@@ -320,6 +323,8 @@ class AgentClient:
             payload["hostname"] = hostname
         if snapshot:
             payload["snapshot"] = snapshot
+        if root is not None:
+            payload.update(root)
         with self._lock:
             self._identity_event.clear()
             self._identity = None

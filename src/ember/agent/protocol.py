@@ -269,6 +269,9 @@ class ReadyInfo:
     tool: bool | None = None
     #: The snapshot this guest was restored from (set by IDENTITY); "" for a booted one.
     restored_from: str = ""
+    #: The agent serves from its initramfs until IDENTITY mounts the root
+    #: (``ember.late=1``): a booted guest, or one restored from a boot snapshot.
+    root_pending: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -276,7 +279,8 @@ class ReadyInfo:
         version = _int_field(obj, "version", "READY", 0, 1 << 31)
         assert version is not None
         uptime = _int_field(obj, "uptime_ms", "READY", 0, 1 << 62, required=False)
-        known = {"version", "agent", "kernel", "uptime_ms", "tool", "restored_from"}
+        known = {"version", "agent", "kernel", "uptime_ms", "tool", "restored_from",
+                 "root_pending"}
         return cls(
             version=version,
             agent=_field(obj, "agent", str, "READY", required=False, default=""),
@@ -285,6 +289,8 @@ class ReadyInfo:
             tool=_field(obj, "tool", bool, "READY", required=False),
             restored_from=_field(obj, "restored_from", str, "READY", required=False,
                                  default=""),
+            root_pending=_field(obj, "root_pending", bool, "READY", required=False,
+                                default=False),
             extra={k: v for k, v in obj.items() if k not in known},
         )
 

@@ -349,6 +349,16 @@ class MachineCreate(_Request):
     cold: bool = Field(default=False,
                        description="Boot at every start, even where a boot snapshot of the "
                                    "machine's shape would give a warm start.")
+    rootfs_size: int | None = Field(
+        default=None, ge=64 << 20, le=16 << 40,
+        description="The size in bytes of the machine's writable root layer on disk (a "
+                    "sparse ext4 image: it takes on the host what the guest wrote); "
+                    "default 10 GiB. The layer keeps the machine's changes to its files "
+                    "across stop and start until it is removed. Not with `tmpfs_root`.")
+    tmpfs_root: StrictBool = Field(
+        default=False,
+        description="Keep the writable root layer in guest memory instead (gone at every "
+                    "stop), as `ember run` does.")
     egress: Egress | None = Field(
         default=None,
         description="Egress policy (needs the tap network: a root daemon, network `user`); "
@@ -357,8 +367,9 @@ class MachineCreate(_Request):
         default_factory=list, max_length=16,
         description="Named volumes to attach (at most 16), as disks the guest mounts at "
                     "`target`; each must exist (404). Resolved at each start: one a running "
-                    "machine has is a 409 then. A machine with volumes never starts warm and "
-                    "cannot be snapshotted; not with `snapshot` (422).")
+                    "machine has is a 409 then. A machine with volumes starts warm from a boot "
+                    "snapshot of its shape (the guest mounts its own disks after the "
+                    "restore) but cannot be snapshotted; not with `snapshot` (422).")
     shares: list[ShareSpec] = Field(
         default_factory=list, max_length=32,
         description="Host shares (at most 32): a directory on the daemon's host shared live "
@@ -367,11 +378,17 @@ class MachineCreate(_Request):
                     "creates in a share belongs on the host to the directory's owner (to "
                     "the daemon's user, without root). A source that is not a directory "
                     "is a 422; mount paths of volumes and shares together must be unique "
-                    "and cannot nest. A machine with shares never starts warm and cannot "
-                    "be snapshotted; not with `snapshot` (422).")
+                    "and cannot nest. A machine with shares starts warm like one with "
+                    "volumes and cannot be snapshotted; not with `snapshot` (422).")
 
     _env = field_validator("env")(_check_env)
     _argv = field_validator("cmd", "entrypoint")(_check_argv)
+
+    @model_validator(mode="after")
+    def _one_root_layer(self) -> MachineCreate:
+        if self.tmpfs_root and self.rootfs_size is not None:
+            raise ValueError("rootfs_size and tmpfs_root exclude each other")
+        return self
 
     @model_validator(mode="after")
     def _image_or_snapshot(self) -> MachineCreate:
@@ -438,6 +455,11 @@ class Machine(_Response):
     shares: list[ShareSpec] = Field(default_factory=list,
                                     description="The host shares asked for at create "
                                                 "(`source` resolved).")
+    rootfs_size: int | None = Field(
+        default=None,
+        description="The size of its writable root layer on disk (kept until the machine "
+                    "is removed); null: the layer is guest memory (`tmpfs_root`, or a "
+                    "clone of a snapshot taken of such a machine).")
 
 
 class Confinement(_Response):

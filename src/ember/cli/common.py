@@ -208,6 +208,17 @@ def parse_size(value: str) -> int:
     return int(text) * scale
 
 
+def rootfs_size_arg(value: str) -> int:
+    """``--rootfs-size``: a size (``parse_size``) a root layer may have."""
+    from ember.volumes.layer import MAX_SIZE, MIN_SIZE
+
+    n = parse_size(value)
+    if not MIN_SIZE <= n <= MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"{value!r}: a root layer's size must be between "
+                                         f"{MIN_SIZE >> 20}M and {MAX_SIZE >> 40}T")
+    return n
+
+
 def port_number(value: str) -> int:
     n = count(value.removesuffix("/tcp"))
     if not 1 <= n <= 65535:

@@ -26,6 +26,7 @@ from ember.cli.common import (
     parse_env,
     parse_memory,
     pipe_safe,
+    rootfs_size_arg,
     volume_arg,
 )
 from ember.errors import EmberError, MachineCrashed
@@ -111,7 +112,8 @@ def create_machine(c: Client, args: argparse.Namespace, *, start: bool) -> Machi
         ports=[parse_port(p) for p in args.publish],
         network=args.network, restart=args.restart,
         auto_remove=bool(getattr(args, "rm", False)), start=False, cold=args.cold,
-        egress=egress, volumes=volume_specs(args), shares=share_specs(args))
+        egress=egress, volumes=volume_specs(args), shares=share_specs(args),
+        rootfs_size=args.rootfs_size, tmpfs_root=args.tmpfs_root)
     return _started(m) if start else m
 
 
@@ -396,6 +398,12 @@ def add_create_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cold", action="store_true",
                    help="boot, even where a boot snapshot of this machine shape would give a "
                    "warm start")
+    p.add_argument("--rootfs-size", type=rootfs_size_arg, default=None, metavar="SIZE",
+                   help="the machine's writable root layer on disk, e.g. 4G (sparse; default "
+                   "10G for a daemon machine, which keeps its changes until rm; a foreground "
+                   "run's layer is guest memory unless this is given)")
+    p.add_argument("--tmpfs-root", action="store_true",
+                   help="keep the writable root layer in guest memory (gone at every stop)")
     p.add_argument("--pull", choices=("missing", "always", "never"), default="missing",
                    help="pull the image from its registry: when it is not in the store "
                    "(default), always, or never")

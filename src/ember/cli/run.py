@@ -53,7 +53,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         tty=args.tty, hostname=args.hostname, boot_timeout=args.boot_timeout,
         network=args.network, ports=tuple(args.publish), name=args.name,
         verbose=args.verbose, cold=args.cold, from_snapshot=args.from_snapshot,
-        pull=args.pull, egress=egress, volumes=tuple(args.volume))
+        pull=args.pull, egress=egress, volumes=tuple(args.volume),
+        rootfs_size=args.rootfs_size)
     return run(req, progress(args), plan_key=plan_key, speculative=speculative)
 
 
@@ -68,7 +69,8 @@ def _speculate(args: argparse.Namespace) -> tuple[str | None, Any]:
     import os
 
     if (args.cold or args.from_snapshot is not None or args.name or args.publish
-            or args.egress or args.volume or args.image is None or os.path.exists(args.image)):
+            or args.egress or args.volume or args.rootfs_size or args.image is None
+            or os.path.exists(args.image)):
         return None, None
     from ember import paths
     from ember.snapshots import plan

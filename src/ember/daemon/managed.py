@@ -21,6 +21,7 @@ machine after a daemon restart (:mod:`ember.daemon.adopt`) are mixins of
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import signal
 import threading
@@ -183,6 +184,12 @@ class Managed(Adoption, RestartPolicy):
         try:
             ports = self.mgr.assign_ports(self)
             config = self.mgr.machine_config(self.doc, ports)
+            if self.doc.get("rootfs_size") and not self.doc.get("snapshot"):
+                from ember.volumes.layer import LAYER_FILE, RootLayer
+
+                # outside the state dir, which each start makes afresh: kept until rm
+                config = dataclasses.replace(config, layer=RootLayer(
+                    self.root / LAYER_FILE, int(self.doc["rootfs_size"])))
             if self.state_dir.exists():  # the last boot's, maybe under an older name
                 shutil.rmtree(self.state_dir)
             self.doc["_vm_name"] = self.name
@@ -197,21 +204,26 @@ class Managed(Adoption, RestartPolicy):
                 m = Machine.create(machines_dir=self.root, guest=self.mgr.guest(),
                                    rootfs=rootfs, accel=self.mgr.accel, config=config,
                                    name=self.name)
-                # a clone of its shape's boot snapshot, if any (volumes, shares: never, volumes/)
-                if not self.doc.get("_cold") and not config.mounts_host_data:
+                # a clone of its shape's boot snapshot, if any
+                if not self.doc.get("_cold"):
                     m, keep = self.mgr.warm(m)
             self.machine = m
             started = time.monotonic()
+
+            def keep_boot(m: Machine = m) -> None:
+                # the first boot of its shape: kept before its root is mounted
+                from ember.snapshots.take import ImageInfo
+
+                assert keep is not None
+                self.mgr.keep_boot_snapshot(m, keep, ImageInfo.of(image.id, self.doc["image"],
+                                                                  image.config))
+
             m.start(boot_timeout=self.mgr.boot_timeout,
-                    progress=lambda msg: log.warning("%s", msg))
+                    progress=lambda msg: log.warning("%s", msg),
+                    before_root=keep_boot if keep is not None else None)
             how = ("clone" if self.doc.get("snapshot") else
                    "warm" if m.spec.restore is not None else "boot")
             self.mgr.metrics.start_seconds.labels(how).observe(time.monotonic() - started)
-            if keep is not None:  # the first boot of its shape: keep it, before its command
-                from ember.snapshots.take import ImageInfo
-
-                self.mgr.keep_boot_snapshot(m, keep, ImageInfo.of(image.id, self.doc["image"],
-                                                                  image.config))
         except (EmberError, OSError) as exc:
             detail = str(exc)
             if isinstance(exc, MachineCrashed) and m is not None:

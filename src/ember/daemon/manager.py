@@ -35,6 +35,7 @@ from ember.machine import Machine, MachineConfig
 from ember.util import log
 from ember.vmm import network
 from ember.vmm.egress import EgressPolicy
+from ember.volumes import layer
 from ember.volumes import store as vstore
 from ember.volumes.shares import ShareError, ShareMount, share
 
@@ -231,6 +232,9 @@ class Manager(Snapshots):
             "publish": [p.model_dump() for p in body.ports], "auto_remove": body.auto_remove,
             "_cold": body.cold, "egress": egress.as_record(policy), "volumes": vols,
             "shares": shares,
+            # a root layer on disk unless asked for memory (a clone's is its snapshot's)
+            "rootfs_size": (None if body.tmpfs_root or body.snapshot is not None
+                            else body.rootfs_size or layer.DEFAULT_SIZE),
             "restart": body.restart.value, "restart_count": 0, "created_at": now(),
             "started_at": None, "finished_at": None, "exit_code": None, "reason": None,
             "pid": None, "accel": None, "limits": {},

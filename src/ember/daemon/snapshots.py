@@ -137,8 +137,8 @@ class Snapshots:
         from ember.snapshots.take import boot_key
 
         try:
-            if snapstart.boot_cache_cap() <= 0 or machine.spec.mounts_host_data:
-                return machine, None  # volumes, shares: never a snapshot (volumes/)
+            if snapstart.boot_cache_cap() <= 0:
+                return machine, None
             host = self.host_identity()
             key = boot_key(machine.spec, host)
             restore = snapstart.find_boot_snapshot(self.boot_snapshot_store, key,

@@ -296,14 +296,18 @@ def kvm_gid() -> int | None:
         return None
 
 
-def set_rlimits() -> None:
-    """Apply the jail's rlimits to this process (a child between fork and exec)."""
-    for which, value in ((resource.RLIMIT_NOFILE, RLIMIT_NOFILE),
-                         (resource.RLIMIT_FSIZE, RLIMIT_FSIZE),
-                         (resource.RLIMIT_NPROC, RLIMIT_NPROC)):
-        soft, hard = resource.getrlimit(which)
-        lim = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        resource.setrlimit(which, (lim, lim))
+def rlimits(fsize: int = RLIMIT_FSIZE) -> Callable[[], None]:
+    """The jail's rlimits, to apply in a child between fork and exec; ``fsize``: the
+    largest file QEMU may write (its largest disk: it must reach a disk's end)."""
+    def apply() -> None:
+        for which, value in ((resource.RLIMIT_NOFILE, RLIMIT_NOFILE),
+                             (resource.RLIMIT_FSIZE, max(fsize, RLIMIT_FSIZE)),
+                             (resource.RLIMIT_NPROC, RLIMIT_NPROC)):
+            soft, hard = resource.getrlimit(which)
+            lim = value if hard == resource.RLIM_INFINITY else min(value, hard)
+            resource.setrlimit(which, (lim, lim))
+    return apply
+
 
 
 def read_child_pid(fd: int, timeout: float = 10.0) -> int:

@@ -352,7 +352,9 @@ def machine_create_body(image: str | None, *, name: str | None, cpus: int | None
                         snapshot: str | None = None, cold: bool = False,
                         egress: EgressLike | None = None,
                         volumes: Sequence[VolumeLike] | None = None,
-                        shares: Sequence[ShareLike] | None = None) -> dict[str, Any]:
+                        shares: Sequence[ShareLike] | None = None,
+                        rootfs_size: int | None = None,
+                        tmpfs_root: bool = False) -> dict[str, Any]:
     """The JSON body of ``POST /v1/machines``, checked against the contract before sending.
 
     Only what is given is sent (``None``: the daemon's default, or a snapshot's own).
@@ -376,6 +378,10 @@ def machine_create_body(image: str | None, *, name: str | None, cpus: int | None
         kwargs["auto_remove"] = auto_remove
         if cold:
             kwargs["cold"] = True
+        if rootfs_size is not None:
+            kwargs["rootfs_size"] = rootfs_size
+        if tmpfs_root:
+            kwargs["tmpfs_root"] = True
         policy = egress_body(egress)
         if policy is not None:
             kwargs["egress"] = policy

@@ -283,13 +283,15 @@ class AsyncMachines:
                      cold: bool = False,
                      egress: EgressLike | None = None,
                      volumes: Sequence[VolumeLike] | None = None,
-                     shares: Sequence[ShareLike] | None = None) -> AsyncMachineHandle:
+                     shares: Sequence[ShareLike] | None = None,
+               rootfs_size: int | None = None, tmpfs_root: bool = False) -> AsyncMachineHandle:
         """See :meth:`ember.sdk.client.Machines.create`."""
         body = c.machine_create_body(
             image, name=name, cpus=cpus, memory_mib=memory_mib, env=env, cmd=cmd,
             entrypoint=entrypoint, workdir=workdir, user=user, hostname=hostname, ports=ports,
             network=network, restart=restart, auto_remove=auto_remove, snapshot=snapshot,
-            cold=cold, egress=egress, volumes=volumes, shares=shares)
+            cold=cold, egress=egress, volumes=volumes, shares=shares,
+            rootfs_size=rootfs_size, tmpfs_root=tmpfs_root)
         resp = await self._c._request("POST", "/v1/machines", json=body)
         handle = AsyncMachineHandle(self._c, models.Machine.model_validate_json(resp.content))
         if start:

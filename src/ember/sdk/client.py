@@ -349,7 +349,8 @@ class Machines:
                start: bool = True, cold: bool = False,
                egress: EgressLike | None = None,
                volumes: Sequence[VolumeLike] | None = None,
-               shares: Sequence[ShareLike] | None = None) -> MachineHandle:
+               shares: Sequence[ShareLike] | None = None,
+               rootfs_size: int | None = None, tmpfs_root: bool = False) -> MachineHandle:
         """Create a machine from ``image`` (or as a clone of ``snapshot``) and (unless
         ``start=False``) start it.
 
@@ -374,7 +375,10 @@ class Machines:
         relative or ``~`` directory is made absolute here, against this process's
         cwd; the daemon checks that it is a directory). Writes are seen both ways;
         what the guest creates belongs to the directory's owner. A machine with
-        volumes or shares never starts warm and cannot be snapshotted.
+        volumes or shares starts warm but cannot be snapshotted. ``rootfs_size``: the
+        bytes of the machine's writable root layer on disk (default 10 GiB, sparse),
+        which keeps its file changes across stop and start until it is removed;
+        ``tmpfs_root=True`` keeps that layer in guest memory instead.
 
         Raises:
             InvalidRequest: a value the API refuses (checked before sending), e.g. a
@@ -388,7 +392,8 @@ class Machines:
             image, name=name, cpus=cpus, memory_mib=memory_mib, env=env, cmd=cmd,
             entrypoint=entrypoint, workdir=workdir, user=user, hostname=hostname, ports=ports,
             network=network, restart=restart, auto_remove=auto_remove, snapshot=snapshot,
-            cold=cold, egress=egress, volumes=volumes, shares=shares)
+            cold=cold, egress=egress, volumes=volumes, shares=shares,
+            rootfs_size=rootfs_size, tmpfs_root=tmpfs_root)
         resp = self._c._request("POST", "/v1/machines", json=body)
         handle = MachineHandle(self._c, models.Machine.model_validate_json(resp.content))
         if start:

@@ -116,7 +116,8 @@ def spawn(cache_dir: Path, machines_dir: Path, plan_key: str) -> Speculative | N
             agent = AgentClient(sock, first_channel=secrets.randbelow(1 << 30) + (1 << 30))
             sp.agent = agent
             sp.ready = agent.hello(timeout=60.0, resend=0.1)
-            agent.identity(hostname=hostname, snapshot=restore.snapshot_id)
+            agent.identity(hostname=hostname, snapshot=restore.snapshot_id,
+                           root=spec.root_mounts() if sp.ready.root_pending else None)
         except BaseException as exc:  # reported by wait_restored
             spec_errors.append(exc)
 

@@ -26,6 +26,7 @@ from ember.snapshots.take import check_shape
 from ember.util import log
 from ember.vmm.network import BACKEND_SLIRP, NETWORK_USER, default_backend
 from ember.vmm.spec import DriveSpec, MachineSpec, RestoreSpec
+from ember.volumes.layer import LAYER_FILE, RootLayer
 
 #: The boot-snapshot cache's default cap (``EMBER_BOOT_CACHE``, e.g. ``512m``; 0 disables).
 DEFAULT_BOOT_CACHE = 2 << 30
@@ -112,7 +113,10 @@ def machine_from_snapshot(snap: Snapshot, host: HostIdentity, *, machines_dir: P
         drives=(DriveSpec(Path(m.rootfs.path), readonly=True),), network=m.network,
         net_backend=default_backend() if m.network == NETWORK_USER else BACKEND_SLIRP,
         ports=config.ports, egress=config.egress, limit_resources=config.limit_resources,
-        restore=restore)
+        restore=restore,
+        # a copy of the snapshot's root layer, its own (each start of a clone is afresh)
+        layer=(RootLayer(machines_dir / name / LAYER_FILE, snap.layer_size)
+               if restore.layer is not None else None))
     check_shape(m, spec)  # the devices, and the kernel, initramfs and rootfs still there
     snap.touch()
     return Machine(spec, ephemeral=config.ephemeral, hostname=config.hostname)

@@ -33,6 +33,7 @@ from ember.snapshots.manifest import ID_RE, Manifest, SnapshotError, sha256_byte
 from ember.util import log
 from ember.vmm.snapshot import MEMORY_FILE, STATE_FILE
 from ember.vmm.spec import RestoreSpec
+from ember.volumes.layer import LAYER_FILE
 
 MANIFEST = "manifest.json"
 USED = "used"
@@ -77,7 +78,26 @@ class Snapshot:
         if mem_size != m.memory_size:
             raise SnapshotError(f"{what} is damaged: its memory file is {mem_size} bytes, "
                                 f"not {m.memory_size}")
-        return RestoreSpec(m.id, memory, state)
+        layer = None
+        if self.layer_size and m.kind == "user":  # its machine's root layer, copied
+            layer = self.path / LAYER_FILE
+            try:
+                size = layer.stat().st_size
+            except OSError:
+                raise SnapshotError(f"{what} is damaged: its root layer is missing") from None
+            if size != self.layer_size:
+                raise SnapshotError(f"{what} is damaged: its root layer is {size} bytes, not "
+                                    f"{self.layer_size}")
+        return RestoreSpec(m.id, memory, state, layer=layer)
+
+    @property
+    def layer_size(self) -> int:
+        """The size of its machine's root layer on disk (0: the layer was guest memory)."""
+        for d in self.manifest.devices:
+            if d.startswith("virtio-blk:layer:"):
+                with contextlib.suppress(ValueError):
+                    return int(d.rsplit(":", 1)[1])
+        return 0
 
     def touch(self) -> None:
         with contextlib.suppress(OSError):
@@ -193,7 +213,9 @@ class SnapshotStore:
             SnapshotError: the tag is taken (the temporary directory is removed).
         """
         try:
-            for name in (STATE_FILE, MEMORY_FILE):
+            for name in (STATE_FILE, MEMORY_FILE, LAYER_FILE):
+                if name == LAYER_FILE and not (tmp / name).exists():
+                    continue
                 _fsync(tmp / name)
             with self._locked():
                 if manifest.tag and any(s.manifest.tag == manifest.tag for s in self.all()):

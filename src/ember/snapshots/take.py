@@ -112,14 +112,16 @@ def begin(machine: Machine, store: SnapshotStore, snap_id: str | None = None) ->
 
     if machine.vm is None:
         raise SnapshotError(f"machine {machine.name} is not running")
-    if machine.spec.mounts_host_data:
+    if machine.spec.mounts_host_data and machine.root_mounted:
         what = "volumes" if machine.spec.volumes else "host shares"
         raise SnapshotError(f"cannot snapshot {machine.name}: it has {what}, whose file "
                             "systems its guest holds in memory; a clone would pair that "
                             "state with other contents")
     snap_id, tmp, lock = store.new_tmp(snap_id)
     try:
-        cap = capture(machine.vm, tmp)
+        # a running machine's root layer is in the snapshot; a boot snapshot, taken
+        # before the guest mounts its root, has none
+        cap = capture(machine.vm, tmp, layer=machine.root_mounted)
     except VMMError as exc:
         store.discard(tmp, lock)
         raise SnapshotError(f"cannot snapshot {machine.name}: {exc}") from exc
@@ -132,9 +134,15 @@ def begin(machine: Machine, store: SnapshotStore, snap_id: str | None = None) ->
 def devices(spec: MachineSpec) -> tuple[str, ...]:
     """The machine's devices in command-line order (which decides their virtio-mmio slots)."""
     out = ["virtio-serial", *(f"virtio-blk:{'ro' if d.readonly else 'rw'}" for d in spec.drives)]
+    if spec.layer is not None:  # its size, which the guest probed; not which file it is
+        out.append(f"virtio-blk:layer:{spec.layer.size}")
     if spec.network == NETWORK_USER:
         # "user" is slirp's (the name snapshots made before the tap have)
         out.append("virtio-net:tap" if spec.net_backend == BACKEND_TAP else "virtio-net:user")
+    if spec.volumes:  # the guest probed each LUN (a clone rescans its own, mounts.c)
+        out.append("virtio-scsi:" + "".join("r" if v.readonly else "w" for v in spec.volumes))
+    if spec.shares:
+        out.append("virtio-9p")
     return tuple(out)
 
 

@@ -52,6 +52,9 @@ class Launch:
     #: (``host/idmap.py``); and the descriptor bubblewrap reads its mode filter from.
     share_mounts: list[Path] = field(default_factory=list)
     seccomp_fd: int | None = None
+    #: The largest file QEMU writes (its RLIMIT_FSIZE): its largest disk, or its RAM
+    #: (a migration stream that carries it).
+    fsize: int = 0
 
     @property
     def jailed(self) -> bool:
@@ -86,6 +89,7 @@ class Launch:
             raise VMMError(f"machine {spec.name} has host shares, which need the jail's mount "
                            f"namespace (bubblewrap); this host gives {pol.mode}: {pol.reason}")
         _check_shares(spec)
+        _ensure_layer(spec)
         volume_fds = _hold_volumes(spec)
         if pol.mode not in (jail.MODE_FULL, jail.MODE_ROOTLESS):
             jail.prepare_vmm_dir(state, None, None)
@@ -101,6 +105,8 @@ class Launch:
             (readonly if d.readonly else writable).append(Path(d.path).resolve())
         for v in spec.volumes:
             (readonly if v.readonly else writable).append(Path(v.path).resolve())
+        if spec.layer is not None:
+            writable.append(spec.layer.path.resolve())
         groups: list[int] = []
         if spec.restore is not None and not spec.restore.copy:
             writable.append(Path(spec.restore.memory).resolve())
@@ -124,6 +130,8 @@ class Launch:
             jail.prepare_vmm_dir(state, uid, gid)
             for v in spec.volumes:  # its disk is this machine's alone while it runs
                 jail.give(v.path, uid, gid)
+            if spec.layer is not None:
+                jail.give(spec.layer.path, uid, gid)
             if spec.shares and slot is not None:
                 from ember.host import idmap
 
@@ -174,7 +182,7 @@ class Launch:
         pass_fds = ([w, *net_fds, *volume_fds] + ([slot.fd] if slot is not None else [])
                     + ([seccomp_fd] if seccomp_fd is not None else []))
         launch = cls(argv + cmd, pol.mode, pass_fds, uid, gid, slot, r, w, net_fds, tap,
-                     volume_fds, share_mounts, seccomp_fd)
+                     volume_fds, share_mounts, seccomp_fd, _largest_write(spec))
         launch._record(spec)
         return launch
 
@@ -250,6 +258,29 @@ def _hold_volumes(spec: MachineSpec) -> list[int]:
             os.close(fd)
         raise
     return fds
+
+
+def _largest_write(spec: MachineSpec) -> int:
+    sizes = [spec.memory_mib << 20]
+    if spec.layer is not None:
+        sizes.append(spec.layer.size)
+    for v in spec.volumes:
+        if not v.readonly:
+            with contextlib.suppress(OSError):
+                sizes.append(os.stat(v.path).st_size)
+    return max(sizes) + (1 << 20)
+
+
+def _ensure_layer(spec: MachineSpec) -> None:
+    """The root layer, made at the machine's first start (a clone's: from its snapshot's)."""
+    from ember.volumes.store import VolumeError
+
+    if spec.layer is None:
+        return
+    try:
+        spec.layer.ensure(spec.restore.layer if spec.restore is not None else None)
+    except VolumeError as exc:
+        raise VMMError(f"machine {spec.name}: {exc}") from None
 
 
 def _check_shares(spec: MachineSpec) -> None:

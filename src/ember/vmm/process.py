@@ -114,7 +114,7 @@ class VMProcess:
                     preexec_fn=jail.preexec(
                         _cgroup_join(procs_fds),
                         _die_with(os.getpid()) if die_with_parent else None,
-                        jail.set_rlimits if launch.jailed else None),
+                        jail.rlimits(launch.fsize) if launch.jailed else None),
                 )
             proc: subprocess.Popen[bytes] | Jailed = popen
             if launch.info_fd is not None:

@@ -28,7 +28,8 @@ Choices and why:
   listens on (``server=on,wait=off``): the host may connect, disconnect and
   reconnect (a restarted daemon) without the guest noticing.
 * Devices (microvm has 8 virtio-mmio transports; docs/architecture.md, "Devices"):
-  the console's virtio-serial, the root disk (virtio-blk), the NIC, one
+  the console's virtio-serial, the root disk (virtio-blk), the root layer on
+  disk (virtio-blk, when the machine has one), the NIC, one
   virtio-scsi controller whose LUN N is volume N, and one virtio-9p export whose
   entry N is share N; the last two only when the machine has any. Five at most,
   whatever the number of volumes and shares.
@@ -114,6 +115,10 @@ def build_command(spec: MachineSpec, qemu: str = "qemu-system-x86_64", *,
                        f"if=none,readonly={ro}"),
             "-device", f"virtio-blk-device,drive=disk{i}",
         ]
+    if spec.layer is not None:  # the writable root layer: vdb, after the image
+        cmd += ["-drive", (f"id=layer,file={_opt(str(spec.layer.path))},format=raw,if=none,"
+                           "readonly=off,discard=unmap"),
+                "-device", "virtio-blk-device,drive=layer"]
     cmd += mount_args(spec)
     if spec.restore is not None:
         cmd += ["-incoming", "defer"]

@@ -56,8 +56,12 @@ class Capture:
     memory_size: int
 
 
-def capture(vm: VMProcess, dest: Path, *, timeout: float = 30.0) -> Capture:
+def capture(vm: VMProcess, dest: Path, *, timeout: float = 30.0,
+            layer: bool = False) -> Capture:
     """Save ``vm``'s device state and memory into the directory ``dest``; the VM goes on.
+
+    ``layer``: copy the machine's root layer on disk too (``rootfs.img``), while the
+    guest is stopped, so that it matches the memory's file system state.
 
     ``dest`` must exist; ``state`` and ``memory`` are created in it (the caller
     renames the directory into place once everything is written).
@@ -96,6 +100,8 @@ def capture(vm: VMProcess, dest: Path, *, timeout: float = 30.0) -> Capture:
                 stopped = True
                 _wait_migration(q, timeout, "snapshot")
                 copied = _copy_memory(src, dest / MEMORY_FILE, size)
+                if layer and vm.spec.layer is not None:
+                    _copy_layer(vm.spec.layer.path, dest)
             finally:
                 os.close(fd)
                 if stopped and was_running:
@@ -223,6 +229,35 @@ def _copy_memory(src: int | None, dest: Path, size: int) -> int:
     finally:
         os.close(out)
     return copied
+
+
+def _copy_layer(src: Path, dest: Path) -> None:
+    from ember.volumes.layer import LAYER_FILE
+
+    try:
+        copy_sparse(src, dest / LAYER_FILE, 0o444)
+    except OSError as exc:
+        raise VMMError(f"cannot copy the root layer {src}: {exc.strerror}") from exc
+
+
+def copy_sparse(src: Path, dest: Path, mode: int) -> int:
+    """Copy the file ``src`` into a new file ``dest``, holes kept as holes: the bytes of
+    data copied.
+
+    Raises:
+        OSError: either file.
+    """
+    fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        try:
+            os.ftruncate(out, size)
+            return _copy_extents(fd, out, size)
+        finally:
+            os.close(out)
+    finally:
+        os.close(fd)
 
 
 def _copy_range(src: int, dst: int, off: int, count: int) -> None:

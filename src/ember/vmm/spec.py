@@ -23,6 +23,7 @@ from ember.vmm.network import (
     PortMapping,
     check_network,
 )
+from ember.volumes.layer import RootLayer
 from ember.volumes.shares import ShareMount
 from ember.volumes.store import VolumeMount
 
@@ -64,15 +65,19 @@ class RestoreSpec:
     memory: Path
     state: Path
     copy: bool = False
+    #: The snapshot's copy of its machine's root layer (a user snapshot of a machine
+    #: with one): the clone's layer starts as a copy of it.
+    layer: Path | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"snapshot_id": self.snapshot_id, "memory": str(self.memory),
-                "state": str(self.state), "copy": self.copy}
+                "state": str(self.state), "copy": self.copy,
+                "layer": str(self.layer) if self.layer else None}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> RestoreSpec:
         return cls(str(d["snapshot_id"]), Path(d["memory"]), Path(d["state"]),
-                   bool(d.get("copy", False)))
+                   bool(d.get("copy", False)), Path(d["layer"]) if d.get("layer") else None)
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,9 @@ class MachineSpec:
     #: Host directories shared over 9p, entry N of the export being share N
     #: (``volumes/shares.py``).
     shares: tuple[ShareMount, ...] = field(default_factory=tuple)
+    #: The writable root layer on disk (``volumes/layer.py``), the disk after the
+    #: image; None: guest memory.
+    layer: RootLayer | None = None
     #: Confine QEMU to a cgroup holding it to ``cpus`` CPUs and ``memory_mib`` plus
     #: QEMU's overhead (``host/cgroup.py``), where the host allows.
     limit_resources: bool = False
@@ -152,6 +160,17 @@ class MachineSpec:
     def path(self, name: str) -> Path:
         return self.state_dir / name
 
+    def root_mounts(self) -> dict[str, str]:
+        """What the agent mounts as the root (IDENTITY's ``rw``, ``volumes``, ``shares``;
+        ``guest/agent_src/mounts.c``): the writable layer, the volumes, the shares."""
+        from ember.volumes.shares import cmdline_param as shares_param
+        from ember.volumes.store import cmdline_param as volumes_param
+
+        # the layer is the disk after the image's (vmm/qemu.py): vdb
+        return {"rw": "/dev/vdb" if self.layer is not None else "tmpfs",
+                "volumes": volumes_param(self.volumes).removeprefix("ember.volumes="),
+                "shares": shares_param(self.shares).removeprefix("ember.shares=")}
+
     @property
     def mounts_host_data(self) -> bool:
         """Volumes or shares: never snapshotted nor restored (``MachineConfig``'s)."""
@@ -168,6 +187,7 @@ class MachineSpec:
         d["egress"] = self.egress.to_json() if self.egress else None
         d["volumes"] = [v.to_json() for v in self.volumes]
         d["shares"] = [m.to_json() for m in self.shares]
+        d["layer"] = self.layer.to_json() if self.layer else None
         return d
 
     @classmethod
@@ -189,6 +209,7 @@ class MachineSpec:
                 egress=EgressPolicy.from_json(d.get("egress")),
                 volumes=tuple(VolumeMount.from_json(v) for v in d.get("volumes") or ()),
                 shares=tuple(ShareMount.from_json(m) for m in d.get("shares") or ()),
+                layer=RootLayer.from_json(d.get("layer")),
                 restore=RestoreSpec.from_json(d["restore"]) if d.get("restore") else None,
             )
         except (EmberError, KeyError, TypeError, ValueError) as exc:

@@ -13,9 +13,10 @@ exactly as long as that QEMU lives. A second machine asking for the same volume
 (read-write or read-only: an ext4 mounted twice is corrupted) is refused at
 its start (``VolumeInUse``, a 409), and so is ``rm`` of a volume in use.
 
-A machine with a volume never starts from a boot snapshot and cannot be
-snapshotted: the guest's kernel holds the filesystem's state in memory, which
-a restore would pair with another disk's contents.
+A machine with a volume cannot be snapshotted: the guest's kernel holds the
+filesystem's state in memory, which a restore would pair with another disk's
+contents. It does start warm from a boot snapshot of its shape, which is taken
+before the guest mounts anything of its disks (the late root, ``machine.py``).
 """
 
 from __future__ import annotations
@@ -219,9 +220,6 @@ class VolumeStore:
         if not MIN_SIZE <= size <= MAX_SIZE:
             raise VolumeError(f"a volume's size must be between {MIN_SIZE >> 20} MiB and "
                               f"{MAX_SIZE >> 40} TiB, not {size} bytes")
-        mkfs = shutil.which("mkfs.ext4")
-        if mkfs is None:
-            raise VolumeError("mkfs.ext4 is not installed (e2fsprogs; run `ember setup`)")
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         final = self.root / name
         if final.exists():
@@ -229,14 +227,7 @@ class VolumeStore:
         tmp = self.root / f".tmp-{name}-{os.getpid()}-{time.monotonic_ns()}"
         tmp.mkdir(mode=0o700)
         try:
-            fd = os.open(tmp / IMAGE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            with open(fd, "wb") as f:
-                f.truncate(size)
-            proc = subprocess.run([mkfs, "-q", "-F", "-L", name[:16], "-E",
-                                   "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0",
-                                   str(tmp / IMAGE)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise VolumeError(f"mkfs.ext4 failed: {proc.stderr.strip()}")
+            make_ext4(tmp / IMAGE, size, name[:16])
             created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             (tmp / META).write_text(json.dumps({"name": name, "size_bytes": size,
                                                 "created_at": created}) + "\n")
@@ -295,6 +286,26 @@ class VolumeStore:
         """Resolve a request for a machine. Raises VolumeNotFound."""
         vol = self.get(req.name)
         return VolumeMount(vol.name, vol.path, req.target, req.readonly)
+
+
+def make_ext4(path: Path, size: int, label: str) -> None:
+    """A new sparse file of ``size`` bytes (mode 0600) holding an empty ext4.
+
+    Raises:
+        VolumeError: mkfs.ext4 is missing or failed (``path`` may be left: the caller
+            made it under a temporary name).
+    """
+    mkfs = shutil.which("mkfs.ext4")
+    if mkfs is None:
+        raise VolumeError("mkfs.ext4 is not installed (e2fsprogs; run `ember setup`)")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with open(fd, "wb") as f:
+        f.truncate(size)
+    proc = subprocess.run([mkfs, "-q", "-F", "-L", label, "-E",
+                           "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0",
+                           str(path)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise VolumeError(f"mkfs.ext4 failed: {proc.stderr.strip()}")
 
 
 def hold(mount: VolumeMount) -> int:

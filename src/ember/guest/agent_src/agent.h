@@ -93,6 +93,7 @@ struct req {
     long long rows, cols, sig, time_ns;
     int has_rows, has_cols, has_sig, has_time;
     char *hostname, *entropy, *machine_id, *snapshot;  /* IDENTITY */
+    char *rw, *volumes, *shares;                       /* IDENTITY: a late root */
 };
 
 int parse_req(const unsigned char *buf, size_t len, struct req *r, const char **err);
@@ -172,6 +173,8 @@ void mkdirs(const char *path, mode_t mode);
 void write_file(const char *path, const char *data);
 void std_fds(const char *dev);
 void boot(void);
+extern int g_root_pending;        /* ember.late=1: no root until IDENTITY mounts it */
+int late_root(const char *rw, char *vols, char *shares, const char **err);
 void umount_all(void);
 
 /* --------------------------------------------------------------- network.c */
@@ -179,6 +182,7 @@ void umount_all(void);
 void loopback_up(void);
 void net_sysctls(void);
 void net_up(const char *val);
+void net_resolv(const char *val);
 
 /* -------------------------------------------------------------- identity.c */
 

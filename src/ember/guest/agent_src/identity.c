@@ -127,6 +127,11 @@ void do_identity(uint32_t ch, const unsigned char *payload, size_t len)
         return;
     }
     if (r.snapshot) snprintf(g_restored_from, sizeof g_restored_from, "%s", r.snapshot);
+    if (r.rw && g_test_mode) {
+        send_error(0, E_BAD_REQUEST, "bad IDENTITY: test mode has no root to mount");
+        req_free(&r);
+        return;
+    }
     if (g_test_mode) {
         /* not PID 1 of a guest: the clock, hostname and RNG are the host's own */
         jw_key(&w, "reseeded");
@@ -143,6 +148,16 @@ void do_identity(uint32_t ch, const unsigned char *payload, size_t len)
     if (r.has_time) {
         struct timespec ts = { (time_t)(r.time_ns / 1000000000LL), (long)(r.time_ns % 1000000000LL) };
         clock_set = clock_settime(CLOCK_REALTIME, &ts) == 0;
+    }
+    if (r.rw) {
+        /* the late root: before the hostname and machine-id, which live in it */
+        const char *merr = NULL;
+        if (late_root(r.rw, r.volumes, r.shares, &merr) < 0) {
+            send_error(0, E_BAD_REQUEST, "bad IDENTITY: %s", merr);
+            explicit_bzero(entropy, sizeof entropy);
+            req_free(&r);
+            return;
+        }
     }
     if (r.hostname) set_hostname(r.hostname, 0);
     if (r.machine_id && access("/etc/machine-id", F_OK) == 0) {

@@ -403,6 +403,9 @@ void req_free(struct req *r)
     free(r->entropy);
     free(r->machine_id);
     free(r->snapshot);
+    free(r->rw);
+    free(r->volumes);
+    free(r->shares);
     memset(r, 0, sizeof *r);
 }
 
@@ -466,10 +469,15 @@ int parse_req(const unsigned char *buf, size_t len, struct req *r, const char **
                 rc = jp_int(&p, &r->time_ns);
                 r->has_time = 1;
             } else if (!strcmp(key, "hostname") || !strcmp(key, "entropy") ||
-                       !strcmp(key, "machine_id") || !strcmp(key, "snapshot")) {
+                       !strcmp(key, "machine_id") || !strcmp(key, "snapshot") ||
+                       !strcmp(key, "rw") || !strcmp(key, "volumes") ||
+                       !strcmp(key, "shares")) {
                 char **slot = !strcmp(key, "hostname") ? &r->hostname
                     : !strcmp(key, "entropy") ? &r->entropy
-                    : !strcmp(key, "machine_id") ? &r->machine_id : &r->snapshot;
+                    : !strcmp(key, "machine_id") ? &r->machine_id
+                    : !strcmp(key, "rw") ? &r->rw
+                    : !strcmp(key, "volumes") ? &r->volumes
+                    : !strcmp(key, "shares") ? &r->shares : &r->snapshot;
                 free(*slot);
                 *slot = NULL;
                 rc = jp_string(&p, slot);

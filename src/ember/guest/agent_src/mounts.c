@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -108,6 +109,8 @@ static int cmdline_get(const char *cmdline, const char *key, char *out, size_t o
     return 0;
 }
 
+#define BLKFLSBUF_ _IO(0x12, 97) /* <linux/fs.h>'s, which clashes with <sys/mount.h> */
+
 /* The next "N:/path:mode" entry of a mount list, split in place; 0 at the end. */
 static int next_entry(char **spec, char **save, long *n, char **target, int *ro)
 {
@@ -175,8 +178,17 @@ static void mount_volumes(char *spec)
     long n;
     int ro;
     while (next_entry(&spec, &save, &n, &target, &ro)) {
-        char devpath[PATH_MAX], dst[PATH_MAX];
+        char devpath[PATH_MAX], dst[PATH_MAX], rescan[PATH_MAX];
         lun_device(n, devpath, sizeof devpath);
+        /* a machine restored from a boot snapshot: the kernel probed the snapshot's
+         * disks, so read this one's size again and drop what it cached of theirs */
+        snprintf(rescan, sizeof rescan, "/sys/block/%s/device/rescan", devpath + 5);
+        write_file(rescan, "1");
+        int bfd = open(devpath, O_RDONLY | O_CLOEXEC);
+        if (bfd >= 0) {
+            ioctl(bfd, BLKFLSBUF_, 0);
+            close(bfd);
+        }
         snprintf(dst, sizeof dst, "/ember/root%s", target);
         unsigned long flags = MS_NOSUID | MS_NODEV | (ro ? MS_RDONLY : 0);
         mkdirs(dst, 0755);
@@ -218,10 +230,68 @@ static void mount_shares(char *spec)
     umount2("/ember/shares", MNT_DETACH);
 }
 
+/* What boot() read from the command line, for a late root (enter_root). */
+static char g_host[65] = "ember", g_net[128] = "";
+int g_root_pending;
+
+/*
+ * The root: an overlay of the image (mounted read-only at /ember/lower) under a
+ * writable layer, then the volumes and shares, then it becomes "/". At boot, or
+ * -- with ember.late=1 -- when the host's IDENTITY says how (``rw``,
+ * ``volumes``, ``shares``): a boot snapshot is taken before, so that a machine
+ * restored from it mounts its own disks, whatever the snapshot's were.
+ */
+static void enter_root(const char *rw, char *vols, char *shares)
+{
+    if (strcmp(rw, "tmpfs") == 0) {
+        do_mount("tmpfs", "/ember/rw", "tmpfs", 0, "mode=0755", 1);
+    } else if (!strncmp(rw, "/dev/vd", 7) && !strchr(rw + 5, '/') && strlen(rw) < 16) {
+        /* the root layer on disk (volumes/layer.py): drop what the kernel cached of
+         * the disk a boot snapshot had, then its ext4 (a crash's journal replayed) */
+        int bfd = open(rw, O_RDONLY | O_CLOEXEC);
+        if (bfd < 0) die("root layer %s: %s", rw, strerror(errno));
+        ioctl(bfd, BLKFLSBUF_, 0);
+        close(bfd);
+        do_mount(rw, "/ember/rw", "ext4", 0, NULL, 1);
+    } else {
+        die("unknown writable layer %s", rw);
+    }
+    mkdirs("/ember/rw/upper", 0755);
+    mkdirs("/ember/rw/work", 0755);
+    do_mount("overlay", "/ember/root", "overlay", 0,
+             "lowerdir=/ember/lower,upperdir=/ember/rw/upper,workdir=/ember/rw/work", 1);
+    mount_inner("/ember/root", 1);
+    if (vols && vols[0]) mount_volumes(vols);
+    if (shares && shares[0]) mount_shares(shares);
+    /* the initramfs's own API mounts are not needed any more */
+    umount2("/dev", MNT_DETACH);
+    umount2("/proc", MNT_DETACH);
+    umount2("/sys", MNT_DETACH);
+    if (chdir("/ember/root") < 0) die("chdir /ember/root: %s", strerror(errno));
+    if (mount(".", "/", NULL, MS_MOVE, NULL) < 0) die("move root: %s", strerror(errno));
+    if (chroot(".") < 0) die("chroot: %s", strerror(errno));
+    if (chdir("/") < 0) die("chdir /: %s", strerror(errno));
+    set_hostname(g_host, 1);
+    if (mkdir("/tmp", 01777) == 0) chmod("/tmp", 01777);
+    g_root_pending = 0;
+}
+
+/* IDENTITY's late root: 0, or -1 with *err set. */
+int late_root(const char *rw, char *vols, char *shares, const char **err)
+{
+    if (!g_root_pending) {
+        *err = "the root is mounted already";
+        return -1;
+    }
+    enter_root(rw, vols, shares);
+    if (g_net[0]) net_resolv(g_net);
+    return 0;
+}
+
 void boot(void)
 {
-    char cmdline[4096] = "", root[256] = "", fstype[64] = "erofs", host[65] = "ember";
-    char port[128] = "ember.agent", net[128] = "", vols[2048] = "", shares[2048] = "";
+    char cmdline[4096] = "", root[256] = "", fstype[64] = "erofs", late[8] = "";
+    char port[128] = "ember.agent", vols[2048] = "", shares[2048] = "";
     int fd;
     ssize_t n;
 
@@ -238,11 +308,12 @@ void boot(void)
     if (n > 0) cmdline[n] = 0;
     cmdline_get(cmdline, "ember.root", root, sizeof root);
     cmdline_get(cmdline, "ember.rootfstype", fstype, sizeof fstype);
-    cmdline_get(cmdline, "ember.hostname", host, sizeof host);
+    cmdline_get(cmdline, "ember.hostname", g_host, sizeof g_host);
     cmdline_get(cmdline, "ember.port", port, sizeof port);
-    cmdline_get(cmdline, "ember.net", net, sizeof net);
+    cmdline_get(cmdline, "ember.net", g_net, sizeof g_net);
     cmdline_get(cmdline, "ember.volumes", vols, sizeof vols);
     cmdline_get(cmdline, "ember.shares", shares, sizeof shares);
+    cmdline_get(cmdline, "ember.late", late, sizeof late);
 
     if (root[0]) {
         struct stat st;
@@ -252,31 +323,22 @@ void boot(void)
             sleep_ms(10);
         }
         do_mount(root, "/ember/lower", fstype, MS_RDONLY, NULL, 1);
-        do_mount("tmpfs", "/ember/rw", "tmpfs", 0, "mode=0755", 1);
-        mkdirs("/ember/rw/upper", 0755);
-        mkdirs("/ember/rw/work", 0755);
-        do_mount("overlay", "/ember/root", "overlay", 0,
-                 "lowerdir=/ember/lower,upperdir=/ember/rw/upper,workdir=/ember/rw/work", 1);
-        mount_inner("/ember/root", 1);
-        if (vols[0]) mount_volumes(vols);
-        if (shares[0]) mount_shares(shares);
-        /* the initramfs's own API mounts are not needed any more */
-        umount2("/dev", MNT_DETACH);
-        umount2("/proc", MNT_DETACH);
-        umount2("/sys", MNT_DETACH);
-        if (chdir("/ember/root") < 0) die("chdir /ember/root: %s", strerror(errno));
-        if (mount(".", "/", NULL, MS_MOVE, NULL) < 0) die("move root: %s", strerror(errno));
-        if (chroot(".") < 0) die("chroot: %s", strerror(errno));
-        if (chdir("/") < 0) die("chdir /: %s", strerror(errno));
+        if (strcmp(late, "1") == 0) {
+            g_root_pending = 1;  /* the agent serves from the initramfs until IDENTITY */
+            if (sethostname(g_host, strlen(g_host)) < 0)
+                logmsg("sethostname: %s", strerror(errno));
+        } else {
+            enter_root("tmpfs", vols, shares);
+        }
     } else {
         mount_inner("", 0);
+        set_hostname(g_host, 1);
+        if (mkdir("/tmp", 01777) == 0) chmod("/tmp", 01777);
     }
 
-    set_hostname(host, 1);
-    if (mkdir("/tmp", 01777) == 0) chmod("/tmp", 01777);
     loopback_up();
     net_sysctls();
-    if (net[0]) net_up(net);
+    if (g_net[0]) net_up(g_net);
     g_port = open_port(port);
 }
 

@@ -125,7 +125,17 @@ void net_up(const char *val)
     if (ioctl(s, SIOCADDRT, &rt) < 0 && errno != EEXIST)
         die("%s: default route via %s: %s", ifname, inet_ntoa(c.gw), strerror(errno));
     close(s);
+    net_resolv(val);
+}
+
+/* /etc/resolv.conf for ember.net=...: at boot, and again in a late root. */
+void net_resolv(const char *val)
+{
+    struct netcfg c;
+    char buf[128];
+    if (parse_netcfg(val, &c) < 0) die("ember.net=%s: expected ADDR/PREFIX,GATEWAY,DNS", val);
     /* into the overlay's upper layer; replace, never follow, an image's symlink */
+    mkdirs("/etc", 0755);
     snprintf(buf, sizeof buf, "nameserver %s\n", inet_ntoa(c.dns));
     unlink("/etc/resolv.conf");
     write_file("/etc/resolv.conf", buf);

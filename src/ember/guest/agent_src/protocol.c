@@ -154,6 +154,10 @@ static void do_hello(const unsigned char *payload, size_t len)
     jw_key(&w, "tool");
     jw_puts(&w, g_tool_fd >= 0 ? "true" : "false");
     if (g_restored_from[0]) jw_kstr(&w, "restored_from", g_restored_from);
+    if (g_root_pending) {  /* the host's IDENTITY is to mount it (ember.late=1) */
+        jw_key(&w, "root_pending");
+        jw_puts(&w, "true");
+    }
     /* the live process channels, so a reconnecting host learns which of the
        processes it knew of ended while it was away (omitted if too many to fit) */
     if (g_nprocs <= 300) {
@@ -175,14 +179,21 @@ static void handle_frame(int type, uint32_t ch, const unsigned char *payload, si
 {
     switch (type) {
     case T_HELLO: do_hello(payload, len); break;
-    case T_EXEC: do_exec(ch, payload, len); break;
+    case T_EXEC:
+    case T_TOOL:
+        if (g_root_pending) {  /* nothing runs in the initramfs: the root comes first */
+            send_error(ch, E_BAD_REQUEST, "the machine's root is not mounted yet");
+            break;
+        }
+        if (type == T_EXEC) do_exec(ch, payload, len);
+        else do_tool(ch, payload, len);
+        break;
     case T_STDIN:
         if (ch == 0) send_error(0, E_BAD_REQUEST, "STDIN on channel 0");
         else do_stdin(ch, payload, len);
         break;
     case T_SIGNAL: do_signal(ch, payload, len); break;
     case T_RESIZE: do_resize(ch, payload, len); break;
-    case T_TOOL: do_tool(ch, payload, len); break;
     case T_IDENTITY: do_identity(ch, payload, len); break;
     case T_SHUTDOWN: do_shutdown(); break;
     default:
