@@ -1,12 +1,14 @@
-"""Benchmark: sequential throughput of a named volume in the guest against the host's disk.
+"""Benchmark: sequential throughput of a guest's storage against the host's disk.
 
 Interleaved, ``--runs`` rounds (medians reported): in a guest (1 vCPU, 256 MiB)
-with a volume mounted at /data, ``dd`` writes ``--mib`` MiB of zeros to the
-volume and syncs, then reads them back after dropping the guest's page cache;
-the same ``dd`` runs on the host against a file on the filesystem holding the
-volume's image (fsync'd; read after dropping the host's caches); and, for
-reference, the guest writes the same amount to its in-memory writable root
-(tmpfs). fio is not in the guest image; busybox ``dd`` with 1 MiB blocks is.
+with a named volume at /data (a SCSI LUN), a host share at /share (9p) and
+its writable root layer on disk (ext4 on virtio-blk), ``dd`` writes ``--mib``
+MiB of zeros to each and syncs, then reads them back after dropping the
+guest's page cache (and the host's, for the share); the same ``dd`` runs on
+the host against a file on the filesystem holding the images (fsync'd; read
+after dropping the host's caches); and a second guest writes the same amount
+to an in-memory writable root (tmpfs). fio is not in the guest image; busybox
+``dd`` with 1 MiB blocks is, so random I/O is not measured.
 
 Run:  sudo .venv/bin/python bench/volumes.py [--runs 3] [--mib 256] [--json out.json]
 """
@@ -35,6 +37,8 @@ from ember.host.probe import choose_accel, qemu_version  # noqa: E402
 from ember.images import ImageStore  # noqa: E402
 from ember.machine import Machine, MachineConfig  # noqa: E402
 from ember.sample import write_busybox_image  # noqa: E402
+from ember.volumes.layer import RootLayer  # noqa: E402
+from ember.volumes.shares import share  # noqa: E402
 from ember.volumes.store import VolumeRequest, VolumeStore  # noqa: E402
 
 PATH = "PATH=/usr/sbin:/usr/bin:/sbin:/bin"
@@ -80,44 +84,59 @@ def main() -> None:
                                             tag="bench:latest"))
     volumes = VolumeStore(paths.data_dir() / "volumes")
     vol = volumes.create("bench", (args.mib * 2 + 64) << 20)
-    m = Machine.create(machines_dir=paths.machines_dir(), guest=ensure_guest(paths.cache_dir()),
-                       rootfs=rootfs, accel=choose_accel(None),
-                       config=MachineConfig(volumes=(volumes.mount(
-                           VolumeRequest("bench", "/data")),)))
-    m.start()
+    share_dir = work / "share"
+    share_dir.mkdir()
+    guest = ensure_guest(paths.cache_dir())
+    disks = Machine.create(
+        machines_dir=paths.machines_dir(), guest=guest, rootfs=rootfs, accel=choose_accel(None),
+        config=MachineConfig(
+            volumes=(volumes.mount(VolumeRequest("bench", "/data")),),
+            shares=(share(str(share_dir), "/share"),),
+            layer=RootLayer(work / "layer.img", (args.mib * 2 + 64) << 20)))
+    tmpfs = Machine.create(machines_dir=paths.machines_dir(), guest=guest, rootfs=rootfs,
+                           accel=choose_accel(None), config=MachineConfig())
+    disks.start()
+    tmpfs.start()
     size = args.mib << 20
     rows: dict[str, list[float]] = {k: [] for k in (
-        "volume_write", "volume_read", "host_write", "host_read", "tmpfs_root_write")}
+        "volume_write", "volume_read", "layer_write", "layer_read", "share_write",
+        "share_read", "host_write", "host_read", "tmpfs_root_write")}
     host_file = vol.dir / "host-test"
     dd_w = f"dd if=/dev/zero of={{}} bs=1048576 count={args.mib} conv=fsync 2>/dev/null"
+    dd_r = "dd if={} of=/dev/null bs=1048576 2>/dev/null"
+    drop = "sync; echo 3 > /proc/sys/vm/drop_caches"
     try:
         for _ in range(args.runs):
-            rows["volume_write"].append(size / guest_time(m, dd_w.format("/data/f")) / 1e6)
-            guest_time(m, "sync; echo 3 > /proc/sys/vm/drop_caches")
-            rows["volume_read"].append(size / guest_time(
-                m, "dd if=/data/f of=/dev/null bs=1048576 2>/dev/null") / 1e6)
+            for name, path in (("volume", "/data/f"), ("layer", "/root-f"),
+                               ("share", "/share/f")):
+                rows[f"{name}_write"].append(size / guest_time(disks, dd_w.format(path)) / 1e6)
+                guest_time(disks, drop)
+                drop_host_caches()
+                rows[f"{name}_read"].append(size / guest_time(disks, dd_r.format(path)) / 1e6)
+                guest_time(disks, f"rm -f {path}")
             rows["host_write"].append(size / host_time(dd_w.format(host_file)) / 1e6)
             drop_host_caches()
-            rows["host_read"].append(size / host_time(
-                f"dd if={host_file} of=/dev/null bs=1048576 2>/dev/null") / 1e6)
+            rows["host_read"].append(size / host_time(dd_r.format(host_file)) / 1e6)
             rows["tmpfs_root_write"].append(size / guest_time(
-                m, f"dd if=/dev/zero of=/root-f bs=1048576 count={args.mib} 2>/dev/null; "
-                   "rm -f /root-f") / 1e6)
+                tmpfs, f"dd if=/dev/zero of=/root-f bs=1048576 count={args.mib} 2>/dev/null; "
+                       "rm -f /root-f") / 1e6)
     finally:
-        m.shutdown()
-        m.close()
+        for m in (disks, tmpfs):
+            m.shutdown()
+            m.close()
         host_file.unlink(missing_ok=True)
         volumes.remove("bench")
-    w = statistics.median(rows["volume_write"]) / statistics.median(rows["host_write"])
-    r = statistics.median(rows["volume_read"]) / statistics.median(rows["host_read"])
+    def ratio(name: str) -> float:
+        return round(statistics.median(rows[name]) / statistics.median(
+            rows["host_" + name.rsplit("_", 1)[1]]), 3)
+
     result = {
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
                     "python": platform.python_version(), "qemu": qemu_version(),
                     "accel": choose_accel(None).name},
         "runs": args.runs, "mib": args.mib,
         "MB_per_s": {k: med(v) for k, v in rows.items()},
-        "volume_over_host_write": round(w, 3),
-        "volume_over_host_read": round(r, 3),
+        "over_host": {k: ratio(k) for k in rows if not k.startswith(("host", "tmpfs"))},
     }
     print(json.dumps(result, indent=2))
     if args.json:

@@ -100,3 +100,22 @@ def test_ember_run_with_a_disk_layer_writes_more_than_its_ram(store: ImageStore)
         capture_output=True, timeout=300, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.split() == [str(400 << 20).encode()]
+
+
+def test_diff_lists_what_the_machine_added_changed_and_deleted(daemon: object) -> None:
+    with daemon.http() as api:  # type: ignore[attr-defined]
+        create(api, name="differ", cmd=["sleep", "3600"], tmpfs_root=True)
+        try:
+            start(api, "differ")
+            assert api.get("/v1/machines/differ/changes").json() == []
+            assert sh(api, "differ", "echo x > /new && echo y >> /etc/passwd && "
+                      "rm /etc/group && mkdir -p /srv/a && touch /srv/a/f")[0] == 0
+            got = [(c["kind"], c["path"]) for c in
+                   api.get("/v1/machines/differ/changes").json()]
+            assert got == [("C", "/etc"), ("D", "/etc/group"), ("C", "/etc/passwd"),
+                           ("A", "/new"), ("A", "/srv"), ("A", "/srv/a"), ("A", "/srv/a/f")]
+            assert api.post("/v1/machines/differ/stop").status_code == 200
+            r = api.get("/v1/machines/differ/changes")
+            assert r.status_code == 409 and "running" in r.text
+        finally:
+            delete(api, "differ")

@@ -584,6 +584,14 @@ class GuestProcesses(_Response):
     processes: list[list[str]]
 
 
+class Change(_Response):
+    """One entry of `GET /v1/machines/{name}/changes` (`ember diff`)."""
+
+    path: str
+    kind: Literal["A", "C", "D"] = Field(
+        description="A: added, C: changed (or a directory with changes below), D: deleted.")
+
+
 class Event(_Response):
     """One line of the NDJSON stream of `GET /events`."""
 

@@ -16,7 +16,7 @@ Call = Callable[..., Awaitable[Any]]
 
 
 def add_stats_routes(app: FastAPI, mgr: Manager, call: Call) -> None:
-    from ember.daemon.stats import stats_of, top_of
+    from ember.daemon.stats import changes_of, stats_of, top_of
 
     @app.get("/v1/stats", response_model=list[models.MachineStats], tags=["machines"])
     async def all_stats(all: bool = Query(False, description="Also machines without a "
@@ -40,3 +40,11 @@ def add_stats_routes(app: FastAPI, mgr: Manager, call: Call) -> None:
         """The guest's processes (busybox `ps` run in the guest; 409 unless running)."""
         mm = mgr.get(name)
         return models.GuestProcesses.model_validate(await call(top_of, mm))
+
+    @app.get("/v1/machines/{name}/changes", response_model=list[models.Change],
+             tags=["machines"])
+    async def machine_changes(name: str) -> list[models.Change]:
+        """What the machine added (A), changed (C) and deleted (D) in its root since it was
+        made from its image, by path (`ember diff`; 409 unless running)."""
+        mm = mgr.get(name)
+        return [models.Change.model_validate(c) for c in await call(changes_of, mm)]

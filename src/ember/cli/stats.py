@@ -115,6 +115,19 @@ def cmd_top(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diff(args: argparse.Namespace) -> int:
+    from ember.cli.wire import Wire, quote_name
+
+    with Wire() as w:
+        doc = w.call("GET", f"/v1/machines/{quote_name(args.name)}/changes")
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    for c in doc:
+        print(f"{c['kind']} {c['path']}")
+    return 0
+
+
 def cmd_events(args: argparse.Namespace) -> int:
     from ember.cli.wire import Wire
 
@@ -186,6 +199,12 @@ def register(sub: Any) -> None:
     p.add_argument("name", metavar="NAME")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=pipe_safe(cmd_top))
+
+    p = sub.add_parser("diff", help="list what a running machine changed in its root "
+                       "(A added, C changed, D deleted)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=pipe_safe(cmd_diff))
 
     p = sub.add_parser("events", help="the daemon's machine events, as they happen",
                        description="Machine events (created, started, stopped, ...) as they "

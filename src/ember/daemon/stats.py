@@ -100,3 +100,15 @@ def top_of(mm: Managed) -> dict[str, Any]:
     rows = [r for r in rows if len(r) == len(titles) and r[0] != "2" and r[1] != "2"
             and not r[-1].startswith("{memfd:ember-")]
     return {"titles": titles, "processes": rows}
+
+
+def changes_of(mm: Managed) -> list[dict[str, str]]:
+    """What the running machine changed in its root (``ember diff``, ``changes.py``)."""
+    from ember.changes import changes
+    from ember.errors import EmberError
+
+    machine = mm.running_machine("diff")
+    try:
+        return [c.to_json() for c in changes(machine, timeout=TOOL_TIMEOUT)]
+    except EmberError as exc:
+        raise Conflict(f"machine {mm.name}: {exc}") from None

@@ -460,7 +460,7 @@ def decode_exec_event(line: bytes | str) -> ExecEvent:
 
 
 def parse_list(model: type[models.Image] | type[models.Machine] | type[models.Snapshot]
-               | type[models.Volume],
+               | type[models.Volume] | type[models.Change],
                data: bytes) -> list[Any]:
     return [model.model_validate(x) for x in json.loads(data)]
 

@@ -410,6 +410,12 @@ class AsyncMachineHandle(c.MachineRecord):
         resp = await self._c._request("GET", f"{self._path}/stats")
         return models.MachineStats.model_validate_json(resp.content)
 
+    async def changes(self) -> list[models.Change]:
+        """What the machine added ("A"), changed ("C") and deleted ("D") in its root since
+        it was made from its image (``ember diff``; it must be running)."""
+        resp = await self._c._request("GET", f"{self._path}/changes")
+        return c.parse_list(models.Change, resp.content)
+
     async def top(self) -> models.GuestProcesses:
         resp = await self._c._request("GET", f"{self._path}/top")
         return models.GuestProcesses.model_validate_json(resp.content)

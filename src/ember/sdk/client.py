@@ -542,6 +542,12 @@ class MachineHandle(c.MachineRecord):
         resp = self._c._request("GET", f"{self._path}/stats")
         return models.MachineStats.model_validate_json(resp.content)
 
+    def changes(self) -> list[models.Change]:
+        """What the machine added ("A"), changed ("C") and deleted ("D") in its root since
+        it was made from its image (``ember diff``; it must be running)."""
+        resp = self._c._request("GET", f"{self._path}/changes")
+        return c.parse_list(models.Change, resp.content)
+
     def top(self) -> models.GuestProcesses:
         """The guest's processes (``ps`` run in the guest)."""
         resp = self._c._request("GET", f"{self._path}/top")

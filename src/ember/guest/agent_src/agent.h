@@ -40,6 +40,8 @@
 #define TOOL_MAX (8u << 20)       /* the largest tool (a static busybox is ~2 MiB) */
 #define ENTROPY_MAX 512          /* IDENTITY: at most this many bytes of host entropy */
 #define SNAPSHOT_ID_MAX 64
+#define UPPER_FD 900              /* the root overlay's upper layer, for `ember diff` */
+#define LOWER_FD 901              /* ... and its image */
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 enum {

@@ -230,6 +230,17 @@ static void mount_shares(char *spec)
     umount2("/ember/shares", MNT_DETACH);
 }
 
+static void keep_fd(const char *path, int at)
+{
+    int fd = open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) {
+        logmsg("open %s: %s", path, strerror(errno));
+        return;
+    }
+    if (dup3(fd, at, O_CLOEXEC) < 0) logmsg("dup3 %s: %s", path, strerror(errno));
+    close(fd);
+}
+
 /* What boot() read from the command line, for a late root (enter_root). */
 static char g_host[65] = "ember", g_net[128] = "";
 int g_root_pending;
@@ -267,6 +278,10 @@ static void enter_root(const char *rw, char *vols, char *shares)
     umount2("/dev", MNT_DETACH);
     umount2("/proc", MNT_DETACH);
     umount2("/sys", MNT_DETACH);
+    /* the overlay's layers stay reachable at /proc/1/fd/900 (upper) and 901 (lower)
+     * once they are out of the root's sight: `ember diff` reads them */
+    keep_fd("/ember/rw/upper", UPPER_FD);
+    keep_fd("/ember/lower", LOWER_FD);
     if (chdir("/ember/root") < 0) die("chdir /ember/root: %s", strerror(errno));
     if (mount(".", "/", NULL, MS_MOVE, NULL) < 0) die("move root: %s", strerror(errno));
     if (chroot(".") < 0) die("chroot: %s", strerror(errno));
