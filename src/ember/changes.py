@@ -40,6 +40,26 @@ done' $L {} +
 """
 
 
+#: Lists, one per line, the image's entries a replaced (opaque) directory hides:
+#: overlayfs marks such a directory with an xattr, which the tool cannot read, so
+#: an entry of the image's directory that is neither in the upper one nor seen.
+_HIDDEN = r"""
+U=/proc/1/fd/900 L=/proc/1/fd/901
+cd $U/ && find . -mindepth 1 -type d -exec sh -c '
+L=$0
+for d; do
+  [ -d "$L/$d" ] || continue
+  find "$L/$d" -mindepth 1 -maxdepth 1 | while IFS= read -r e; do
+    n=${e##*/}
+    { [ -e "$d/$n" ] || [ -L "$d/$n" ]; } && continue
+    m=${d#.}/$n
+    [ -e "$m" ] || [ -L "$m" ] || echo "$m"
+  done
+done' $L {} +
+"""
+
+
+
 class ChangesError(EmberError):
     pass
 
@@ -65,7 +85,24 @@ def changes(machine: Machine, timeout: float = 60.0) -> list[Change]:
     if code != 0:
         raise ChangesError(f"machine {machine.name}: cannot list its changes: "
                            f"{err or f'exit code {code}'}")
-    return parse(out.decode("utf-8", "surrogateescape"))
+    text = out.decode("utf-8", "surrogateescape")
+    return parse(text + "".join(f"D {p}\n" for p in hidden_entries(machine, timeout)))
+
+
+def hidden_entries(machine: Machine, timeout: float = 60.0) -> list[str]:
+    """The image's paths a directory the machine replaced hides (deleted, as whiteouts are).
+
+    Raises:
+        ChangesError: the walk failed.
+    """
+    from ember.files import run_tool
+
+    code, out, err = run_tool(machine, ["sh", "-c", _HIDDEN], limit=16 << 20, timeout=timeout)
+    if code != 0:
+        raise ChangesError(f"machine {machine.name}: cannot list its replaced directories: "
+                           f"{err or f'exit code {code}'}")
+    return [p for p in out.decode("utf-8", "surrogateescape").splitlines()
+            if p.startswith("/")]
 
 
 def parse(text: str) -> list[Change]:

@@ -350,6 +350,22 @@ def stream_archive(machine: Machine, path: str, write: Callable[[bytes], None], 
         raise _out_error(machine, gpath, status, err)
 
 
+def stream_upper_layer(machine: Machine, write: Callable[[bytes], None], *,
+                       limit: int | None = None) -> None:
+    """Pass a tar of the root overlay's upper layer (``./...``: what the machine changed,
+    whiteouts as character devices 0:0; ``changes.py``) to ``write``.
+
+    Raises:
+        CopyError: tar failed (an agent older than the late root keeps no layers), or
+            the archive exceeds ``limit`` bytes.
+    """
+    argv = ["tar", "-c", "-f", "-", "-C", "/proc/1/fd/900/", "."]
+    status, err = _read_out(machine, argv, "the root's upper layer", write, limit)
+    if status.exit_code != 0:
+        raise CopyError(f"cannot read the root's changes in machine {machine.name}: "
+                        f"{_reason(err) or status}")
+
+
 def get_archive(machine: Machine, path: str, *, limit: int = DEFAULT_GET_LIMIT) -> bytes:
     """A tar of the file or directory at ``path`` in the guest (see :func:`stream_archive`)."""
     buf = bytearray()

@@ -119,3 +119,28 @@ def test_diff_lists_what_the_machine_added_changed_and_deleted(daemon: object) -
             assert r.status_code == 409 and "running" in r.text
         finally:
             delete(api, "differ")
+
+
+def test_commit_makes_an_image_that_runs_with_the_changes(daemon: object) -> None:
+    with daemon.http() as api:  # type: ignore[attr-defined]
+        create(api, name="committer", cmd=["sleep", "3600"])
+        try:
+            start(api, "committer")
+            assert sh(api, "committer", "echo made > /made && rm /etc/group && "
+                      "rm -rf /app && mkdir /app && echo only > /app/only")[0] == 0
+            r = api.post("/v1/machines/committer/commit",
+                         json={"tag": "committed:1", "comment": "from a test"})
+            assert r.status_code == 201, r.text
+            image = r.json()
+            assert "committed:1" in image["tags"]
+            create(api, name="from-commit", image="committed:1", cmd=["sleep", "3600"])
+            start(api, "from-commit")
+            code, out = sh(api, "from-commit",
+                           "cat /made; ls /app; test -e /etc/group; echo $?; hostname")
+            assert (code, out) == (0, "made\nonly\n1\nfrom-commit\n")
+        finally:
+            delete(api, "from-commit")
+            delete(api, "committer")
+            api.delete("/v1/images/committed:1")
+        r = api.post("/v1/machines/nobody-here/commit", json={})
+        assert r.status_code == 404

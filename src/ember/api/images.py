@@ -89,6 +89,16 @@ def add_image_routes(app: FastAPI, mgr: Manager, call: Call) -> None:
             **image_fields(result.image, mgr.store.rootfs_path(result.image)),
             moved_tags=[models.TagMove(tag=m.tag, from_image=m.from_id) for m in result.moved])
 
+    @app.post("/v1/machines/{name}/commit", response_model=models.Image, status_code=201,
+              tags=["machines"])
+    async def commit_machine(name: str, body: models.CommitCreate) -> models.Image:
+        """A new image: the machine's image plus what it changed in its root, read out of
+        the running guest as a tar (never mounted on the host); 409 unless running."""
+        from ember.daemon.commit import commit_machine
+
+        mm = mgr.get(name)
+        return image_model(await call(commit_machine, mm, body.tag, body.comment))
+
     @app.get("/v1/images", response_model=list[models.Image], tags=["images"])
     async def list_images() -> list[models.Image]:
         return [image_model(i) for i in await call(mgr.images)]

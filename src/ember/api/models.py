@@ -59,6 +59,15 @@ class Error(_Response):
 # --- images ------------------------------------------------------------------
 
 
+class CommitCreate(_Request):
+    """`POST /v1/machines/{name}/commit`: the new image's tag and history comment."""
+
+    tag: str | None = Field(default=None, min_length=1, max_length=255,
+                            description="Tag to give the new image, e.g. `app:2`.")
+    comment: str = Field(default="", max_length=1024,
+                         description="Its history entry's comment.")
+
+
 class ImageImport(_Request):
     path: str = Field(min_length=1, max_length=4096,
                       description="A path on the daemon's host: an OCI layout (directory or "

@@ -26,7 +26,7 @@ __all__ = ["EXIT_EMBER_FAILED", "main"]
 COMMANDS: dict[str, str] = {
     "run": "run",
     **dict.fromkeys(("doctor", "serve", "setup", "token", "version"), "system"),
-    "image": "image",
+    **dict.fromkeys(("commit", "image"), "image"),
     "volume": "volume",
     **dict.fromkeys(("create", "kill", "pause", "rename", "restart", "resume", "rm", "start",
                      "stop", "update", "wait"), "machine"),
@@ -36,7 +36,7 @@ COMMANDS: dict[str, str] = {
     "exec": "exec",
     "cp": "cp",
     **dict.fromkeys(("login", "logout", "pull"), "pull"),
-    **dict.fromkeys(("events", "stats", "top"), "stats"),
+    **dict.fromkeys(("diff", "events", "stats", "top"), "stats"),
     **dict.fromkeys(("completion", "__complete"), "completion"),
 }
 GROUPS = ("run", "system", "image", "volume", "pull", "machine", "snapshot", "ps", "stats",

@@ -158,6 +158,14 @@ def cmd_image_inspect(args: argparse.Namespace) -> int:
     return inspect_each(args.refs, lambda c, name: c.images.get(name), inspect_doc)
 
 
+def cmd_commit(args: argparse.Namespace) -> int:
+    """``ember commit MACHINE [TAG]``: the new image's id (as ``docker commit`` prints it)."""
+    with client() as c:
+        image = c.machines.get(args.machine).commit(args.tag, comment=args.message or "")
+    print(image.id)
+    return 0
+
+
 # ---------------------------------------------------------------- tag / rm / prune
 
 
@@ -189,6 +197,14 @@ def cmd_image_prune(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
+    p = sub.add_parser("commit", help="make an image of a running machine's root changes",
+                       description="A new image: the machine's image plus what the machine "
+                                   "changed in its root (ember diff), read out of the "
+                                   "running guest. The machine goes on running.")
+    p.add_argument("machine", metavar="MACHINE")
+    p.add_argument("tag", metavar="TAG", nargs="?", help="name:tag to give the image")
+    p.add_argument("-m", "--message", help="a comment for the image's history")
+    p.set_defaults(func=cmd_commit)
     group = sub.add_parser(
         "image", help="manage images (through the daemon)",
         description="Images of the daemon's store. rm untags; an image goes with its last "

@@ -138,7 +138,7 @@ class Managed(Adoption, RestartPolicy):
 
     # --- process resolution
 
-    def _image(self) -> Image:
+    def image(self) -> Image:
         try:
             return self.mgr.store.resolve(self.doc["image_id"])
         except ImageNotFound as exc:
@@ -198,7 +198,7 @@ class Managed(Adoption, RestartPolicy):
             if self.doc.get("snapshot"):
                 m, process, follow = self._clone_machine(config)
             else:
-                image = self._image()
+                image = self.image()
                 rootfs = self.mgr.store.rootfs(image)
                 process = self.process(image.config)
                 m = Machine.create(machines_dir=self.root, guest=self.mgr.guest(),
@@ -311,7 +311,7 @@ class Managed(Adoption, RestartPolicy):
                 man = source.manifest
                 info = ImageInfo(man.image_id, man.image_ref, man.image_config)
             else:
-                image = self._image()
+                image = self.image()
                 info = ImageInfo.of(image.id, self.doc["image"], image.config)
             try:
                 pending = begin(m, store)

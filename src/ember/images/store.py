@@ -260,6 +260,17 @@ class ImageStore:
     def _record_path(self, image_id: str) -> Path:
         return self.images_dir / f"{_hex(image_id)}.json"
 
+    def config_document(self, image: Image) -> dict[str, Any]:
+        """The image's config as it was imported (a JSON object, a copy).
+
+        Raises:
+            ImageNotFound: the image is gone.
+        """
+        rec = self._load_record(self._record_path(image.id))
+        if rec is None or not isinstance(rec.get("config"), dict):
+            raise ImageNotFound(f"image {image.short_id} is not in the store")
+        return dict(json.loads(json.dumps(rec["config"])))
+
     def rootfs_path(self, image: Image) -> Path:
         """Where the image's EROFS root file system is (or will be) cached."""
         return self.rootfs_dir / f"{image.hex}.erofs"

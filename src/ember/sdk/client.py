@@ -542,6 +542,13 @@ class MachineHandle(c.MachineRecord):
         resp = self._c._request("GET", f"{self._path}/stats")
         return models.MachineStats.model_validate_json(resp.content)
 
+    def commit(self, tag: str | None = None, *, comment: str = "") -> models.Image:
+        """A new image: this machine's image plus what it changed in its root (``ember
+        commit``), read out of the running guest; tagged ``tag`` if given."""
+        body = models.CommitCreate(tag=tag, comment=comment).model_dump(exclude_unset=True)
+        resp = self._c._request("POST", f"{self._path}/commit", json=body)
+        return models.Image.model_validate_json(resp.content)
+
     def changes(self) -> list[models.Change]:
         """What the machine added ("A"), changed ("C") and deleted ("D") in its root since
         it was made from its image (``ember diff``; it must be running)."""
