@@ -281,6 +281,10 @@ class Machine:
             # and a READY written before that is dropped (seen once in a full CI run:
             # a warm-started machine's first HELLO after the daemon restarted was lost).
             self.ready = self.agent.hello(timeout=hello_timeout, resend=0.25)
+            if self.ready.root_pending:  # its starter died between READY and the root
+                self.agent.identity(hostname=None, root=self.spec.root_mounts())
+                self.ready = dataclasses.replace(self.ready, root_pending=False)
+            self.root_mounted = True
         except AgentError as exc:
             raise self._give_up(f"the guest agent did not answer after re-adoption ({exc})") \
                 from exc

@@ -208,15 +208,20 @@ def parse_size(value: str) -> int:
     return int(text) * scale
 
 
+def size_between(value: str, lo: int, hi: int, what: str) -> int:
+    """A size (``parse_size``) from ``lo`` to ``hi`` bytes; ``what`` names it in the error."""
+    n = parse_size(value)
+    if not lo <= n <= hi:
+        raise argparse.ArgumentTypeError(f"{value!r}: {what} must be between {lo >> 20}M and "
+                                         f"{hi >> 40}T")
+    return n
+
+
 def rootfs_size_arg(value: str) -> int:
-    """``--rootfs-size``: a size (``parse_size``) a root layer may have."""
+    """``--rootfs-size``: a size a root layer may have."""
     from ember.volumes.layer import MAX_SIZE, MIN_SIZE
 
-    n = parse_size(value)
-    if not MIN_SIZE <= n <= MAX_SIZE:
-        raise argparse.ArgumentTypeError(f"{value!r}: a root layer's size must be between "
-                                         f"{MIN_SIZE >> 20}M and {MAX_SIZE >> 40}T")
-    return n
+    return size_between(value, MIN_SIZE, MAX_SIZE, "a root layer's size")
 
 
 def port_number(value: str) -> int:

@@ -16,7 +16,7 @@ from ember.cli.common import (
     each,
     help_command,
     inspect_each,
-    parse_size,
+    size_between,
 )
 
 if TYPE_CHECKING:
@@ -83,11 +83,7 @@ def cmd_volume_rm(args: argparse.Namespace) -> int:
 def size_arg(value: str) -> int:
     from ember.volumes.store import MAX_SIZE, MIN_SIZE
 
-    n = parse_size(value)
-    if not MIN_SIZE <= n <= MAX_SIZE:
-        raise argparse.ArgumentTypeError(f"{value!r}: a volume's size must be between "
-                                         f"{MIN_SIZE >> 20}M and {MAX_SIZE >> 40}T")
-    return n
+    return size_between(value, MIN_SIZE, MAX_SIZE, "a volume's size")
 
 
 def register(sub: Any) -> None:
