@@ -11,14 +11,16 @@ and takes ``--rootfs-size`` for a guest that writes more than its RAM.
 The layer is the virtio-blk disk after the image (``/dev/vdb``); the agent
 mounts it at its late root (``rw=/dev/vdb``) and puts the overlay's upper and
 work directories on it. It is never mounted on the host. Made at the
-machine's first start (``mkfs.ext4``, or a copy of the layer of the snapshot a
-clone starts from); a user snapshot of the machine copies it while the guest
-is paused (``vmm/snapshot.py``).
+machine's first start (a sparse copy of an empty ext4 made once per size,
+``empty_layer``, or of the layer of the snapshot a clone starts from); a user
+snapshot of the machine copies it while the guest is paused
+(``vmm/snapshot.py``).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,12 +61,9 @@ class RootLayer:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         tmp.unlink(missing_ok=True)
         try:
-            if source is not None:
-                from ember.vmm.snapshot import copy_sparse
+            from ember.vmm.snapshot import copy_sparse
 
-                copy_sparse(source, tmp, 0o600)
-            else:
-                make_ext4(tmp, self.size, "ember-root")
+            copy_sparse(source if source is not None else empty_layer(self.size), tmp, 0o600)
             os.rename(tmp, self.path)
         except OSError as exc:
             raise VolumeError(f"cannot make the root layer {self.path}: {exc.strerror}") from None
@@ -76,6 +75,31 @@ class RootLayer:
             return os.stat(self.path).st_blocks * 512
         except OSError:
             return 0
+
+
+def empty_layer(size: int) -> Path:
+    """An empty ext4 of ``size`` bytes to copy layers from, made once per size in the cache:
+    ``mkfs.ext4`` takes most of a second (its writes are synced), a sparse copy of its
+    few MiB a few ms. The copies share the file system's UUID, which nothing reads (a
+    layer is only ever mounted by its own guest).
+
+    Raises:
+        VolumeError: mkfs.ext4 failed.
+    """
+    from ember import paths
+
+    d = paths.cache_dir() / "layers"
+    path = d / f"ext4-{size}.img"
+    if path.exists():
+        return path
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / f".ext4-{size}.{os.getpid()}.{time.monotonic_ns()}.tmp"
+    try:
+        make_ext4(tmp, size, "ember-root")
+        os.replace(tmp, path)  # a racing maker made the same: either is right
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def check_size(size: int) -> int:
