@@ -39,6 +39,12 @@ def test_a_daemon_machines_root_changes_survive_stop_and_start_and_go_with_rm(
                 0, "kept\n1\n")
             assert api.post("/v1/machines/keeps/restart").status_code == 200
             assert sh(api, "keeps", "cat /etc/note")[1] == "kept\n"
+            # killed, not shut down: what was synced survives (ext4 replays its journal)
+            assert sh(api, "keeps", "echo synced > /etc/synced && sync")[0] == 0
+            r = api.post("/v1/machines/keeps/stop", params={"timeout": 0})
+            assert r.status_code == 200
+            start(api, "keeps")
+            assert sh(api, "keeps", "cat /etc/synced /etc/note")[1] == "synced\nkept\n"
             # the layer's size is what the guest sees
             code, out = sh(api, "keeps", "df -k / | tail -1")
             assert code == 0 and 150_000 < int(out.split()[1]) < 262_144, out
