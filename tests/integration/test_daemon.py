@@ -128,7 +128,7 @@ def test_main_process_output_is_logged_and_its_exit_stops_the_machine(
     assert api.get("/v1/machines/oneshot/logs", params={"tail": 1}).text.count("\n") == 1
     r = api.post("/v1/machines/oneshot/exec", json={"cmd": ["true"]})
     assert r.status_code == 409
-    # a stopped machine starts again, from a clean writable layer
+    # a stopped machine starts again
     start(api, "oneshot")
     wait_state(api, "oneshot", "stopped")
     assert api.get("/v1/machines/oneshot/logs").text.count("Hello, world!") == 2

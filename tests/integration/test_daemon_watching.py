@@ -172,7 +172,7 @@ def test_bash_completion_completes_machine_names(api: httpx.Client, tmp_path: Pa
 
 
 def test_stats_see_a_guest_take_100_mib(api: httpx.Client) -> None:
-    create(api, name="holder", cmd=["sleep", "100000"], memory_mib=384)
+    create(api, name="holder", cmd=["sleep", "100000"], memory_mib=384, tmpfs_root=True)
     start(api, "holder")
     try:
         def reading() -> dict[str, Any]:

@@ -57,8 +57,10 @@ def api(daemon: Daemon) -> Iterator[httpx.Client]:
 
 @pytest.fixture(scope="module")
 def limited(api: httpx.Client) -> Iterator[dict[str, Any]]:
-    """A daemon machine with cpus=2, memory_mib=256, as `ember create` makes one."""
-    create(api, name="lim", cmd=["sleep", "3600"], cpus=2, memory_mib=256, network="none")
+    """A daemon machine with cpus=2, memory_mib=256, as `ember create` makes one (its
+    root in guest memory: fill_ram_cmd fills RAM through it)."""
+    create(api, name="lim", cmd=["sleep", "3600"], cpus=2, memory_mib=256, network="none",
+           tmpfs_root=True)
     yield start(api, "lim")
     delete(api, "lim")
 
