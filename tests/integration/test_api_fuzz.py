@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -209,7 +210,13 @@ def fuzz_machines(api: httpx.Client, session_images: dict[str, str]) -> Iterator
     yield
     for m in api.get("/v1/machines").json():
         if m["id"] not in before and m["name"] not in (CREATED, RUNNING, HOLDER):
-            api.delete(f"/v1/machines/{m['id']}", params={"force": "true"})
+            # gone for sure: a machine left behind (still starting, say) would answer to
+            # its name in later tests
+            for _ in range(50):
+                r = api.delete(f"/v1/machines/{m['id']}", params={"force": "true"})
+                if r.status_code in (204, 404):
+                    break
+                time.sleep(0.2)
     for snap in api.get("/v1/snapshots").json():  # the fuzzer's (each holds ~25 MB)
         api.delete(f"/v1/snapshots/{snap['id']}", params={"force": "true"})
     for tag, image_id in session_images.items():
