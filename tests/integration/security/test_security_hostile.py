@@ -80,7 +80,7 @@ def test_a_guest_flooding_console_and_output_cannot_grow_the_daemon_or_block_oth
         # the flood was real (the UART moves ~0.5 MB/s under TCG), and capped
         assert 256 << 10 < console <= 2 * (1 << 20) + 65536, console
         logs = api.get("/v1/machines/flooder/logs")
-        assert logs.status_code == 200 and 1 << 20 < len(logs.content) <= 4 << 20
+        assert logs.status_code == 200 and 1 << 20 <= len(logs.content) <= 4 << 20
         assert get(api, "flooder")["state"] == "running"
         # and it is still a machine like another: it answers, and goes when told
         assert run(api, "flooder", "echo", "ok")["stdout"] == "ok\n"
